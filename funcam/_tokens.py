@@ -1,0 +1,156 @@
+"""Splits inside the last transformer block of timm ViTs and Swin, with the residual held constant.
+
+The feature is a token feature of the last block: ``norm1(x)`` (before the last attention) or ``norm2(x1)``
+(the pre-FFN feature). The head re-runs the rest of that block from the feature with the block's residual
+input taken from ``Features.context``, then the final norm and ``forward_head``. Gradients w.r.t. the feature
+therefore flow only through attention/FFN, never around them through the residual (Chefer et al. 2021 and
+pytorch-grad-cam's ViT recipe use the same feature; holding the residual fixed keeps ``head`` pure).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from einops import rearrange
+from torch import Tensor, nn
+
+from funcam.split import Features
+
+_VIT_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+def is_vit(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("blocks", "patch_embed", "_pos_embed", "forward_head", "norm"))
+
+
+def is_swin(model: nn.Module) -> bool:
+    layers = getattr(model, "layers", None)
+    return (hasattr(model, "patch_embed") and isinstance(layers, nn.Sequential) and len(layers) > 0
+            and hasattr(layers[-1], "blocks") and hasattr(layers[-1].blocks[-1], "_attn"))
+
+
+def reads_prefix_only(model: nn.Module) -> bool:
+    """True when the ViT's head reads only prefix tokens (CLS pooling, DeiT's CLS + distillation)."""
+    if type(model).__name__ == "VisionTransformerDistilled":
+        return True
+    return getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token"
+
+
+def _grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
+    pe = model.patch_embed
+    if hasattr(pe, "dynamic_feat_size"):
+        return tuple(pe.dynamic_feat_size(tuple(x.shape[-2:])))
+    return tuple(pe.grid_size)
+
+
+def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable]:
+    """``(extract, head)`` for a timm VisionTransformer (ViT, DeiT, DeiT-distilled, registers, MAP/avg pool)."""
+    blk = model.blocks[-1]
+    missing = [p for p in _VIT_BLOCK_PARTS if not hasattr(blk, p)]
+    if missing:
+        raise ValueError(f"split: the last block of this ViT ({type(blk).__name__}) lacks {missing}; only "
+                         f"pre-norm timm Blocks are supported, cut it with layer='NAME' instead")
+    prefix_only = reads_prefix_only(model)
+    if token_cut is None:
+        token_cut = "norm1" if prefix_only else "norm2"
+    elif token_cut == "norm2" and prefix_only:
+        raise ValueError(
+            "split: token_cut='norm2' on a ViT whose head reads only prefix tokens (global_pool='token' or "
+            "DeiT-distilled): after the last attention no patch token reaches the logits, so every map would "
+            "be exactly zero. Use token_cut='norm1' (the default for this model) to cut before the last attention")
+    npre = int(getattr(model, "num_prefix_tokens", 1))
+
+    def tokens_in(x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        # timm's forward_features up to the last block (same calls, same order).
+        grid = _grid(model, x)
+        t = model.patch_embed(x)
+        t = model._pos_embed(t)
+        t = model.patch_drop(t)
+        t = model.norm_pre(t)
+        for b in model.blocks[:-1]:
+            t = b(t)
+        return t, grid
+
+    def to_map(f: Tensor, grid: tuple[int, int]) -> Tensor:
+        return rearrange(f[:, npre:], "b (h w) c -> b c h w", h=grid[0], w=grid[1])
+
+    def to_tokens(fmap: Tensor, prefix: Tensor) -> Tensor:
+        return _cat(prefix, rearrange(fmap, "b c h w -> b (h w) c"))
+
+    def finish(t: Tensor) -> Tensor:
+        return model.forward_head(model.norm(t))
+
+    if token_cut == "norm1":
+        def extract(x: Tensor) -> Features:
+            """x (B, 3, H, W) -> Features(maps=(norm1 tokens (B, C, h, w),), context=(x_in, prefix))."""
+            t, grid = tokens_in(x)
+            f = blk.norm1(t)
+            return Features((to_map(f, grid),), (t, f[:, :npre]))
+
+        def head(feats: Features) -> Tensor:
+            (fmap,), (t, prefix) = feats.maps, feats.context
+            t = t + blk.drop_path1(blk.ls1(blk.attn(to_tokens(fmap, prefix))))
+            t = t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
+            return finish(t)
+    else:
+        def extract(x: Tensor) -> Features:
+            """x (B, 3, H, W) -> Features(maps=(norm2 tokens (B, C, h, w),), context=(x1, prefix))."""
+            t, grid = tokens_in(x)
+            t = t + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(t))))
+            f = blk.norm2(t)
+            return Features((to_map(f, grid),), (t, f[:, :npre]))
+
+        def head(feats: Features) -> Tensor:
+            (fmap,), (t, prefix) = feats.maps, feats.context
+            t = t + blk.drop_path2(blk.ls2(blk.mlp(to_tokens(fmap, prefix))))
+            return finish(t)
+    return extract, head
+
+
+def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable]:
+    """``(extract, head)`` for a timm SwinTransformer: a token feature of the last block, NHWC -> NCHW."""
+    stage = model.layers[-1]
+    blk = stage.blocks[-1]
+    token_cut = token_cut or "norm2"
+
+    def tokens_in(x: Tensor) -> Tensor:
+        t = model.patch_embed(x)
+        for s in model.layers[:-1]:
+            t = s(t)
+        t = stage.downsample(t)
+        for b in stage.blocks[:-1]:
+            t = b(t)
+        return t  # (B, h, w, C)
+
+    def finish(t: Tensor) -> Tensor:
+        return model.forward_head(model.norm(t))
+
+    if token_cut == "norm1":
+        def extract(x: Tensor) -> Features:
+            """x (B, 3, H, W) -> Features(maps=(norm1 (B, C, h, w),), context=(x_in,))."""
+            t = tokens_in(x)
+            return Features((rearrange(blk.norm1(t), "b h w c -> b c h w"),), (t,))
+
+        def head(feats: Features) -> Tensor:
+            (fmap,), (t,) = feats.maps, feats.context
+            b, h, w, c = t.shape
+            t = t + blk.drop_path1(blk._attn(rearrange(fmap, "b c h w -> b h w c")))
+            t = t.reshape(b, h * w, c)
+            t = t + blk.drop_path2(blk.mlp(blk.norm2(t)))
+            return finish(t.reshape(b, h, w, c))
+    else:
+        def extract(x: Tensor) -> Features:
+            """x (B, 3, H, W) -> Features(maps=(norm2 (B, C, h, w),), context=(x1 (B, h, w, C),))."""
+            t = tokens_in(x)
+            t = t + blk.drop_path1(blk._attn(blk.norm1(t)))
+            return Features((rearrange(blk.norm2(t), "b h w c -> b c h w"),), (t,))
+
+        def head(feats: Features) -> Tensor:
+            (fmap,), (t,) = feats.maps, feats.context
+            t = t + blk.drop_path2(blk.mlp(rearrange(fmap, "b c h w -> b h w c")))
+            return finish(t)
+    return extract, head
+
+
+def _cat(prefix: Tensor, patches: Tensor) -> Tensor:
+    import torch
+    return torch.cat([prefix, patches], dim=1) if prefix.shape[1] else patches

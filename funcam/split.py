@@ -1,0 +1,139 @@
+"""Cut a model into two pure callables: ``extract(x) -> features`` and ``head(features) -> logits``.
+
+``head(extract(x))`` equals ``model(x)``. Nothing here registers hooks, copies parameters or changes the
+model: the callables close over the user's modules and call them (or their FX graphs) as they are.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Features", "Split", "split", "check_split"]
+
+
+class Features(NamedTuple):
+    """What ``extract`` returns when the head needs more than the maps.
+
+    maps: tuple of ``(B, C_i, h_i, w_i)`` tensors, the feature maps the CAMs are computed on.
+    context: tensors the head needs but that are not explained (a ViT's residual stream and prefix tokens,
+        values that skip over an FX cut); they are held constant when differentiating.
+    chained: True when the head recomputes ``maps[1:]`` from ``maps[0]`` (several cut points on one path).
+        The head then uses ``maps[i]`` for ``i >= 1`` only as a zero-valued tap for its gradient, so the
+        gradient at an earlier map is the total derivative through the later ones.
+    """
+
+    maps: tuple
+    context: tuple = ()
+    chained: bool = False
+
+
+class Split(NamedTuple):
+    """A model as two pure callables.
+
+    extract: ``x (B, in_chans, H, W) -> Tensor | tuple[Tensor, ...] | Features``.
+    head: takes exactly what ``extract`` returned, gives logits ``(B, num_classes)``.
+    in_chans: input channels, checked before the forward when known.
+    """
+
+    extract: Callable[[Tensor], Any]
+    head: Callable[[Any], Tensor]
+    in_chans: int | None = None
+
+
+def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_cut: str | None = None,
+          tracer_leaves: Sequence[type] = ()) -> Split:
+    """Split ``model`` into ``Split(extract, head)``.
+
+    Rules, in order:
+
+    * ``layer`` given (a submodule name such as ``"layer4"`` or ``"features.29"``, an FX node name, or a
+      list of them for multi-layer CAMs): the model is traced with ``torch.fx`` and cut after those nodes.
+    * a timm Vision Transformer (``blocks`` + ``patch_embed``): the feature is a token feature inside the
+      last block, with the residual stream held constant. ``token_cut="norm2"`` (the pre-FFN feature) is
+      chosen for average/attention-pooled ViTs; ``token_cut="norm1"`` (before the last attention) for ViTs
+      whose head reads only prefix tokens (``global_pool='token'``, DeiT-distilled), because after the last
+      attention no patch token reaches the head and the norm2 gradient on patch tokens is exactly zero.
+    * timm Swin (``layers`` of stages with NHWC blocks): ``norm2`` of the last block, tokens to a grid.
+    * any other timm model with ``forward_features`` / ``forward_head`` (ResNet, ConvNeXt, EfficientNet,
+      RegNet, MobileNetV3, VGG, DenseNet, ...): the output of ``forward_features``.
+
+    Tokens become a ``(B, C, h, w)`` map inside the split (``rearrange 'b (h w) c -> b c h w'``); prefix
+    tokens (CLS, distillation, registers) travel in ``Features.context``.
+
+    Raises ValueError naming the argument for an unknown layer (with the nearest valid names), an invalid
+    ``token_cut``, or a ``token_cut="norm2"`` on a ViT whose head reads only prefix tokens.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"split: model must be a torch.nn.Module, got {type(model).__name__}")
+    if token_cut not in (None, "norm1", "norm2"):
+        raise ValueError(f"split: token_cut must be None, 'norm1' or 'norm2', got {token_cut!r}")
+    in_chans = _in_chans(model)
+    if layer is not None:
+        if token_cut is not None:
+            raise ValueError("split: give either layer= (an FX cut) or token_cut= (a ViT/Swin cut), not both")
+        from funcam._fx import fx_split
+        names = [layer] if isinstance(layer, str) else list(layer)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"split: layer must be a name or a non-empty list of names, got {layer!r}")
+        extract, head = fx_split(model, names, tracer_leaves=tuple(tracer_leaves))
+        return Split(extract, head, in_chans)
+    from funcam import _tokens
+    if _tokens.is_vit(model):
+        extract, head = _tokens.vit_split(model, token_cut)
+        return Split(extract, head, in_chans)
+    if _tokens.is_swin(model):
+        extract, head = _tokens.swin_split(model, token_cut)
+        return Split(extract, head, in_chans)
+    if token_cut is not None:
+        raise ValueError(f"split: token_cut={token_cut!r} applies to timm ViT and Swin models only, "
+                         f"got a {type(model).__name__}")
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
+        return Split(model.forward_features, model.forward_head, in_chans)
+    raise ValueError(
+        f"split: {type(model).__name__} has no forward_features/forward_head; pass layer='NAME' to cut it "
+        f"after a submodule, e.g. one of {suggest_names(model, '')[:5]}")
+
+
+def check_split(split: Split, x: Tensor, model: nn.Module | None = None, *, atol: float = 1e-4) -> None:
+    """Validate a split on an input ``x (B, C, H, W)``; raise ValueError with the fix when it is wrong.
+
+    Checks that ``head(extract(x))`` equals ``model(x)`` (when ``model`` is given) and that the logits
+    depend on every feature map: an all-zero gradient for a random cotangent means the cut point does not
+    reach the logits (e.g. norm2 of a CLS-pooled ViT), and every map would come out zero.
+    """
+    from funcam.grads import as_features
+    feats = split.extract(x)
+    fs, rebuild = as_features(feats)
+    logits, vjp_fn = torch.func.vjp(lambda *ms: split.head(rebuild(ms)), *fs.maps)
+    if model is not None:
+        ref = model(x)
+        if ref.shape != logits.shape or not torch.allclose(ref, logits, atol=atol, rtol=1e-4):
+            err = (ref - logits).abs().max().item() if ref.shape == logits.shape else float("nan")
+            raise ValueError(f"check_split: head(extract(x)) differs from model(x) (max abs error {err:.3g}, "
+                             f"shapes {tuple(logits.shape)} vs {tuple(ref.shape)})")
+    cot = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0), dtype=logits.dtype)
+    grads = vjp_fn(cot.to(logits.device))
+    for i, g in enumerate(grads):
+        if not bool(torch.any(g != 0)):
+            raise ValueError(
+                f"check_split: the gradient of the logits w.r.t. feature map {i} (shape {tuple(g.shape)}) is "
+                f"exactly zero, so every CAM would be zero. The cut point does not reach the logits; for a "
+                f"ViT that pools the CLS token cut before the last attention: split(model, token_cut='norm1')")
+
+
+def suggest_names(model: nn.Module, name: str, extra: Sequence[str] = ()) -> list[str]:
+    """Submodule (and extra node) names nearest to ``name``, for error messages."""
+    names = [n for n, _ in model.named_modules() if n] + list(extra)
+    close = difflib.get_close_matches(name, names, n=8, cutoff=0.5)
+    return close or names[-8:]
+
+
+def _in_chans(model: nn.Module) -> int | None:
+    # The first convolution sees the image in every supported family (stems, patch embeddings, VGG).
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
