@@ -13,6 +13,7 @@ from typing import Callable
 from einops import rearrange
 from torch import Tensor, nn
 
+from funcam.attention import attend
 from funcam.split import Features
 
 _VIT_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -88,7 +89,7 @@ def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callab
 
         def head(feats: Features) -> Tensor:
             (fmap,), (t, prefix) = feats.maps, feats.context
-            t = t + blk.drop_path1(blk.ls1(blk.attn(to_tokens(fmap, prefix))))
+            t = t + blk.drop_path1(blk.ls1(attend(blk.attn, to_tokens(fmap, prefix))))
             t = t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
             return finish(t)
     else:

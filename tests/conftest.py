@@ -1,0 +1,42 @@
+"""Shared tiny models (random weights, ``pretrained=False``) for the fast suite."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import timm
+import torch
+
+# name -> (timm kwargs, input size (H, W)); sizes are the smallest each family accepts cheaply.
+FAMILIES = {
+    "resnet18": ({}, (64, 64)),
+    "convnext_atto": ({}, (64, 64)),
+    "tf_efficientnet_lite0": ({}, (64, 64)),
+    "regnetx_002": ({}, (64, 64)),
+    "mobilenetv3_small_050": ({}, (64, 64)),
+    "vgg11": ({}, (64, 64)),
+    "densenet121": ({}, (64, 64)),
+    "vit_tiny_patch16_224": ({"img_size": 64}, (64, 64)),  # CLS-token pooled
+    "vit_tiny_patch16_224-avg": ({"img_size": (48, 80), "global_pool": "avg"}, (48, 80)),  # non-square 3x5
+    "deit_tiny_distilled_patch16_224": ({"img_size": 64}, (64, 64)),
+    "vit_small_patch14_reg4_dinov2": ({"img_size": 56}, (56, 56)),  # 4 registers + CLS
+    "swin_tiny_patch4_window7_224": ({}, (224, 224)),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def make_model(name: str, num_classes: int = 10, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    kwargs, _ = FAMILIES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name.split("-")[0], pretrained=False, num_classes=num_classes, **kwargs)
+    return model.to(dtype).eval()
+
+
+def make_input(name: str, batch: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    h, w = FAMILIES[name][1]
+    return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request) -> str:
+    return request.param
