@@ -100,10 +100,13 @@ def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, ...] = ()) -> tuple[Callable, Callable]:
+def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, ...] = ()
+             ) -> tuple[Callable, Callable, tuple[str, ...]]:
+    """``(extract, head, names in graph order)`` for cuts after ``names``."""
     gm = trace(model, tracer_leaves)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    cuts = sorted({_find(gm, model, name) for name in names}, key=order.__getitem__)
+    found = {_find(gm, model, name): name for name in names}
+    cuts = sorted(found, key=order.__getitem__)
     if len(cuts) != len(names):
         raise ValueError(f"split: layer names {names} name the same node more than once")
     first = cuts[0]
@@ -135,9 +138,11 @@ def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, .
     g_hd = fx.Graph()
     env = {}
     taps = [g_hd.placeholder(f"map_{i}") for i in range(len(cuts))]
-    env[first] = taps[0]
+    # The head's inputs are cloned: the model may write into a cut value in place (a conv followed by
+    # ReLU(inplace=True)), which would corrupt the map's A and is refused on vjp's differentiable input.
+    env[first] = g_hd.call_method("clone", (taps[0],))
     for c in context:
-        env[c] = g_hd.placeholder(f"ctx_{c.name}")
+        env[c] = g_hd.call_method("clone", (g_hd.placeholder(f"ctx_{c.name}"),))
     for n in after:
         env[n] = g_hd.node_copy(n, env.__getitem__)
         if n in cuts:
@@ -155,4 +160,4 @@ def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, .
         """Features -> logits (B, num_classes)."""
         return head_gm(*feats.maps, *feats.context)
 
-    return extract, head
+    return extract, head, tuple(found[c] for c in cuts)

@@ -43,8 +43,8 @@ def _grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
     return tuple(pe.grid_size)
 
 
-def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable]:
-    """``(extract, head)`` for a timm VisionTransformer (ViT, DeiT, DeiT-distilled, registers, MAP/avg pool)."""
+def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable, tuple[str]]:
+    """``(extract, head, (cut name,))`` for a timm VisionTransformer (ViT, DeiT, DeiT-distilled, registers, MAP/avg pool)."""
     blk = model.blocks[-1]
     missing = [p for p in _VIT_BLOCK_PARTS if not hasattr(blk, p)]
     if missing:
@@ -104,11 +104,11 @@ def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callab
             (fmap,), (t, prefix) = feats.maps, feats.context
             t = t + blk.drop_path2(blk.ls2(blk.mlp(to_tokens(fmap, prefix))))
             return finish(t)
-    return extract, head
+    return extract, head, (f"blocks.{len(model.blocks) - 1}.{token_cut}",)
 
 
-def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable]:
-    """``(extract, head)`` for a timm SwinTransformer: a token feature of the last block, NHWC -> NCHW."""
+def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable, tuple[str]]:
+    """``(extract, head, (cut name,))`` for a timm SwinTransformer: a token feature of the last block, NHWC -> NCHW."""
     stage = model.layers[-1]
     blk = stage.blocks[-1]
     token_cut = token_cut or "norm2"
@@ -149,7 +149,7 @@ def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Calla
             (fmap,), (t,) = feats.maps, feats.context
             t = t + blk.drop_path2(blk.mlp(rearrange(fmap, "b c h w -> b h w c")))
             return finish(t)
-    return extract, head
+    return extract, head, (f"layers.{len(model.layers) - 1}.blocks.{len(stage.blocks) - 1}.{token_cut}",)
 
 
 def _cat(prefix: Tensor, patches: Tensor) -> Tensor:

@@ -36,11 +36,14 @@ class Split(NamedTuple):
     extract: ``x (B, in_chans, H, W) -> Tensor | tuple[Tensor, ...] | Features``.
     head: takes exactly what ``extract`` returned, gives logits ``(B, num_classes)``.
     in_chans: input channels, checked before the forward when known.
+    layers: where the model was cut, one name per feature map in the order of ``Features.maps``
+        (e.g. ``("layer3", "layer4")``, ``("blocks.11.norm1",)``, ``("forward_features",)``).
     """
 
     extract: Callable[[Tensor], Any]
     head: Callable[[Any], Tensor]
     in_chans: int | None = None
+    layers: tuple[str, ...] = ()
 
 
 def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_cut: str | None = None,
@@ -78,20 +81,20 @@ def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_c
         names = [layer] if isinstance(layer, str) else list(layer)
         if not names or not all(isinstance(n, str) for n in names):
             raise TypeError(f"split: layer must be a name or a non-empty list of names, got {layer!r}")
-        extract, head = fx_split(model, names, tracer_leaves=tuple(tracer_leaves))
-        return Split(extract, head, in_chans)
+        extract, head, ordered = fx_split(model, names, tracer_leaves=tuple(tracer_leaves))
+        return Split(extract, head, in_chans, ordered)
     from funcam import _tokens
     if _tokens.is_vit(model):
-        extract, head = _tokens.vit_split(model, token_cut)
-        return Split(extract, head, in_chans)
+        extract, head, layers = _tokens.vit_split(model, token_cut)
+        return Split(extract, head, in_chans, layers)
     if _tokens.is_swin(model):
-        extract, head = _tokens.swin_split(model, token_cut)
-        return Split(extract, head, in_chans)
+        extract, head, layers = _tokens.swin_split(model, token_cut)
+        return Split(extract, head, in_chans, layers)
     if token_cut is not None:
         raise ValueError(f"split: token_cut={token_cut!r} applies to timm ViT and Swin models only, "
                          f"got a {type(model).__name__}")
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        return Split(model.forward_features, model.forward_head, in_chans)
+        return Split(model.forward_features, model.forward_head, in_chans, ("forward_features",))
     raise ValueError(
         f"split: {type(model).__name__} has no forward_features/forward_head; pass layer='NAME' to cut it "
         f"after a submodule, e.g. one of {suggest_names(model, '')[:5]}")

@@ -47,6 +47,17 @@ def test_token_grid_and_prefix(name, grid):
         assert fs.context[1].shape[1] == model.num_prefix_tokens
 
 
+@pytest.mark.parametrize("name,layers", [
+    ("vit_tiny_patch16_224", ("blocks.11.norm1",)),
+    ("vit_tiny_patch16_224-avg", ("blocks.11.norm2",)),
+    ("deit_tiny_distilled_patch16_224", ("blocks.11.norm1",)),
+    ("swin_tiny_patch4_window7_224", ("layers.3.blocks.1.norm2",)),
+    ("resnet18", ("forward_features",)),
+])
+def test_split_records_the_cut(name, layers):
+    assert funcam.split(make_model(name)).layers == layers
+
+
 def test_vit_cut_rule_follows_pooling():
     tok, avg = make_model("vit_tiny_patch16_224"), make_model("vit_tiny_patch16_224-avg")
     x_tok, x_avg = make_input("vit_tiny_patch16_224"), make_input("vit_tiny_patch16_224-avg")
@@ -116,6 +127,7 @@ def test_fx_cut_invariant(tv_resnet, layer):
     torch.testing.assert_close(sp.head(feats), tv_resnet(x), atol=0, rtol=0)
     names = [layer] if isinstance(layer, str) else layer
     assert len(feats.maps) == len(names) and feats.chained == (len(names) > 1)
+    assert sorted(sp.layers) == sorted(names)
     funcam.check_split(sp, x, tv_resnet)
 
 
@@ -124,7 +136,9 @@ def test_fx_cut_is_the_submodule_output(tv_resnet):
     m = tv_resnet
     a3 = m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x)))))))
     a4 = m.layer4(a3)
-    maps = funcam.split(m, ["layer4", "layer3"]).extract(x).maps  # ordered by position in the graph
+    sp = funcam.split(m, ["layer4", "layer3"])
+    assert sp.layers == ("layer3", "layer4")  # ordered by position in the graph
+    maps = sp.extract(x).maps
     torch.testing.assert_close(maps[0], a3, atol=0, rtol=0)
     torch.testing.assert_close(maps[1], a4, atol=0, rtol=0)
 
@@ -136,6 +150,14 @@ def test_fx_vgg_inplace_relu():
     sp = funcam.split(vgg, "features.19")  # the last ReLU (in place) of vgg11's features
     torch.testing.assert_close(sp.head(sp.extract(x)), vgg(x), atol=0, rtol=0)
     assert all(mod.inplace for mod in vgg.modules() if isinstance(mod, nn.ReLU))
+    # cut at the conv before an in-place ReLU: the head must not write into the extracted map
+    sp = funcam.split(vgg, "features.18")
+    feats = sp.extract(x)
+    before = feats.maps[0].clone()
+    assert bool((before < 0).any())
+    torch.testing.assert_close(sp.head(feats), vgg(x), atol=0, rtol=0)
+    torch.testing.assert_close(feats.maps[0], before, atol=0, rtol=0)
+    assert torch.count_nonzero(funcam.hirescam(sp, x, [1], relu=False)) > 0
 
 
 def test_fx_skip_over_cut_goes_to_context():
