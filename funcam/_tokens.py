@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -153,5 +154,4 @@ def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Calla
 
 
 def _cat(prefix: Tensor, patches: Tensor) -> Tensor:
-    import torch
     return torch.cat([prefix, patches], dim=1) if prefix.shape[1] else patches

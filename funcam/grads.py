@@ -89,12 +89,14 @@ def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: 
     check_input(x, split.in_chans)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    score_fn = classes if callable(classes) else None
+    if score_fn is not None and top_k is not None:
+        raise ValueError("top_k does not apply when classes is a callable")
     feats, rebuild = as_features(split.extract(x))
     maps = feats.maps
     # A chained head recomputes maps[1:] from maps[0]; feeding them detached keeps outer autograd from
     # counting their dependence on x and the parameters twice (``.detach`` stops every level).
     primals = (maps[0],) + tuple(m.detach() for m in maps[1:]) if feats.chained else maps
-    score_fn = classes if callable(classes) else None
 
     def scores(*ms: Tensor) -> tuple[Tensor, Tensor]:
         logits = split.head(rebuild(ms))
@@ -106,8 +108,6 @@ def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: 
 
     out, vjp_fn, logits = torch.func.vjp(scores, *primals, has_aux=True)
     if score_fn is not None:
-        if top_k is not None:
-            raise ValueError("top_k does not apply when classes is a callable")
         if out.ndim != 2 or out.shape[0] != x.shape[0]:
             raise ValueError(f"the classes callable must return scores (B, K) = ({x.shape[0]}, K), got shape "
                              f"{tuple(out.shape)}")

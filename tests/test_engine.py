@@ -50,6 +50,8 @@ def test_bad_classes(sp, x, classes, exc, msg):
 def test_bad_options(sp, x):
     with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 10\]"):
         funcam.gradcam(sp, x, top_k=11)
+    with pytest.raises(ValueError, match="top_k does not apply when classes is a callable"):
+        funcam.gradcam(sp, x, lambda logits: logits[:, :2], top_k=2)
     with pytest.raises(ValueError, match="either classes= or top_k="):
         funcam.gradcam(sp, x, [1], top_k=2)
     with pytest.raises(ValueError, match="did you mean 'gradcampp'"):
@@ -207,3 +209,9 @@ class _SplitModule(nn.Module):
 
     def forward(self, x):
         return funcam.gradcampp(self.sp, x, [0, 1], relu=False)
+
+
+def test_package_docstring_example():
+    import doctest
+    result = doctest.testmod(funcam, verbose=False)
+    assert result.attempted >= 3 and result.failed == 0
