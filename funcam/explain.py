@@ -1,0 +1,86 @@
+"""One entry point over every method by name, for the command line and the dataset runner.
+
+``explain(model, x, method=..., classes=..., top_k=..., layer=...) -> CAM`` with ``maps (B, K, h, w)`` for
+every method: channel-weighting CAMs and attention relevance at feature (token-grid) resolution, Guided
+Grad-CAM at input resolution (channel-wise maximum of the absolute guided gradient times the CAM), and
+class-agnostic attention rollout repeated over the K requested classes.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from funcam.cams import METHODS as CAM_METHODS, cam
+from funcam.grads import CAM, resolve_classes
+from funcam.split import split as make_split
+
+# CLI spelling (dashes) -> internal name; every funcam method.
+ATTENTION_METHODS = ("rollout", "grad-rollout", "chefer")
+GUIDED_METHODS = ("guided-gradcam", "guided-backprop")
+METHOD_NAMES = tuple(m.replace("_", "-") for m in CAM_METHODS) + ATTENTION_METHODS + GUIDED_METHODS
+
+
+def default_method(model: nn.Module) -> str:
+    """The method funcam recommends for ``model``: the Chefer et al. 2021 relevance rule for ViTs (it is
+    class-specific where token Grad-CAM and plain rollout are not; see the README's quality table),
+    Grad-CAM otherwise."""
+    from funcam._tokens import is_vit
+
+    return "chefer" if is_vit(model) else "gradcam"
+
+
+def check_method(method: str) -> str:
+    """Normalise ``method`` (``gradcam_max`` or ``gradcam-max``) or raise naming the valid ones."""
+    name = str(method).replace("_", "-")
+    if name not in METHOD_NAMES:
+        near = difflib.get_close_matches(name, METHOD_NAMES, n=1)
+        raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}; got {method!r}"
+                         + (f" (did you mean {near[0]!r}?)" if near else ""))
+    return name
+
+
+def explain(model: nn.Module, x: Tensor, *, method: str | None = None, classes: Any = None,
+            top_k: int | None = None, layer: str | list[str] | None = None, chunk_size: int | None = None,
+            relu: bool = True) -> CAM:
+    """Maps for ``x (B, C, H, W)`` and the requested classes with any funcam method, by name.
+
+    method: one of ``METHOD_NAMES`` (None: ``default_method(model)``).
+    classes / top_k: as in ``funcam.cam``. layer: the cut for CAM methods (``funcam.split``'s ``layer``;
+    a list is fused by the mean of per-layer normalised maps at the first layer's resolution).
+    Returns ``CAM(maps (B, K, h, w), classes (B, K), logits (B, N))``.
+    """
+    name = check_method(method or default_method(model))
+    if name.replace("-", "_") in CAM_METHODS:
+        sp = make_split(model, layer)
+        out = cam(sp, x, classes, method=name.replace("-", "_"), top_k=top_k, relu=relu, chunk_size=chunk_size)
+        if isinstance(out.maps, tuple):
+            from funcam.postprocess import fuse
+
+            out = out._replace(maps=fuse(out.maps, normalize_each=True))
+        return out
+    if name == "rollout":
+        from funcam.rollout import attention_rollout
+
+        with torch.no_grad():
+            logits = model(x)
+        idx = resolve_classes(classes, top_k, logits)
+        m = attention_rollout(model, x)
+        return CAM(m.unsqueeze(1).expand(-1, idx.shape[1], -1, -1), idx, logits)
+    if name in ("grad-rollout", "chefer"):
+        from funcam import rollout
+
+        fn = rollout.grad_rollout if name == "grad-rollout" else rollout.chefer_relevance
+        return fn(model, x, classes, top_k=top_k, chunk_size=chunk_size, return_cam=True)
+    from funcam import guided
+
+    if name == "guided-backprop":
+        out = guided.guided_backprop(model, x, classes, top_k=top_k, chunk_size=chunk_size, return_cam=True)
+    else:
+        out = guided.guided_gradcam(model, x, classes, top_k=top_k, layer=layer, chunk_size=chunk_size,
+                                    return_cam=True)
+    # (B, K, 3, H, W) -> (B, K, H, W): the strongest absolute response over colour channels.
+    return out._replace(maps=out.maps.abs().amax(dim=2))
+
