@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from funcam.attention import attend
+from funcam.attention import attend, is_plain_attention
 from funcam.split import Features
 
 _VIT_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -90,7 +90,13 @@ def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callab
 
         def head(feats: Features) -> Tensor:
             (fmap,), (t, prefix) = feats.maps, feats.context
-            t = t + blk.drop_path1(blk.ls1(attend(blk.attn, to_tokens(fmap, prefix))))
+            if prefix_only:
+                # Only prefix tokens reach the logits after the last block, so only their attention rows,
+                # MLP and norms are computed (the patch tokens' would get an exactly zero gradient).
+                patches = rearrange(fmap, "b c h w -> b (h w) c")
+                t = t[:, :npre] + blk.drop_path1(blk.ls1(prefix_attention(blk.attn, prefix, patches)))
+            else:
+                t = t + blk.drop_path1(blk.ls1(attend(blk.attn, to_tokens(fmap, prefix))))
             t = t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
             return finish(t)
     else:
@@ -106,6 +112,46 @@ def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callab
             t = t + blk.drop_path2(blk.ls2(blk.mlp(to_tokens(fmap, prefix))))
             return finish(t)
     return extract, head, (f"blocks.{len(model.blocks) - 1}.{token_cut}",)
+
+
+def prefix_attention(attn: nn.Module, prefix: Tensor, patches: Tensor) -> Tensor:
+    """The attention output of the prefix-token queries only: prefix (B, p, C), patches (B, n, C) -> (B, p, C).
+
+    Softmax attention (Vaswani et al. 2017, eq. 1) over the keys of all p + n tokens, with the key and value
+    projections re-associated: q_h . k_j = (q_h W_kh) . x_j + q_h . b_kh and
+    sum_j P_hj (W_vh x_j + b_vh) = W_vh (sum_j P_hj x_j) + b_vh (the rows of P sum to 1). Keys and values
+    of the n patch tokens are never formed, so the gradient w.r.t. the patches is a sum of rank-one terms
+    per head, (n, heads) x (heads, C), instead of an (n, C) x (C, C) product per class.
+    Falls back to the full attention for a key norm (non-linear per token) or another attention module.
+    """
+    p = prefix.shape[1]
+    if not is_plain_attention(attn) or not isinstance(attn.k_norm, nn.Identity) or p == 0:
+        return attend(attn, _cat(prefix, patches))[:, :p]
+    heads = attn.num_heads
+    # qkv rows are ordered (three, heads, head_dim), as timm's reshape of the qkv output; unflatten rather
+    # than einops here: einops registers a backend per tensor type, and a first nn.Parameter seen inside a
+    # compiled region would add a guard that fails (recompiles) on the next call.
+    w = attn.qkv.weight.unflatten(0, (3, heads, -1))  # (3, heads, d, C)
+    b = None if attn.qkv.bias is None else attn.qkv.bias.unflatten(0, (3, heads, -1))  # (3, heads, d)
+    q = torch.einsum("bpc,hdc->bhpd", prefix, w[0])
+    if b is not None:
+        q = q + b[0][None, :, None, :]
+    q = attn.q_norm(q) * attn.scale
+    u = torch.einsum("bhpd,hdc->bhpc", q, w[1])  # the query mapped back through W_k: (B, heads, p, C)
+    scores = torch.cat([torch.einsum("bhpc,bnc->bhpn", u, prefix), torch.einsum("bhpc,bnc->bhpn", u, patches)], -1)
+    if b is not None:
+        scores = scores + torch.einsum("bhpd,hd->bhp", q, b[1]).unsqueeze(-1)
+    probs = attn.attn_drop(scores.softmax(dim=-1))  # (B, heads, p, p + n)
+    mixed = (torch.einsum("bhpn,bnc->bhpc", probs[..., :p], prefix)
+             + torch.einsum("bhpn,bnc->bhpc", probs[..., p:], patches))
+    out = torch.einsum("bhpc,hdc->bphd", mixed, w[2])
+    if b is not None:
+        out = out + b[2]
+    gate = attn.gate(prefix).sigmoid() if getattr(attn, "gate", None) is not None else None
+    out = attn.norm(rearrange(out, "b p h d -> b p (h d)"))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
 
 
 def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable, tuple[str]]:

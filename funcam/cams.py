@@ -9,13 +9,14 @@ from torch import Tensor, nn
 
 from funcam.grads import CAM, class_maps
 from funcam.split import Split, split as make_split
-from funcam.weights import RULES
+from funcam.weights import CHANNEL_WEIGHTS, POOLED_RULES, RULES
 
 METHODS = tuple(RULES)
 
 
 def cam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, method: str = "gradcam",
-        top_k: int | None = None, relu: bool = True, chunk_size: int | None = None) -> CAM:
+        top_k: int | None = None, relu: bool = True, chunk_size: int | None = None,
+        max_memory: int | None = None) -> CAM:
     """Class activation maps for B images x K classes from one forward and one vmapped vjp.
 
     model_or_split: a ``funcam.Split`` (or a model, split with ``funcam.split(model)``'s default rule).
@@ -27,7 +28,9 @@ def cam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, me
     method: one of ``funcam.METHODS``: gradcam, gradcam_max, gradcampp, xgradcam, hirescam, elementwise,
         layercam, argmax_channel.
     relu: apply ReLU at feature resolution (before any upsampling); ``False`` gives signed maps.
-    chunk_size: classes per vmapped chunk, bounding memory to about ``chunk_size`` gradients at once.
+    chunk_size: classes per vmapped chunk, bounding memory to about ``chunk_size`` gradients at once;
+        None chooses it from ``max_memory``.
+    max_memory: bytes of per-class gradients allowed at once when ``chunk_size`` is None (default 512 MiB).
 
     Returns ``CAM(maps (B, K, h, w), classes (B, K) or None, logits (B, N))``; for a multi-layer split,
     ``maps`` is a tuple of ``(B, K, h_i, w_i)`` (fuse them with ``funcam.fuse``).
@@ -37,7 +40,8 @@ def cam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, me
         near = difflib.get_close_matches(str(method), METHODS, n=3)
         raise ValueError(f"method must be one of {METHODS}, got {method!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
     sp = model_or_split if isinstance(model_or_split, Split) else make_split(model_or_split)
-    out = class_maps(sp, x, classes, rule, top_k=top_k, chunk_size=chunk_size)
+    out = class_maps(sp, x, classes, rule, top_k=top_k, chunk_size=chunk_size, weights=CHANNEL_WEIGHTS.get(method),
+                     pooled_reduce=POOLED_RULES[method], max_memory=max_memory)
     if relu:
         # ReLU at feature resolution: upsampling first would let one large negative value bleed into
         # its neighbours.
@@ -51,7 +55,7 @@ def _method(name: str, doc: str):
         return cam(model_or_split, x, classes, method=name, **opts).maps
 
     fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = (f"{doc}\n\n``{name}(split, x (B, C, H, W), classes=None, *, top_k=None, relu=True, chunk_size=None)"
+    fn.__doc__ = (f"{doc}\n\n``{name}(split, x (B, C, H, W), classes=None, *, top_k=None, relu=True, chunk_size=None, max_memory=None)"
                   f" -> (B, K, h, w)``; the arguments are those of ``funcam.cam``.")
     return fn
 

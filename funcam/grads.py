@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from funcam.split import Features, Split
+from funcam.weights import channel_sum
 
 Reduce = Callable[[Tensor, Tensor], Tensor]  # (g (B, C, h, w), A (B, C, h, w)) -> map (B, h, w)
 
@@ -83,17 +84,47 @@ def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
     return classes
 
 
-def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: int | None = None,
-               chunk_size: int | None = None) -> CAM:
-    """Maps ``reduce(dlogit_k/dA, A)`` for every image and class; see ``funcam.cam`` for the arguments."""
-    check_input(x, split.in_chans)
+DEFAULT_MAX_MEMORY = 512 * 2**20  # bytes of per-class gradients alive at once when chunk_size is automatic
+
+
+def auto_chunk_size(per_class_bytes: int, k: int, max_memory: int | None) -> int | None:
+    """Classes per vmapped chunk so that about ``max_memory`` bytes of per-class tensors exist at once.
+
+    None (no chunking) when all ``k`` classes fit. The estimate counts the gradient at the maps and a few
+    same-sized temporaries; it bounds what funcam allocates, not what the model's own vjp needs.
+    """
+    budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"max_memory must be None or a positive number of bytes, got {max_memory!r}")
+    chunk = max(1, budget // max(1, per_class_bytes))
+    return None if chunk >= k else chunk
+
+
+def _check_chunk(chunk_size: Any) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: int | None = None,
+               chunk_size: int | None = None, weights: Reduce | None = None, pooled_reduce: Reduce | None = None,
+               max_memory: int | None = None) -> CAM:
+    """Maps ``reduce(dlogit_k/dA, A)`` for every image and class; see ``funcam.cam`` for the arguments.
+
+    weights: when the rule's map is ``sum_c w_c A_c``, its ``(g, A) -> w (B, C)``: the maps then come from
+        one batched product outside the vmap.
+    pooled_reduce: the same rule for a spatially constant gradient, ``(v (B, K, C), A) -> (B, K, h, w)``;
+    used when ``split.pooled`` says the head starts with global average pooling (the exact fast path).
+    """
+    check_input(x, split.in_chans)
+    _check_chunk(chunk_size)
     score_fn = classes if callable(classes) else None
     if score_fn is not None and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
     feats, rebuild = as_features(split.extract(x))
     maps = feats.maps
+    if (split.pooled is not None and pooled_reduce is not None and len(maps) == 1 and not feats.context
+            and maps[0].ndim == 4):
+        return _pooled_maps(split.pooled, maps[0], classes, score_fn, pooled_reduce, top_k, chunk_size, max_memory)
     # A chained head recomputes maps[1:] from maps[0]; feeding them detached keeps outer autograd from
     # counting their dependence on x and the parameters twice (``.detach`` stops every level).
     primals = (maps[0],) + tuple(m.detach() for m in maps[1:]) if feats.chained else maps
@@ -107,23 +138,76 @@ def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: 
         return (score_fn(logits) if score_fn else logits), logits
 
     out, vjp_fn, logits = torch.func.vjp(scores, *primals, has_aux=True)
-    if score_fn is not None:
-        if out.ndim != 2 or out.shape[0] != x.shape[0]:
-            raise ValueError(f"the classes callable must return scores (B, K) = ({x.shape[0]}, K), got shape "
-                             f"{tuple(out.shape)}")
-        idx, picked = torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1), None
-    else:
-        idx = picked = resolve_classes(classes, top_k, logits)
+    idx, picked = _indices(out, logits, classes, score_fn, top_k, x.shape[0])
     b, k = idx.shape
     if k == 0:
         empty = tuple(m.new_zeros((b, 0) + tuple(m.shape[2:])) for m in maps)
         return CAM(empty[0] if len(empty) == 1 else empty, picked, logits)
-    # one-hot cotangents (K, B, N) by comparison: no data-dependent shapes, so it traces under compile.
-    cot = (idx.T.unsqueeze(-1) == torch.arange(out.shape[1], device=out.device)).to(out.dtype)
+    cot = _one_hot(idx, out.shape[1], out.dtype)
+    if chunk_size is None:
+        # the (B, C, h, w) gradient per map, and about as much again for the products the rules form
+        per_class = sum(4 * m.numel() * m.element_size() for m in maps)
+        chunk_size = auto_chunk_size(per_class, k, max_memory)
 
-    def per_class(ct: Tensor) -> tuple[Tensor, ...]:
-        return tuple(reduce(g, a) for g, a in zip(vjp_fn(ct), maps))
+    per_class = weights if weights is not None else reduce
 
-    per = torch.func.vmap(per_class, chunk_size=chunk_size)(cot)  # each (K, B, h, w)
-    result = tuple(p.movedim(0, 1) for p in per)
+    def per_class_maps(ct: Tensor) -> tuple[Tensor, ...]:
+        return tuple(per_class(g, a) for g, a in zip(vjp_fn(ct), maps))
+
+    per = torch.func.vmap(per_class_maps, chunk_size=chunk_size)(cot)  # each (K, B, C) or (K, B, h, w)
+    if weights is not None:
+        result = tuple(channel_sum(w.movedim(0, 1), a) for w, a in zip(per, maps))
+    else:
+        result = tuple(p.movedim(0, 1) for p in per)
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
+
+
+def _indices(out: Tensor, logits: Tensor, classes: Any, score_fn: Any, top_k: int | None, b: int):
+    """(idx (B, K) of the columns of ``out`` to explain, class indices to report or None)."""
+    if score_fn is None:
+        idx = resolve_classes(classes, top_k, logits)
+        return idx, idx
+    if out.ndim != 2 or out.shape[0] != b:
+        raise ValueError(f"the classes callable must return scores (B, K) = ({b}, K), got shape {tuple(out.shape)}")
+    return torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1), None
+
+
+def _one_hot(idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """idx (B, K) -> one-hot cotangents (K, B, n), by comparison: no data-dependent shapes under compile."""
+    return (idx.T.unsqueeze(-1) == torch.arange(n, device=idx.device)).to(dtype)
+
+
+def _pooled_maps(pooled: Any, a: Tensor, classes: Any, score_fn: Any, pooled_reduce: Reduce,
+                 top_k: int | None, chunk_size: int | None, max_memory: int | None) -> CAM:
+    """The exact fast path for heads that start with global average pooling (``funcam.split.Pooled``).
+
+    With z = mean_hw A (B, C), d logit_k / dA = (d logit_k / dz) / (h w) at every position. For class
+    indices and a final Linear, d logit_k / d(pre-logits) is the weight row W[k] (no (K, B, N) x (N, D)
+    product), pulled back through ``pre_logits`` by one vmapped vjp on (B, C) tensors.
+    """
+    b, c, h, w = a.shape
+    z = a.mean(dim=(2, 3))
+    clf = pooled.classifier
+    if clf is not None and score_fn is None:
+        pre, vjp_fn = torch.func.vjp(pooled.pre_logits, z)
+        logits = clf(pre)
+        idx = resolve_classes(classes, top_k, logits)
+        picked = idx
+        cot = clf.weight[idx].movedim(1, 0)  # (K, B, D): the vjp of a Linear at a one-hot cotangent
+    else:
+        def scores(zz: Tensor) -> tuple[Tensor, Tensor]:
+            p = pooled.pre_logits(zz)
+            lg = clf(p) if clf is not None else p
+            return (score_fn(lg) if score_fn else lg), lg
+
+        out, vjp_fn, logits = torch.func.vjp(scores, z, has_aux=True)
+        idx, picked = _indices(out, logits, classes, score_fn, top_k, b)
+        cot = _one_hot(idx, out.shape[1], out.dtype)
+    k = idx.shape[1]
+    if k == 0:
+        return CAM(a.new_zeros((b, 0, h, w)), picked, logits)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(4 * b * (c + cot.shape[-1]) * a.element_size(), k, max_memory)
+    # (K, B, C) gradients at z, one vmapped vjp of the small pooled head; then all maps in one product.
+    (gz,) = torch.func.vmap(vjp_fn, chunk_size=chunk_size)(cot)
+    return CAM(pooled_reduce(gz.movedim(0, 1) / (h * w), a), picked, logits)

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Features", "Split", "split", "check_split"]
+__all__ = ["Features", "Pooled", "Split", "split", "check_split"]
 
 
 class Features(NamedTuple):
@@ -30,6 +30,21 @@ class Features(NamedTuple):
     chained: bool = False
 
 
+class Pooled(NamedTuple):
+    """A head that starts with global average pooling, as a function of the pooled feature.
+
+    ``head(A) == classifier(pre_logits(A.mean((2, 3))))`` for every ``A (B, C, h, w)``, so the gradient of
+    any logit w.r.t. ``A`` is constant over space, ``d logit / dA = (d logit / dz) / (h w)``: CAMs then need
+    only ``(B, C)`` gradients, and the gradient of a logit at the classifier's input is its weight row.
+
+    pre_logits: ``z (B, C) -> (B, D)``; classifier: the final ``nn.Linear`` (``(N, D)`` weight), or None
+    when ``pre_logits`` already returns logits ``(B, N)``.
+    """
+
+    pre_logits: Callable[[Tensor], Tensor]
+    classifier: nn.Module | None = None
+
+
 class Split(NamedTuple):
     """A model as two pure callables.
 
@@ -38,12 +53,15 @@ class Split(NamedTuple):
     in_chans: input channels, checked before the forward when known.
     layers: where the model was cut, one name per feature map in the order of ``Features.maps``
         (e.g. ``("layer3", "layer4")``, ``("blocks.11.norm1",)``, ``("forward_features",)``).
+    pooled: the head as a function of the spatially averaged feature when it starts with global average
+        pooling (``Pooled``), else None; it enables the exact fast path for many classes.
     """
 
     extract: Callable[[Tensor], Any]
     head: Callable[[Any], Tensor]
     in_chans: int | None = None
     layers: tuple[str, ...] = ()
+    pooled: Pooled | None = None
 
 
 def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_cut: str | None = None,
@@ -94,7 +112,8 @@ def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_c
         raise ValueError(f"split: token_cut={token_cut!r} applies to timm ViT and Swin models only, "
                          f"got a {type(model).__name__}")
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        return Split(model.forward_features, model.forward_head, in_chans, ("forward_features",))
+        return Split(model.forward_features, model.forward_head, in_chans, ("forward_features",),
+                     _pooled_head(model))
     raise ValueError(
         f"split: {type(model).__name__} has no forward_features/forward_head; pass layer='NAME' to cut it "
         f"after a submodule, e.g. one of {suggest_names(model, '')[:5]}")
@@ -125,6 +144,42 @@ def check_split(split: Split, x: Tensor, model: nn.Module | None = None, *, atol
                 f"check_split: the gradient of the logits w.r.t. feature map {i} (shape {tuple(g.shape)}) is "
                 f"exactly zero, so every CAM would be zero. The cut point does not reach the logits; for a "
                 f"ViT that pools the CLS token cut before the last attention: split(model, token_cut='norm1')")
+
+
+def _pooled_head(model: nn.Module) -> Pooled | None:
+    """``Pooled`` for a timm model whose ``forward_head`` starts with global average pooling, else None.
+
+    timm's ``forward_head(x, pre_logits=True)`` stops before the classifier; fed a ``(B, C, 1, 1)`` map it
+    equals the head at any map with that spatial mean iff the head's first operation is average pooling.
+    The structure is checked first (an average ``global_pool``), then numerically on a random probe, so a
+    head that pools otherwise (max, attention, a 7x7 conv as in VGG) keeps the general path.
+    """
+    if torch.compiler.is_compiling():
+        return None  # the probe branches on values; a split built inside a compiled region uses the general path
+    pool = getattr(model, "global_pool", None)
+    if pool is None:
+        pool = getattr(getattr(model, "head", None), "global_pool", None)
+    if getattr(pool, "pool_type", None) != "avg" or not hasattr(model, "get_classifier"):
+        return None
+    clf = model.get_classifier()
+    clf = clf if isinstance(clf, nn.Linear) else None
+
+    def pre_logits(z: Tensor) -> Tensor:
+        return model.forward_head(z[:, :, None, None], pre_logits=clf is not None)
+
+    try:
+        param = next(model.parameters())
+        c = int(model.num_features)
+        probe = torch.randn(2, c, 3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        probe = probe.to(device=param.device, dtype=param.dtype)
+        with torch.no_grad():
+            want = model.forward_head(probe)
+            p = pre_logits(probe.mean(dim=(2, 3)))
+            got = clf(p) if clf is not None else p
+        ok = want.shape == got.shape and torch.allclose(want, got, rtol=1e-3, atol=1e-4)
+    except Exception:  # noqa: BLE001 - any head that does not take a pooled map keeps the general path
+        return None
+    return Pooled(pre_logits, clf) if ok else None
 
 
 def suggest_names(model: nn.Module, name: str, extra: Sequence[str] = ()) -> list[str]:
