@@ -19,7 +19,9 @@ from funcam.cams import (
     xgradcam,
 )
 from funcam.grads import CAM
+from funcam.guided import guided_backprop, guided_gradcam
 from funcam.postprocess import fuse, normalize, upsample
+from funcam.rollout import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
 from funcam.split import Features, Split, check_split, split
 
 __version__ = "0.1.0"
@@ -30,16 +32,23 @@ __all__ = [
     "METHODS",
     "Split",
     "argmax_channel",
+    "attention_rollout",
+    "block_attentions",
     "cam",
+    "chefer_relevance",
     "check_split",
     "elementwise",
     "fuse",
     "gradcam",
     "gradcam_max",
     "gradcampp",
+    "grad_rollout",
+    "guided_backprop",
+    "guided_gradcam",
     "hirescam",
     "layercam",
     "normalize",
+    "rollout_matrix",
     "split",
     "upsample",
     "xgradcam",

@@ -27,13 +27,18 @@ def attention_probs(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return attn.attn_drop(probs), v
 
 
+def attention_output(attn: nn.Module, x: Tensor, probs: Tensor, v: Tensor) -> Tensor:
+    """The module's output (B, N, C) from its probabilities ``probs (B, heads, N, N)`` and values
+    ``v (B, heads, N, d)``; ``x (B, N, C)`` is the module's input (read only by a gated attention)."""
+    out = attn.norm(rearrange(probs @ v, "b h n d -> b n (h d)"))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(out))
+
+
 def attend(attn: nn.Module, x: Tensor) -> Tensor:
     """The attention module's forward, x (B, N, C) -> (B, N, C), without the fused kernel."""
     if not is_plain_attention(attn):
         return attn(x)
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     probs, v = attention_probs(attn, x)
-    out = attn.norm(rearrange(probs @ v, "b h n d -> b n (h d)"))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    return attention_output(attn, x, probs, v)

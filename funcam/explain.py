@@ -50,8 +50,15 @@ def explain(model: nn.Module, x: Tensor, *, method: str | None = None, classes: 
     method: one of ``METHOD_NAMES`` (None: ``default_method(model)``).
     classes / top_k: as in ``funcam.cam``. layer: the cut for CAM methods (``funcam.split``'s ``layer``;
     a list is fused by the mean of per-layer normalised maps at the first layer's resolution).
-    Returns ``CAM(maps (B, K, h, w), classes (B, K), logits (B, N))``.
+    Returns ``CAM(maps (B, K, h, w), classes (B, K), logits (B, N))``, detached: explanation only, run
+    under ``torch.no_grad()`` so that memory does not grow with K (use ``funcam.cam`` for differentiable maps).
     """
+    with torch.no_grad():
+        return _explain(model, x, method, classes, top_k, layer, chunk_size, relu)
+
+
+def _explain(model: nn.Module, x: Tensor, method: str | None, classes: Any, top_k: int | None,
+             layer: str | list[str] | None, chunk_size: int | None, relu: bool) -> CAM:
     name = check_method(method or default_method(model))
     if name.replace("-", "_") in CAM_METHODS:
         sp = make_split(model, layer)
@@ -64,8 +71,7 @@ def explain(model: nn.Module, x: Tensor, *, method: str | None = None, classes: 
     if name == "rollout":
         from funcam.rollout import attention_rollout
 
-        with torch.no_grad():
-            logits = model(x)
+        logits = model(x)
         idx = resolve_classes(classes, top_k, logits)
         m = attention_rollout(model, x)
         return CAM(m.unsqueeze(1).expand(-1, idx.shape[1], -1, -1), idx, logits)

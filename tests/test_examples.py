@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ["quickstart", "many_classes", "train_with_cam_loss", "vit_and_multilayer", "compiled"]
+EXAMPLES = ["quickstart", "many_classes", "train_with_cam_loss", "vit_and_multilayer", "compiled", "vit_rollout"]
 
 
 def test_every_example_is_listed():

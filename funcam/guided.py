@@ -1,0 +1,141 @@
+"""Guided Backprop (Springenberg et al. 2015) and Guided Grad-CAM (Selvaraju et al. 2017), without hooks.
+
+The guided rule changes only the backward of ReLU: where the forward input was positive, pass the positive
+part of the incoming gradient (Springenberg et al. 2015, eq. for "guided backpropagation":
+``R_l = (f_l > 0) * (R_{l+1} > 0) * R_{l+1}``). Instead of swapping or hooking ``nn.ReLU`` modules, a
+``TorchFunctionMode`` that is active only while the model's forward runs routes every ReLU call through a
+custom autograd function with that backward: ``F.relu`` (which ``nn.ReLU`` calls, ``inplace=True`` included),
+``torch.relu``/``relu_``, ``Tensor.relu``/``relu_``, and ReLU6 (``F.relu6``, and ``F.hardtanh`` with
+``min_val=0``, which ``nn.ReLU6`` calls; the rule then passes where ``0 < x < max_val``). The user's model is
+never modified: same modules, same ``inplace`` flags, no hooks.
+
+In-place ReLU calls are answered out of place (the function returns the new tensor, which every ``nn.ReLU``
+user - torchvision, timm - consumes); code that calls ``x.relu_()`` and ignores the result is not supported.
+
+Other activations (GELU, SiLU, sigmoid, ...) keep their ordinary gradient: the guided rule is defined for
+ReLU only, and a made-up extension would not be Springenberg's method. A forward that calls no ReLU at all
+(e.g. a ViT with GELU) would silently give the plain input gradient under this name, so it raises ValueError.
+
+Compile: works under ``torch.compile(fullgraph=True)`` (dynamo traces the mode and the custom function's
+vmap rule). One limitation: dynamo models no attributes on a mode object, so the ReLU-free check above runs
+in eager only; compiled, a ReLU-free model returns its plain input gradient.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from funcam.grads import CAM, check_input
+from funcam.rollout import class_vjp
+
+
+class _GuidedClamp(torch.autograd.Function):
+    """clamp(x, lo, hi) forward; backward passes the positive gradient where lo < x (< hi)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, lo: float, hi: float | None) -> Tensor:
+        return x.clamp(min=lo) if hi is None else x.clamp(min=lo, max=hi)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, ctx.lo, ctx.hi = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        open_ = x > ctx.lo if ctx.hi is None else (x > ctx.lo) & (x < ctx.hi)
+        return g.clamp(min=0) * open_, None, None
+
+
+_RELU = (F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)
+_RELU6 = (F.relu6,)
+
+
+class _GuidedReLUMode(TorchFunctionMode):
+    """Routes ReLU-family calls through ``_GuidedClamp``; counts them (``seen``) to detect ReLU-free models."""
+
+    seen = 0  # dynamo models no attributes of a mode: counted in eager only (see ``_count``)
+
+    def _count(self) -> None:
+        if not torch.compiler.is_compiling():
+            self.seen += 1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELU:
+            self._count()
+            return _GuidedClamp.apply(args[0], 0.0, None)
+        if func in _RELU6:
+            self._count()
+            return _GuidedClamp.apply(args[0], 0.0, 6.0)
+        if func is F.hardtanh:
+            lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            if lo == 0:
+                self._count()
+                return _GuidedClamp.apply(args[0], 0.0, float(hi))
+        return func(*args, **kwargs)
+
+
+def _guided_cam(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None) -> CAM:
+    """CAM(maps = input gradients (B, K, C, H, W) under the guided rule, classes, logits)."""
+    check_input(x, None)
+
+    def forward(inp: Tensor) -> tuple[Tensor, tuple]:
+        # the mode is active only here, so the vjp's backward (the guided rule) and the user's other code
+        # never see it
+        with _GuidedReLUMode() as mode:
+            logits = model(inp)
+        if not torch.compiler.is_compiling() and not mode.seen:
+            raise ValueError(f"guided backprop needs ReLU activations, but the forward of {type(model).__name__} "
+                             f"called none (GELU/SiLU models have no guided rule); use funcam.gradcam or, for "
+                             f"ViTs, funcam.rollout.chefer_relevance")
+        return logits, ()
+
+    return class_vjp(forward, (x,), classes, lambda grads, _: grads[0], top_k=top_k, chunk_size=chunk_size,
+                     empty=lambda b: x.new_zeros((b, 0) + tuple(x.shape[1:])))
+
+
+def guided_backprop(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+                    chunk_size: int | None = None, return_cam: bool = False) -> Tensor | CAM:
+    """Guided Backprop (Springenberg et al. 2015): x (B, C, H, W) -> gradients (B, K, C, H, W) for K classes.
+
+    d logit_k / d x with every ReLU's backward replaced by the guided rule (positive gradient where the
+    forward input was positive). classes / top_k / chunk_size as in ``funcam.cam``; one forward, one vjp,
+    vmapped over the K one-hot cotangents. ``model`` must be in eval mode and is not modified.
+    Raises ValueError for a model whose forward calls no ReLU (see the module docstring).
+    Call under ``torch.no_grad()`` unless the gradients themselves must be differentiated: with grad mode on
+    every class's backward stays alive (memory grows with K whatever ``chunk_size``).
+    return_cam: return ``funcam.CAM(maps (B, K, C, H, W), classes (B, K), logits (B, num_classes))``.
+    """
+    out = _guided_cam(model, x, classes, top_k, chunk_size)
+    return out if return_cam else out.maps
+
+
+def guided_gradcam(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+                   layer: str | list[str] | None = None, chunk_size: int | None = None,
+                   return_cam: bool = False) -> Tensor | CAM:
+    """Guided Grad-CAM (Selvaraju et al. 2017, sec. 3.1): x (B, C, H, W) -> (B, K, C, H, W).
+
+    Guided Backprop times Grad-CAM (ReLU'd, at ``layer`` as in ``funcam.split``) upsampled bilinearly to
+    (H, W). Both explain the same class indices: those resolved from the guided forward's logits (a
+    ``classes`` callable is passed to both and scored on the same logits).
+    """
+    from funcam.cams import cam
+    from funcam.postprocess import upsample
+    from funcam.split import split
+
+    gb = _guided_cam(model, x, classes, top_k, chunk_size)
+    same = classes if gb.classes is None else gb.classes
+    cams = cam(split(model, layer), x, same, chunk_size=chunk_size).maps
+    if isinstance(cams, tuple):
+        raise ValueError(f"guided_gradcam takes one layer, got layer={layer!r}")
+    maps = gb.maps * upsample(cams, x.shape[-2:]).unsqueeze(2)
+    return gb._replace(maps=maps) if return_cam else maps

@@ -1,0 +1,258 @@
+"""Attention rollout and class-specific attention relevance for timm Vision Transformers, without hooks.
+
+Every block's attention probabilities are recomputed from the block's own parameters
+(``funcam.attention.attention_probs``), so fused-attention models work and nothing is registered on the model.
+
+Order of the product. Block ``l`` mixes tokens as ``x_l = A_l x_{l-1}`` (rows of ``A_l`` are the queries), so
+the tokens after the last block depend on the input tokens through ``R = A_L ... A_2 A_1``: the first block's
+matrix is applied first (rightmost). The map is the CLS row of ``R`` at the patch columns, computed as the row
+vector ``e_cls^T A_L`` then times ``A_{L-1}``, ..., ``A_1`` (vector-matrix products, O(L N^2) per image and class
+instead of O(L N^3)); ``rollout_matrix`` returns the full ``R`` for checks.
+
+Readout row: the CLS row for CLS-pooled ViTs and DeiT-distilled (its CLS head; prefix tokens - CLS,
+distillation, registers, ``model.num_prefix_tokens`` - are never map pixels), the mean of the patch rows for
+average-pooled ViTs (what their head reads).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from einops import rearrange, reduce as ereduce
+from torch import Tensor, nn
+
+from funcam._tokens import _grid, is_vit
+from funcam.attention import attention_output, attention_probs, is_plain_attention
+from funcam.grads import CAM, check_input, resolve_classes
+
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def check_vit(model: nn.Module) -> None:
+    """Raise unless ``model`` is a timm VisionTransformer of pre-norm blocks with plain softmax attention."""
+    if not is_vit(model):
+        raise ValueError(f"model must be a timm VisionTransformer (ViT, DeiT, registers) with attention blocks; "
+                         f"got {type(model).__name__}, which has no transformer blocks to roll out")
+    for i, blk in enumerate(model.blocks):
+        missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
+        if missing or not is_plain_attention(blk.attn):
+            attn = type(getattr(blk, "attn", None)).__name__
+            raise ValueError(f"model.blocks[{i}] ({type(blk).__name__} with {attn}) is not a pre-norm timm Block "
+                             f"with plain softmax Attention; rollout needs those")
+    pool = getattr(model, "global_pool", "token")
+    if type(model).__name__ != "VisionTransformerDistilled" and pool not in ("token", "avg"):
+        raise ValueError(f"rollout reads the CLS row (global_pool='token') or the mean patch row "
+                         f"(global_pool='avg'); this model has global_pool={pool!r}")
+
+
+def _run(model: nn.Module, x: Tensor, deltas: tuple[Tensor, ...] | None = None) -> tuple[Tensor, list[Tensor]]:
+    """timm's forward with explicit attention: x (B, 3, H, W) -> (logits (B, classes), [probs (B, heads, N, N)]).
+
+    ``deltas[l]`` (zeros) is added to block l's probabilities: the gradient w.r.t. it is the gradient w.r.t.
+    the probabilities as an intermediate of the forward, which ``torch.func.vjp`` can only take of inputs.
+    """
+    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    probs = []
+    for i, blk in enumerate(model.blocks):
+        h = blk.norm1(t)
+        p, v = attention_probs(blk.attn, h)
+        if deltas is not None:
+            p = p + deltas[i]
+        probs.append(p)
+        t = t + blk.drop_path1(blk.ls1(attention_output(blk.attn, h, p, v)))
+        t = t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
+    return model.forward_head(model.norm(t)), probs
+
+
+def block_attentions(model: nn.Module, x: Tensor) -> list[Tensor]:
+    """Attention probabilities of every block: x (B, 3, H, W) -> L tensors (B, heads, N, N), N = prefix + h*w."""
+    check_vit(model)
+    check_input(x, None)
+    return _run(model, x)[1]
+
+
+def _readout(model: nn.Module, n: int, like: Tensor) -> Tensor:
+    """(N,) weights of the token rows the head reads: one-hot CLS, or uniform over the patch rows (avg pool)."""
+    npre = int(getattr(model, "num_prefix_tokens", 1))
+    idx = torch.arange(n, device=like.device)
+    if type(model).__name__ != "VisionTransformerDistilled" and getattr(model, "global_pool", "token") == "avg":
+        return (idx >= npre).to(like.dtype) / (n - npre)
+    return (idx == 0).to(like.dtype)
+
+
+def _to_grid(model: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
+    """Patch columns of token rows ``cols (..., N)`` -> ``(..., h, w)`` on the token grid (non-square too)."""
+    gh, gw = _grid(model, x)
+    npre = int(getattr(model, "num_prefix_tokens", 1))
+    return rearrange(cols[..., npre:], "... (h w) -> ... h w", h=gh, w=gw)
+
+
+def fuse_heads(probs: Tensor, head_fusion: str) -> Tensor:
+    """(B, heads, N, N) -> (B, N, N) by the mean, max or min over heads (vit-explain's head fusion)."""
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    return ereduce(probs, "b h n m -> b n m", head_fusion)
+
+
+def discard_lowest(a: Tensor, discard_ratio: float) -> Tensor:
+    """Zero the ``int(N*N*discard_ratio)`` smallest entries of each image's ``a (B, N, N)``, except CLS->CLS
+    (Abnar & Zuidema 2020 as implemented in jacobgil/vit-explain, per image instead of image 0 only)."""
+    b, n, _ = a.shape
+    k = int(n * n * discard_ratio)
+    if k == 0:
+        return a
+    flat = a.reshape(b, n * n)
+    # topk of the smaller side is ~6x faster at discard_ratio=0.9 (ties, as in vit-explain, broken arbitrarily)
+    if 2 * k <= n * n:
+        drop = torch.zeros_like(flat, dtype=torch.bool).scatter(1, flat.topk(k, dim=-1, largest=False).indices, True)
+    else:
+        drop = torch.ones_like(flat, dtype=torch.bool).scatter(1, flat.topk(n * n - k, dim=-1).indices, False)
+    drop[:, 0] = False
+    return flat.masked_fill(drop, 0.0).reshape(b, n, n)
+
+
+def mix_identity(a: Tensor) -> Tensor:
+    """Residual mixing ``(A + I) / 2`` then rows normalised to sum 1 (Abnar & Zuidema 2020, sec. 3): (B, N, N)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    m = (a + eye) / 2
+    return m / m.sum(dim=-1, keepdim=True)
+
+
+def _check_rollout_args(model: nn.Module, head_fusion: str, discard_ratio: float, start_block: int) -> None:
+    check_vit(model)
+    if head_fusion not in HEAD_FUSIONS:
+        raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not 0 <= discard_ratio < 1:
+        raise ValueError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}")
+    n = len(model.blocks)
+    if isinstance(start_block, bool) or not isinstance(start_block, int) or not 0 <= start_block < n:
+        raise ValueError(f"start_block must be an int in [0, {n}) (the model has {n} blocks), got {start_block!r}")
+
+
+def _mixed(model: nn.Module, x: Tensor, head_fusion: str, discard_ratio: float, start_block: int) -> list[Tensor]:
+    _check_rollout_args(model, head_fusion, discard_ratio, start_block)
+    check_input(x, None)
+    probs = _run(model, x)[1][start_block:]
+    return [mix_identity(discard_lowest(fuse_heads(p, head_fusion), discard_ratio)) for p in probs]
+
+
+def rollout_matrix(model: nn.Module, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                   start_block: int = 0) -> Tensor:
+    """The rolled-out matrix ``R = A_L ... A_s`` (B, N, N), rows summing to 1 (arguments as ``attention_rollout``)."""
+    mats = _mixed(model, x, head_fusion, discard_ratio, start_block)
+    r = mats[0]
+    for m in mats[1:]:
+        r = m @ r  # later blocks on the left: R_l = A_l R_{l-1}
+    return r
+
+
+def attention_rollout(model: nn.Module, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                      start_block: int = 0) -> Tensor:
+    """Attention rollout (Abnar & Zuidema 2020): x (B, 3, H, W) -> maps (B, h, w) on the token grid.
+
+    head_fusion: "mean" | "max" | "min" over heads. discard_ratio in [0, 1): per image, that fraction of the
+    fused matrix's entries (the smallest) is zeroed, CLS->CLS kept. start_block: the first block rolled out.
+    Class-agnostic: one map per image. Raw values (the readout row of ``R``, patch columns; not normalised).
+    Differentiable when grad mode is on; ``torch.no_grad()`` skips the autograd graph.
+    """
+    mats = _mixed(model, x, head_fusion, discard_ratio, start_block)
+    row = _readout(model, mats[0].shape[-1], mats[0]).expand(x.shape[0], 1, -1)  # (B, 1, N)
+    for m in reversed(mats):
+        row = row @ m  # e^T A_L, then (e^T A_L) A_{L-1}, ...: the same product as R, from the left
+    return _to_grid(model, x, row[:, 0])
+
+
+def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
+              reduce: Callable[[tuple[Tensor, ...], Any], Tensor], *, top_k: int | None, chunk_size: int | None,
+              empty: Callable[[int], Tensor]) -> CAM:
+    """``reduce(d score_k / d primals, aux)`` for every class k in one vjp vmapped over one-hot cotangents.
+
+    forward(*primals) -> (logits (B, N), aux). reduce(grads, aux) -> per-class map (B, ...), run under vmap.
+    empty(B) -> (B, 0, ...) for K == 0. Returns CAM(maps (B, K, ...), classes (B, K) or None, logits).
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    score_fn = classes if callable(classes) else None
+    if score_fn is not None and top_k is not None:
+        raise ValueError("top_k does not apply when classes is a callable")
+
+    def scores(*p: Tensor) -> tuple[Tensor, tuple[Tensor, Any]]:
+        logits, aux = forward(*p)
+        return (score_fn(logits) if score_fn else logits), (logits, aux)
+
+    out, vjp_fn, (logits, aux) = torch.func.vjp(scores, *primals, has_aux=True)
+    if score_fn is not None:
+        if out.ndim != 2 or out.shape[0] != logits.shape[0]:
+            raise ValueError(f"the classes callable must return scores (B, K) = ({logits.shape[0]}, K), got "
+                             f"shape {tuple(out.shape)}")
+        idx, picked = torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1), None
+    else:
+        idx = picked = resolve_classes(classes, top_k, logits)
+    if idx.shape[1] == 0:
+        return CAM(empty(idx.shape[0]), picked, logits)
+    # one-hot cotangents (K, B, N) by comparison: no data-dependent shapes, so it traces under compile.
+    cot = (idx.T.unsqueeze(-1) == torch.arange(out.shape[1], device=out.device)).to(out.dtype)
+    per = torch.func.vmap(lambda ct: reduce(vjp_fn(ct), aux), chunk_size=chunk_size)(cot)  # (K, B, ...)
+    return CAM(per.movedim(0, 1), picked, logits)
+
+
+def _relevance(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
+               return_cam: bool, step: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor | CAM:
+    check_vit(model)
+    check_input(x, None)
+    b = x.shape[0]
+    gh, gw = _grid(model, x)
+    n = gh * gw + int(getattr(model, "num_prefix_tokens", 1))
+    deltas = tuple(x.new_zeros(b, blk.attn.num_heads, n, n) for blk in model.blocks)
+
+    def reduce(grads: tuple[Tensor, ...], probs: list[Tensor]) -> Tensor:
+        row = _readout(model, n, x).expand(b, 1, -1)  # (B, 1, N)
+        for g, a in zip(reversed(grads), reversed(probs)):
+            row = step(row, g, a)  # blocks from the last to the first: row^T M_L ... M_1
+        return _to_grid(model, x, row[:, 0])
+
+    out = class_vjp(lambda *d: _run(model, x, d), deltas, classes, reduce, top_k=top_k, chunk_size=chunk_size,
+                    empty=lambda bb: x.new_zeros(bb, 0, gh, gw))
+    return out if return_cam else out.maps
+
+
+def _grad_rollout_step(row: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    # vit-explain's grad rollout with each block's gradient paired with its own attention: mean over heads of
+    # grad * attention, positive part, then (A + I)/2 with rows normalised (keepdim), applied in forward order.
+    fused = (g * a).mean(dim=1).clamp(min=0)
+    return row @ mix_identity(fused)
+
+
+def _chefer_step(row: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    # Chefer, Gur & Wolf 2021 ("Generic attention-model explainability", eq. 5-6 for self-attention):
+    # Abar = E_h[(grad A * A)^+], R <- R + Abar R; for the readout row: row (I + Abar).
+    fused = (g * a).clamp(min=0).mean(dim=1)
+    return row + row @ fused
+
+
+def grad_rollout(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+                 chunk_size: int | None = None, return_cam: bool = False) -> Tensor | CAM:
+    """Gradient-weighted attention rollout: x (B, 3, H, W) -> maps (B, K, h, w) for K classes per image.
+
+    Per block: Abar = (mean over heads of dlogit_k/dA * A)^+, then (Abar + I)/2 rows normalised, rolled out
+    in forward order; the readout (CLS) row's patch columns. classes / top_k / chunk_size as in
+    ``funcam.cam``. One forward, one vjp, vmapped over the K one-hot cotangents.
+    return_cam: return ``funcam.CAM(maps, classes (B, K), logits (B, num_classes))``.
+
+    The maps are differentiable w.r.t. the model's parameters when grad mode is on, which keeps every
+    class's backward alive (memory grows with K whatever ``chunk_size``); to explain only, call under
+    ``torch.no_grad()`` (the vjp still runs: it is a function transform) and memory stays bounded by
+    ``chunk_size``.
+    """
+    return _relevance(model, x, classes, top_k, chunk_size, return_cam, _grad_rollout_step)
+
+
+def chefer_relevance(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+                     chunk_size: int | None = None, return_cam: bool = False) -> Tensor | CAM:
+    """Chefer et al. 2021 relevance: x (B, 3, H, W) -> maps (B, K, h, w) for K classes per image.
+
+    R = I; per block in forward order R = R + mean_heads((dlogit_k/dA * A)^+) @ R; the readout (CLS) row's
+    patch columns. Arguments and batching as ``grad_rollout``.
+    """
+    return _relevance(model, x, classes, top_k, chunk_size, return_cam, _chefer_step)
