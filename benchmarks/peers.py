@@ -1,0 +1,325 @@
+"""funcam side by side with the peers, in one process and one run: time and peak memory for K classes of B images.
+
+    python benchmarks/peers.py                     # the README tables (about 12 min on 2 CPU threads)
+    python benchmarks/peers.py --quick             # a smoke run on a tiny model
+    python -m benchmarks.peers --models resnet50 --ks 1,1000 --methods gradcam
+
+Contenders, each computing Grad-CAM (or Grad-CAM++) maps at the feature resolution of the same layer:
+- ``loop``: the textbook oracle, one forward and one ``autograd.grad`` per class;
+- ``pytorch-grad-cam`` (hooks; one forward + backward per call, maps upsampled to the input with cv2);
+- ``captum`` ``LayerGradCam`` (one forward + backward per class; no Grad-CAM++);
+- ``torchcam`` (hooks; one forward, then one backward per class with ``retain_graph``);
+- ``funcam`` eager, and ``funcam`` under ``torch.compile`` (inductor; steady state, compile time apart).
+Peers whose cost is linear in K are timed over ``--peer-classes`` classes (default 10) and scaled; the table
+says so. Times: ``torch.utils.benchmark.Timer``, median and interquartile range over repeats. Peak memory:
+the process's resident set size sampled every millisecond during one call, minus the RSS before it.
+Output: Markdown tables on stdout, JSON with the machine's metadata (``--json``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import threading
+import time
+import warnings
+
+import timm
+import torch
+from torch.utils import benchmark
+
+if __package__ in (None, ""):  # run as a script: make ``funcam`` importable from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import funcam  # noqa: E402
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so the next call's RSS growth is its own."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def peak_rss():
+    """Yields a dict whose ``"peak"`` is the RSS high-water mark above the starting RSS, in bytes."""
+    out = {"peak": 0}
+    _trim()
+    start = _rss()
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            out["peak"] = max(out["peak"], _rss() - start)
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        out["peak"] = max(out["peak"], _rss() - start)
+
+
+def measure(fn, *, min_time: float, max_repeats: int = 20) -> dict:
+    """Median and IQR of ``fn()``'s wall time (after one warm-up call, which also gives peak memory)."""
+    with peak_rss() as mem:
+        fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+    times: list[float] = []
+    while len(times) < max_repeats and (len(times) < 3 or sum(times) < min_time):
+        times.append(timer.timeit(1).median)
+        if times[-1] > min_time:  # one long call is enough
+            break
+    m = benchmark.Measurement(1, times, "fn()", "")
+    return {"median_s": m.median, "iqr_s": m.iqr, "repeats": len(times), "peak_mb": mem["peak"] / 2**20}
+
+
+# --- contenders: each returns a callable computing maps for `classes` ------------------------------------
+
+def _target_layer(model, name: str):
+    if name.startswith("vit"):
+        return model.blocks[-1].norm1
+    if name.startswith("convnext"):
+        return model.stages[-1]
+    return model.layer4
+
+
+def loop(model, sp, x, classes, method):
+    """One forward and one autograd.grad per class (the tests' oracle)."""
+    rule = funcam.weights.RULES[method]
+
+    def run():
+        out = []
+        for k in classes.tolist():
+            feats, rebuild = funcam.grads.as_features(sp.extract(x))
+            a = feats.maps[0].detach().requires_grad_()
+            (g,) = torch.autograd.grad(sp.head(rebuild((a,)))[:, k].sum(), a)
+            out.append(torch.relu(rule(g, a.detach())))
+        return torch.stack(out, 1)
+    return run
+
+
+def pgc(model, name, x, classes, method):
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    reshape = None
+    if name.startswith("vit"):
+        g = model.patch_embed.grid_size
+
+        def reshape(t):
+            return t[:, model.num_prefix_tokens:].reshape(t.shape[0], g[0], g[1], t.shape[-1]).permute(0, 3, 1, 2)
+    cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
+    cam = cls(model, target_layers=[_target_layer(model, name)], reshape_transform=reshape)
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return [cam(input_tensor=x, targets=[ClassifierOutputTarget(k)] * x.shape[0]) for k in classes.tolist()]
+    return run, cam.activations_and_grads.release
+
+
+def captum(model, name, x, classes, method):
+    if method != "gradcam":
+        return None, None
+    from captum.attr import LayerGradCam
+
+    lgc = LayerGradCam(model, _target_layer(model, name))
+    if name.startswith("vit"):
+        return None, None  # LayerGradCam needs a (B, C, h, w) layer output
+
+    def run():
+        return [lgc.attribute(x, target=k, relu_attributions=True) for k in classes.tolist()]
+    return run, None
+
+
+def torchcam(model, name, x, classes, method):
+    if name.startswith("vit"):
+        return None, None
+    from torchcam.methods import GradCAM, GradCAMpp
+
+    layer = "stages.3" if name.startswith("convnext") else "layer4"
+    cls = GradCAM if method == "gradcam" else GradCAMpp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ext = cls(model, target_layer=layer, input_shape=tuple(x.shape[1:]))
+
+    def run():
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scores = model(x)
+            ks = classes.tolist()
+            return [ext(k, scores, normalized=False, retain_graph=i < len(ks) - 1)[0] for i, k in enumerate(ks)]
+    return run, ext.remove_hooks
+
+
+def funcam_eager(sp, x, classes, method):
+    fn = getattr(funcam, method)
+    return lambda: fn(sp, x, classes)
+
+
+def funcam_compiled(sp, x, classes, method):
+    fn = getattr(funcam, method)
+    compiled = torch.compile(lambda xx: fn(sp, xx, classes), fullgraph=True)
+    t0 = time.perf_counter()
+    compiled(x)
+    return (lambda: compiled(x)), time.perf_counter() - t0
+
+
+def rollout_fn(model, x):
+    from funcam.rollout import attention_rollout
+
+    return lambda: attention_rollout(model, x)
+
+
+# --- the run ---------------------------------------------------------------------------------------------
+
+def run_model(name: str, batch: int, size: int, ks: list[int], methods: list[str], a) -> list[dict]:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **({"img_size": size} if name.startswith("vit") else {})).eval()
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    sp = funcam.split(model)
+    rows = []
+    peer_cache: dict = {}
+
+    def add(method, k, who, res, scaled_from=None, note=""):
+        res = dict(res, model=name, batch=batch, method=method, K=k, who=who, note=note)
+        if scaled_from is not None and scaled_from != k:
+            res["median_s"] *= k / scaled_from
+            res["iqr_s"] *= k / scaled_from
+            res["note"] = (note + f" timed over {scaled_from} classes, scaled").strip()
+        res["x_forward"] = res["median_s"] / fwd["median_s"]
+        rows.append(res)
+        print(f"  {name} B={batch} {method} K={k} {who}: {res['median_s']:.3f} s ({res['x_forward']:.2f}x fwd)"
+              f" peak {res['peak_mb']:.0f} MB {res['note']}", file=sys.stderr, flush=True)
+
+    with torch.no_grad():
+        fwd = measure(lambda: model(x), min_time=a.min_time)
+    add("forward", 0, "model forward", fwd)
+    for method in methods:
+        for k in ks:
+            classes = torch.arange(k)
+            with torch.no_grad():
+                add(method, k, "funcam", measure(funcam_eager(sp, x, classes, method), min_time=a.min_time))
+            if a.compile and k in a.compile_ks:
+                with torch.no_grad():
+                    run, compile_s = funcam_compiled(sp, x, classes, method)
+                    add(method, k, "funcam compiled", measure(run, min_time=a.min_time), note=f"compile {compile_s:.0f} s")
+            if a.no_peers:
+                continue
+            # Peers cost the same per class: time min(K, peer_classes) classes once and scale to larger K.
+            few = classes[: min(k, a.peer_classes)]
+            for who, make in (("autograd loop", None), ("pytorch-grad-cam", pgc), ("captum", captum),
+                              ("torchcam", torchcam)):
+                key = (who, method, len(few))
+                if key not in peer_cache:
+                    if make is None:
+                        run, release = loop(model, sp, x, few, method), None
+                    else:
+                        run, release = make(model, name, x, few, method)
+                    if run is None:
+                        peer_cache[key] = None
+                        continue
+                    try:
+                        peer_cache[key] = measure(run, min_time=a.min_time, max_repeats=3)
+                    finally:
+                        if release is not None:
+                            release()
+                if peer_cache[key] is not None:
+                    add(method, k, who, dict(peer_cache[key]), scaled_from=len(few))
+    if name.startswith("vit") and a.rollout:
+        with torch.no_grad():
+            add("rollout", 0, "funcam", measure(rollout_fn(model, x), min_time=a.min_time))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    out = []
+    for (model, batch) in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        sub = [r for r in rows if r["model"] == model and r["batch"] == batch]
+        fwd = next(r for r in sub if r["method"] == "forward")
+        out.append(f"\n**{model}**, B = {batch}: one forward = {fwd['median_s']:.3f} s "
+                   f"(IQR {fwd['iqr_s']:.3f}), peak {fwd['peak_mb']:.0f} MB\n")
+        out.append("| method | K | contender | time (s) | x forward | funcam speed-up | peak MB | note |")
+        out.append("|---|---:|---|---:|---:|---:|---:|---|")
+        for r in sub:
+            if r["method"] == "forward":
+                continue
+            ref = next((q for q in sub if q["method"] == r["method"] and q["K"] == r["K"] and q["who"] == "funcam"), r)
+            speed = r["median_s"] / ref["median_s"]
+            out.append(f"| {r['method']} | {r['K'] or ''} | {r['who']} | {r['median_s']:.3f} | {r['x_forward']:.2f} | "
+                       f"{'' if r['who'] == 'funcam' else f'{speed:.0f}x' if speed >= 10 else f'{speed:.1f}x'} | "
+                       f"{r['peak_mb']:.0f} | {r['note']} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet50,convnext_tiny,vit_small_patch16_224")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--ks", default="1,10,100,1000", help="K values for CNNs")
+    p.add_argument("--vit-ks", default="1,100")
+    p.add_argument("--methods", default="gradcam,gradcampp")
+    p.add_argument("--scaling", default="1,8,32", help="batch sizes of the scaling rows (first model, K=1000)")
+    p.add_argument("--peer-classes", type=int, default=10)
+    p.add_argument("--min-time", type=float, default=2.0)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile-ks", default="1000")
+    p.add_argument("--rollout", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (resnet18 at 64 px, B=2, K=1,3)")
+    p.add_argument("--json", default="benchmarks/peers.json")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.models, a.size, a.batch, a.ks, a.vit_ks, a.scaling = "resnet18,vit_tiny_patch16_224", 64, 2, "1,3", "1,3", ""
+        a.peer_classes, a.min_time, a.compile = 2, 0.05, False
+    a.compile_ks = [int(v) for v in a.compile_ks.split(",") if v]
+    torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    rows: list[dict] = []
+    for name in a.models.split(","):
+        ks = a.vit_ks if name.startswith("vit") else a.ks
+        rows += run_model(name, a.batch, a.size, [int(v) for v in ks.split(",")], a.methods.split(","), a)
+    first = a.models.split(",")[0]
+    for b in [int(v) for v in a.scaling.split(",") if v]:
+        if b == a.batch:
+            continue
+        scale = argparse.Namespace(**{**vars(a), "compile": False, "no_peers": True, "rollout": False})
+        rows += run_model(first, b, a.size, [1000], ["gradcam"], scale)
+    meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "cpu": _cpu_name(), "device": "cpu", "size": a.size,
+            "total_s": time.perf_counter() - t0}
+    print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, {a.size}x{a.size}, random weights; "
+          f"whole run {meta['total_s'] / 60:.1f} min")
+    print(markdown(rows))
+    with open(a.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()
