@@ -18,6 +18,8 @@ from funcam.cams import (
     layercam,
     xgradcam,
 )
+from funcam import metrics
+from funcam.dataset import explain_dataset, load_maps
 from funcam.grads import CAM
 from funcam.guided import guided_backprop, guided_gradcam
 from funcam.postprocess import fuse, normalize, upsample
@@ -38,6 +40,7 @@ __all__ = [
     "chefer_relevance",
     "check_split",
     "elementwise",
+    "explain_dataset",
     "fuse",
     "gradcam",
     "gradcam_max",
@@ -47,6 +50,8 @@ __all__ = [
     "guided_gradcam",
     "hirescam",
     "layercam",
+    "load_maps",
+    "metrics",
     "normalize",
     "rollout_matrix",
     "split",
