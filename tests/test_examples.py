@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ["quickstart", "many_classes", "train_with_cam_loss", "vit_and_multilayer", "compiled", "vit_rollout"]
+EXAMPLES = ["quickstart", "many_classes", "train_with_cam_loss", "vit_and_multilayer", "compiled", "vit_rollout", "signed_maps",
+            "multilayer_fusion"]
 
 
 def test_every_example_is_listed():
