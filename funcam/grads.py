@@ -162,6 +162,33 @@ def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: 
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
 
 
+def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
+              reduce: Callable[[tuple[Tensor, ...], Any], Tensor], *, top_k: int | None, chunk_size: int | None,
+              empty: Callable[[int], Tensor]) -> CAM:
+    """``reduce(d score_k / d primals, aux)`` for every class k in one vjp vmapped over one-hot cotangents.
+
+    For explanations whose inputs are not feature maps (attention relevance, guided input gradients).
+    forward(*primals) -> (logits (B, N), aux). reduce(grads, aux) -> per-class map (B, ...), run under vmap.
+    empty(B) -> (B, 0, ...) for K == 0. Returns CAM(maps (B, K, ...), classes (B, K) or None, logits).
+    """
+    _check_chunk(chunk_size)
+    score_fn = classes if callable(classes) else None
+    if score_fn is not None and top_k is not None:
+        raise ValueError("top_k does not apply when classes is a callable")
+
+    def scores(*p: Tensor) -> tuple[Tensor, tuple[Tensor, Any]]:
+        logits, aux = forward(*p)
+        return (score_fn(logits) if score_fn else logits), (logits, aux)
+
+    out, vjp_fn, (logits, aux) = torch.func.vjp(scores, *primals, has_aux=True)
+    idx, picked = _indices(out, logits, classes, score_fn, top_k, logits.shape[0])
+    if idx.shape[1] == 0:
+        return CAM(empty(idx.shape[0]), picked, logits)
+    cot = _one_hot(idx, out.shape[1], out.dtype)
+    per = torch.func.vmap(lambda ct: reduce(vjp_fn(ct), aux), chunk_size=chunk_size)(cot)  # (K, B, ...)
+    return CAM(per.movedim(0, 1), picked, logits)
+
+
 def _indices(out: Tensor, logits: Tensor, classes: Any, score_fn: Any, top_k: int | None, b: int):
     """(idx (B, K) of the columns of ``out`` to explain, class indices to report or None)."""
     if score_fn is None:

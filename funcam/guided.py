@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from funcam.grads import CAM, check_input
-from funcam.rollout import class_vjp
+from funcam.grads import CAM, check_input, class_vjp
 
 
 class _GuidedClamp(torch.autograd.Function):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from funcam._tokens import _grid, is_vit
 from funcam.attention import attention_output, attention_probs, is_plain_attention
-from funcam.grads import CAM, check_input, resolve_classes
+from funcam.grads import CAM, check_input, class_vjp, resolve_classes
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -161,40 +161,6 @@ def attention_rollout(model: nn.Module, x: Tensor, *, head_fusion: str = "mean",
     for m in reversed(mats):
         row = row @ m  # e^T A_L, then (e^T A_L) A_{L-1}, ...: the same product as R, from the left
     return _to_grid(model, x, row[:, 0])
-
-
-def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
-              reduce: Callable[[tuple[Tensor, ...], Any], Tensor], *, top_k: int | None, chunk_size: int | None,
-              empty: Callable[[int], Tensor]) -> CAM:
-    """``reduce(d score_k / d primals, aux)`` for every class k in one vjp vmapped over one-hot cotangents.
-
-    forward(*primals) -> (logits (B, N), aux). reduce(grads, aux) -> per-class map (B, ...), run under vmap.
-    empty(B) -> (B, 0, ...) for K == 0. Returns CAM(maps (B, K, ...), classes (B, K) or None, logits).
-    """
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    score_fn = classes if callable(classes) else None
-    if score_fn is not None and top_k is not None:
-        raise ValueError("top_k does not apply when classes is a callable")
-
-    def scores(*p: Tensor) -> tuple[Tensor, tuple[Tensor, Any]]:
-        logits, aux = forward(*p)
-        return (score_fn(logits) if score_fn else logits), (logits, aux)
-
-    out, vjp_fn, (logits, aux) = torch.func.vjp(scores, *primals, has_aux=True)
-    if score_fn is not None:
-        if out.ndim != 2 or out.shape[0] != logits.shape[0]:
-            raise ValueError(f"the classes callable must return scores (B, K) = ({logits.shape[0]}, K), got "
-                             f"shape {tuple(out.shape)}")
-        idx, picked = torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1), None
-    else:
-        idx = picked = resolve_classes(classes, top_k, logits)
-    if idx.shape[1] == 0:
-        return CAM(empty(idx.shape[0]), picked, logits)
-    # one-hot cotangents (K, B, N) by comparison: no data-dependent shapes, so it traces under compile.
-    cot = (idx.T.unsqueeze(-1) == torch.arange(out.shape[1], device=out.device)).to(out.dtype)
-    per = torch.func.vmap(lambda ct: reduce(vjp_fn(ct), aux), chunk_size=chunk_size)(cot)  # (K, B, ...)
-    return CAM(per.movedim(0, 1), picked, logits)
 
 
 def _relevance(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
