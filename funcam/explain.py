@@ -69,11 +69,10 @@ def _explain(model: nn.Module, x: Tensor, method: str | None, classes: Any, top_
             out = out._replace(maps=fuse(out.maps, normalize_each=True))
         return out
     if name == "rollout":
-        from funcam.rollout import attention_rollout
+        from funcam.rollout import rollout_with_logits
 
-        logits = model(x)
+        m, logits = rollout_with_logits(model, x)  # logits and attentions from one forward
         idx = resolve_classes(classes, top_k, logits)
-        m = attention_rollout(model, x)
         return CAM(m.unsqueeze(1).expand(-1, idx.shape[1], -1, -1), idx, logits)
     if name in ("grad-rollout", "chefer"):
         from funcam import rollout

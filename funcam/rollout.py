@@ -130,17 +130,19 @@ def _check_rollout_args(model: nn.Module, head_fusion: str, discard_ratio: float
         raise ValueError(f"start_block must be an int in [0, {n}) (the model has {n} blocks), got {start_block!r}")
 
 
-def _mixed(model: nn.Module, x: Tensor, head_fusion: str, discard_ratio: float, start_block: int) -> list[Tensor]:
+def _mixed(model: nn.Module, x: Tensor, head_fusion: str, discard_ratio: float,
+           start_block: int) -> tuple[list[Tensor], Tensor]:
+    """(the mixed attention matrices of blocks start_block.., logits (B, N)) from one forward."""
     _check_rollout_args(model, head_fusion, discard_ratio, start_block)
     check_input(x, None)
-    probs = _run(model, x)[1][start_block:]
-    return [mix_identity(discard_lowest(fuse_heads(p, head_fusion), discard_ratio)) for p in probs]
+    logits, probs = _run(model, x)
+    return [mix_identity(discard_lowest(fuse_heads(p, head_fusion), discard_ratio)) for p in probs[start_block:]], logits
 
 
 def rollout_matrix(model: nn.Module, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    start_block: int = 0) -> Tensor:
     """The rolled-out matrix ``R = A_L ... A_s`` (B, N, N), rows summing to 1 (arguments as ``attention_rollout``)."""
-    mats = _mixed(model, x, head_fusion, discard_ratio, start_block)
+    mats, _ = _mixed(model, x, head_fusion, discard_ratio, start_block)
     r = mats[0]
     for m in mats[1:]:
         r = m @ r  # later blocks on the left: R_l = A_l R_{l-1}
@@ -156,11 +158,18 @@ def attention_rollout(model: nn.Module, x: Tensor, *, head_fusion: str = "mean",
     Class-agnostic: one map per image. Raw values (the readout row of ``R``, patch columns; not normalised).
     Differentiable when grad mode is on; ``torch.no_grad()`` skips the autograd graph.
     """
-    mats = _mixed(model, x, head_fusion, discard_ratio, start_block)
+    return rollout_with_logits(model, x, head_fusion=head_fusion, discard_ratio=discard_ratio,
+                               start_block=start_block)[0]
+
+
+def rollout_with_logits(model: nn.Module, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+                        start_block: int = 0) -> tuple[Tensor, Tensor]:
+    """``(attention_rollout(...) (B, h, w), logits (B, N))`` from the same single forward."""
+    mats, logits = _mixed(model, x, head_fusion, discard_ratio, start_block)
     row = _readout(model, mats[0].shape[-1], mats[0]).expand(x.shape[0], 1, -1)  # (B, 1, N)
     for m in reversed(mats):
         row = row @ m  # e^T A_L, then (e^T A_L) A_{L-1}, ...: the same product as R, from the left
-    return _to_grid(model, x, row[:, 0])
+    return _to_grid(model, x, row[:, 0]), logits
 
 
 def _relevance(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
