@@ -20,6 +20,7 @@ from funcam.cams import (
 )
 from funcam import metrics
 from funcam.dataset import explain_dataset, load_maps
+from funcam._guard import TrainingModeWarning
 from funcam.grads import CAM
 from funcam.guided import guided_backprop, guided_gradcam
 from funcam.postprocess import fuse, normalize, upsample
@@ -33,6 +34,7 @@ __all__ = [
     "Features",
     "METHODS",
     "Split",
+    "TrainingModeWarning",
     "argmax_channel",
     "attention_rollout",
     "block_attentions",

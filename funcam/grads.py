@@ -12,6 +12,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from funcam import _guard
+from funcam._guard import check_input
 from funcam.split import Features, Split
 from funcam.weights import channel_sum
 
@@ -38,17 +40,6 @@ def as_features(feats: Any) -> tuple[Features, Callable[[tuple], Any]]:
         kind = type(feats)
         return Features(tuple(feats)), lambda maps: kind(maps)
     raise TypeError(f"extract must return a Tensor, a tuple of Tensors or funcam.Features, got {type(feats).__name__}")
-
-
-def check_input(x: Any, in_chans: int | None) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
-    if x.ndim != 4:
-        raise ValueError(f"x must have shape (B, C, H, W), got shape {tuple(x.shape)} ({x.ndim} dims)")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if in_chans is not None and x.shape[1] != in_chans:
-        raise ValueError(f"x must have {in_chans} channels for this model, got shape {tuple(x.shape)}")
 
 
 def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
@@ -115,11 +106,20 @@ def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: 
     pooled_reduce: the same rule for a spatially constant gradient, ``(v (B, K, C), A) -> (B, K, h, w)``;
     used when ``split.pooled`` says the head starts with global average pooling (the exact fast path).
     """
-    check_input(x, split.in_chans)
+    check_input(x, split.in_chans, split.module)
     _check_chunk(chunk_size)
-    score_fn = classes if callable(classes) else None
-    if score_fn is not None and top_k is not None:
+    if callable(classes) and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
+    x = _guard.normal_tensor(x)
+    out = _guard.run(split.module, lambda: _class_maps(split, x, classes, reduce, top_k, chunk_size, weights,
+                                                       pooled_reduce, max_memory))
+    _guard.check_output(out.logits, out.maps)
+    return out
+
+
+def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: int | None, chunk_size: int | None,
+                weights: Reduce | None, pooled_reduce: Reduce | None, max_memory: int | None) -> CAM:
+    score_fn = classes if callable(classes) else None
     feats, rebuild = as_features(split.extract(x))
     maps = feats.maps
     if (split.pooled is not None and pooled_reduce is not None and len(maps) == 1 and not feats.context
@@ -164,17 +164,26 @@ def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: 
 
 def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
               reduce: Callable[[tuple[Tensor, ...], Any], Tensor], *, top_k: int | None, chunk_size: int | None,
-              empty: Callable[[int], Tensor]) -> CAM:
+              empty: Callable[[int], Tensor], module: Any = None) -> CAM:
     """``reduce(d score_k / d primals, aux)`` for every class k in one vjp vmapped over one-hot cotangents.
 
     For explanations whose inputs are not feature maps (attention relevance, guided input gradients).
     forward(*primals) -> (logits (B, N), aux). reduce(grads, aux) -> per-class map (B, ...), run under vmap.
     empty(B) -> (B, 0, ...) for K == 0. Returns CAM(maps (B, K, ...), classes (B, K) or None, logits).
+    module: the model behind ``forward``, for the training-mode handling of ``funcam._guard``.
     """
     _check_chunk(chunk_size)
-    score_fn = classes if callable(classes) else None
-    if score_fn is not None and top_k is not None:
+    if callable(classes) and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
+    out = _guard.run(module, lambda: _class_vjp(forward, primals, classes, reduce, top_k, chunk_size, empty))
+    _guard.check_output(out.logits, out.maps)
+    return out
+
+
+def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
+               reduce: Callable[[tuple[Tensor, ...], Any], Tensor], top_k: int | None, chunk_size: int | None,
+               empty: Callable[[int], Tensor]) -> CAM:
+    score_fn = classes if callable(classes) else None
 
     def scores(*p: Tensor) -> tuple[Tensor, tuple[Tensor, Any]]:
         logits, aux = forward(*p)

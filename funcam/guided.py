@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from funcam import _guard
 from funcam.grads import CAM, check_input, class_vjp
 
 
@@ -85,7 +86,8 @@ class _GuidedReLUMode(TorchFunctionMode):
 
 def _guided_cam(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None) -> CAM:
     """CAM(maps = input gradients (B, K, C, H, W) under the guided rule, classes, logits)."""
-    check_input(x, None)
+    check_input(x, None, model)
+    x = _guard.normal_tensor(x)
 
     def forward(inp: Tensor) -> tuple[Tensor, tuple]:
         # the mode is active only here, so the vjp's backward (the guided rule) and the user's other code
@@ -99,7 +101,7 @@ def _guided_cam(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, ch
         return logits, ()
 
     return class_vjp(forward, (x,), classes, lambda grads, _: grads[0], top_k=top_k, chunk_size=chunk_size,
-                     empty=lambda b: x.new_zeros((b, 0) + tuple(x.shape[1:])))
+                     empty=lambda b: x.new_zeros((b, 0) + tuple(x.shape[1:])), module=model)
 
 
 def guided_backprop(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,

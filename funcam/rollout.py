@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from funcam._tokens import _grid, is_vit
 from funcam.attention import attention_output, attention_probs, is_plain_attention
+from funcam import _guard
 from funcam.grads import CAM, check_input, class_vjp, resolve_classes
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -68,8 +69,11 @@ def _run(model: nn.Module, x: Tensor, deltas: tuple[Tensor, ...] | None = None) 
 def block_attentions(model: nn.Module, x: Tensor) -> list[Tensor]:
     """Attention probabilities of every block: x (B, 3, H, W) -> L tensors (B, heads, N, N), N = prefix + h*w."""
     check_vit(model)
-    check_input(x, None)
-    return _run(model, x)[1]
+    check_input(x, None, model)
+    x = _guard.normal_tensor(x)
+    logits, probs = _guard.run(model, lambda: _run(model, x))
+    _guard.check_output(logits, tuple(probs))
+    return probs
 
 
 def _readout(model: nn.Module, n: int, like: Tensor) -> Tensor:
@@ -134,8 +138,10 @@ def _mixed(model: nn.Module, x: Tensor, head_fusion: str, discard_ratio: float,
            start_block: int) -> tuple[list[Tensor], Tensor]:
     """(the mixed attention matrices of blocks start_block.., logits (B, N)) from one forward."""
     _check_rollout_args(model, head_fusion, discard_ratio, start_block)
-    check_input(x, None)
-    logits, probs = _run(model, x)
+    check_input(x, None, model)
+    x = _guard.normal_tensor(x)
+    logits, probs = _guard.run(model, lambda: _run(model, x))
+    _guard.check_output(logits, tuple(probs))
     return [mix_identity(discard_lowest(fuse_heads(p, head_fusion), discard_ratio)) for p in probs[start_block:]], logits
 
 
@@ -175,7 +181,8 @@ def rollout_with_logits(model: nn.Module, x: Tensor, *, head_fusion: str = "mean
 def _relevance(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
                return_cam: bool, step: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor | CAM:
     check_vit(model)
-    check_input(x, None)
+    check_input(x, None, model)
+    x = _guard.normal_tensor(x)
     b = x.shape[0]
     gh, gw = _grid(model, x)
     n = gh * gw + int(getattr(model, "num_prefix_tokens", 1))
@@ -188,7 +195,7 @@ def _relevance(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chu
         return _to_grid(model, x, row[:, 0])
 
     out = class_vjp(lambda *d: _run(model, x, d), deltas, classes, reduce, top_k=top_k, chunk_size=chunk_size,
-                    empty=lambda bb: x.new_zeros(bb, 0, gh, gw))
+                    empty=lambda bb: x.new_zeros(bb, 0, gh, gw), module=model)
     return out if return_cam else out.maps
 
 

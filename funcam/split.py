@@ -55,6 +55,8 @@ class Split(NamedTuple):
         (e.g. ``("layer3", "layer4")``, ``("blocks.11.norm1",)``, ``("forward_features",)``).
     pooled: the head as a function of the spatially averaged feature when it starts with global average
         pooling (``Pooled``), else None; it enables the exact fast path for many classes.
+    module: the model the split was cut from, or None: funcam checks ``x``'s dtype against its parameters
+        and handles its training mode (a warning; batch-norm statistics restored after each call).
     """
 
     extract: Callable[[Tensor], Any]
@@ -62,6 +64,7 @@ class Split(NamedTuple):
     in_chans: int | None = None
     layers: tuple[str, ...] = ()
     pooled: Pooled | None = None
+    module: nn.Module | None = None
 
 
 def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_cut: str | None = None,
@@ -89,6 +92,11 @@ def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_c
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"split: model must be a torch.nn.Module, got {type(model).__name__}")
+    return _split(model, layer, token_cut, tracer_leaves)._replace(module=model)
+
+
+def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str | None,
+           tracer_leaves: Sequence[type]) -> Split:
     if token_cut not in (None, "norm1", "norm2"):
         raise ValueError(f"split: token_cut must be None, 'norm1' or 'norm2', got {token_cut!r}")
     in_chans = _in_chans(model)

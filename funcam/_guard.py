@@ -1,0 +1,152 @@
+"""What every public entry point checks and promises, in one place (eager mode only).
+
+* ``x``: a floating ``(B, C, H, W)`` tensor with the model's parameter dtype and no NaN or Inf (a map of a
+  non-finite input means nothing; a silent NaN map is worse than an error).
+* The outputs: logits and maps finite, else ``FloatingPointError`` naming the images (a finite input that
+  overflows, e.g. float16 activations beyond 65504).
+* A model with dropout, drop-path or batch norm in training mode: ``TrainingModeWarning`` (dropout and batch-norm batch statistics make the maps
+  random). Batch norm normalises with batch statistics as in training but does not update its running
+  statistics (``track_running_stats`` is off for the call and restored), and every buffer of a training
+  module is restored afterwards: the model is bit-identical after the call. This toggling makes concurrent
+  calls on one model unsafe in training mode only.
+* ``torch.inference_mode()``: the gradient transforms need autograd, so funcam leaves inference mode for its
+  own computation and clones an inference-mode ``x`` into a normal tensor.
+
+Under ``torch.compile`` none of this runs (each check would be a graph break or a host sync): inputs are
+the caller's responsibility there, and non-finite values propagate into the maps.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+class TrainingModeWarning(UserWarning):
+    """The model (or one of its submodules) is in training mode: dropout and batch statistics make maps random."""
+
+
+def module_dtype(module: nn.Module | None) -> torch.dtype | None:
+    """The dtype of the module's first floating parameter (or buffer), None when it has none."""
+    if module is None:
+        return None
+    for t in module.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    for t in module.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def check_input(x: Any, in_chans: int | None = None, module: nn.Module | None = None) -> None:
+    """Raise TypeError/ValueError naming ``x`` unless it is a finite floating (B, C, H, W) tensor that fits."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"x must have shape (B, C, H, W), got shape {tuple(x.shape)} ({x.ndim} dims)")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if in_chans is not None and x.shape[1] != in_chans:
+        raise ValueError(f"x must have {in_chans} channels for this model, got shape {tuple(x.shape)}")
+    if torch.compiler.is_compiling():
+        return
+    want = module_dtype(module)
+    if want is not None and x.dtype != want and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {want}: convert one of them, "
+                        f"e.g. x.to({want}) (funcam supports float32, float64, bfloat16 and float16 models)")
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        images = bad.flatten(1).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"x contains NaN or Inf ({int(bad.sum())} values, in images {_first(images)}); "
+                         f"the maps of a non-finite input are undefined")
+
+
+def check_output(logits: Tensor, maps: Any) -> None:
+    """Raise FloatingPointError naming the images whose logits or maps (B, K, ...) are not finite."""
+    if torch.compiler.is_compiling():
+        return
+    for what, t in [("logits", logits)] + [("maps", m) for m in (maps if isinstance(maps, tuple) else (maps,))]:
+        if isinstance(t, Tensor) and t.numel() and t.ndim >= 1 and t.is_floating_point():
+            bad = ~torch.isfinite(t.detach())
+            if bool(bad.any()):
+                images = bad.reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+                raise FloatingPointError(
+                    f"the model produced non-finite {what} for images {_first(images)} from a finite x "
+                    f"(dtype {t.dtype}); float16 overflows above 65504: run the model in float32 or bfloat16")
+
+
+def _first(items: list[int], n: int = 8) -> str:
+    return str(items[:n])[:-1] + (", ...]" if len(items) > n else "]")
+
+
+def _random_in_training(m: nn.Module) -> bool:
+    """Whether ``m`` computes differently in training mode: dropout, drop-path, batch norm."""
+    if isinstance(m, nn.modules.dropout._DropoutNd):
+        return m.p > 0
+    if getattr(m, "track_running_stats", False) is True:
+        return True
+    p = getattr(m, "drop_prob", None)  # timm's DropPath / DropBlock
+    return isinstance(p, (int, float)) and p > 0
+
+
+@contextlib.contextmanager
+def _guard(module: nn.Module | None) -> Iterator[None]:
+    training = [m for m in module.modules() if m.training] if isinstance(module, nn.Module) else []
+    random = [m for m in training if _random_in_training(m)]
+    saved, tracking = [], []
+    if random:
+        warnings.warn(f"{type(module).__name__} has modules in training mode ({type(random[0]).__name__}, ...): "
+                      f"dropout and batch statistics make the maps random; call model.eval() first",
+                      TrainingModeWarning)  # one source line: Python's default filter shows it once per process
+        saved = [(b, b.detach().clone()) for m in training for b in m.buffers(recurse=False)]
+        # Batch norm in training mode normalises with batch statistics and updates its running ones in place;
+        # the update would be lost anyway (restored below) and is refused inside torch.func transforms
+        # ("mutate a captured Tensor"), so the running statistics are switched off for the call.
+        tracking = [m for m in training if getattr(m, "track_running_stats", False) is True]
+    leave = torch.is_inference_mode_enabled()
+    with torch.inference_mode(False) if leave else contextlib.nullcontext():
+        try:
+            for m in tracking:
+                m.track_running_stats = False
+            yield
+        finally:
+            for m in tracking:
+                m.track_running_stats = True
+            if saved:
+                with torch.no_grad():
+                    for b, value in saved:
+                        b.copy_(value)
+
+
+def normal_tensor(x: Tensor) -> Tensor:
+    """An inference-mode tensor cloned into a normal one (autograd cannot save inference tensors)."""
+    if isinstance(x, Tensor) and not torch.compiler.is_compiling() and x.is_inference():
+        with torch.inference_mode(False):
+            return x.clone()
+    return x
+
+
+def run(module: nn.Module | None, fn: Callable[[], Any]) -> Any:
+    """``fn()`` with the training-mode and inference-mode handling above; plain ``fn()`` under compile."""
+    if torch.compiler.is_compiling():
+        return fn()
+    with _guard(module):
+        return fn()
+
+
+def guarded(fn: Callable) -> Callable:
+    """Decorate a public ``fn(model, x, ...)``: ``run(model, ...)`` with an inference-mode ``x`` made normal."""
+
+    @functools.wraps(fn)
+    def wrapper(model: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return fn(model, x, *args, **kwargs)
+        return run(model if isinstance(model, nn.Module) else None,
+                   lambda: fn(model, normal_tensor(x), *args, **kwargs))
+
+    return wrapper
