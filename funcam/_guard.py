@@ -4,8 +4,8 @@
   non-finite input means nothing; a silent NaN map is worse than an error).
 * The outputs: logits and maps finite, else ``FloatingPointError`` naming the images (a finite input that
   overflows, e.g. float16 activations beyond 65504).
-* A model with dropout, drop-path or batch norm in training mode: ``TrainingModeWarning`` (dropout and batch-norm batch statistics make the maps
-  random). Batch norm normalises with batch statistics as in training but does not update its running
+* A model with dropout, drop-path or batch norm in training mode: ``TrainingModeWarning`` (they make the
+  maps random). Batch norm normalises with batch statistics as in training but does not update its running
   statistics (``track_running_stats`` is off for the call and restored), and every buffer of a training
   module is restored afterwards: the model is bit-identical after the call. This toggling makes concurrent
   calls on one model unsafe in training mode only.
