@@ -311,7 +311,7 @@ def road(model: Callable, x: Tensor, maps: Tensor, classes: Any, *,
                         for s in range(0, n, chunk_size)])
 
     def make(j: Tensor) -> tuple[Tensor, Tensor]:
-        return filled[j], idx.view(-1)[j // p]
+        return filled[j], idx.reshape(-1)[j // p]
 
     o = _run(model, make, n, score, chunk_size, x.device).view(b, k, p)
     return o - y.unsqueeze(-1)

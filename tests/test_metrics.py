@@ -196,3 +196,17 @@ def test_road_noise_is_seeded_and_small():
     c = road(model, x, maps, classes, percentiles=(50,), noise=0.0)
     assert torch.equal(a, b)
     assert torch.allclose(a, c, atol=0.05)
+
+
+def test_model_metrics_take_classes_shared_by_the_batch():
+    # classes (K,) is expanded to (B, K) without a copy; ROAD once failed on that non-contiguous view
+    model = tiny_model()
+    x, maps, classes = data(b=2, k=2)
+    shared = classes[0]
+    per_image = shared.expand(2, -1).clone()
+    for fn in (lambda c: road(model, x, maps, c, percentiles=(30, 70), noise=0.0),
+               lambda c: deletion_insertion(model, x, maps, c, steps=4).deletion_auc,
+               lambda c: confidence_change(model, x, maps, c).change):
+        a, b = fn(shared.tolist()), fn(per_image)
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
