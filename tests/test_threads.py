@@ -100,3 +100,18 @@ def test_model_untouched_by_every_entry_point():
         funcam.metrics.deletion_insertion(model, x, up, [1, 2], steps=4)
         funcam.metrics.road(model, x, up, [1, 2], percentiles=(20, 80))
         _assert_same(before, _snapshot(model))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "hirescam"])
+@pytest.mark.parametrize("path", ["fast", "general"])
+def test_max_memory_chunking_gives_the_unchunked_maps(method, path):
+    model, x = make_model("resnet18"), make_input("resnet18")
+    sp = funcam.split(model)
+    sp = sp if path == "fast" else sp._replace(pooled=None)
+    classes = torch.arange(10)
+    with torch.no_grad():
+        full = funcam.cam(sp, x, classes, method=method, relu=False, chunk_size=10).maps
+        assert full.abs().sum() > 0
+        for budget in (1, 100_000, 2**20):  # 1 byte: one class per chunk; 100 kB: 3 general-path classes
+            got = funcam.cam(sp, x, classes, method=method, relu=False, max_memory=budget).maps
+            torch.testing.assert_close(got, full, rtol=0, atol=0)
