@@ -123,8 +123,26 @@ def _guard(module: nn.Module | None) -> Iterator[None]:
                         b.copy_(value)
 
 
-def normal_tensor(x: Tensor) -> Tensor:
-    """An inference-mode tensor cloned into a normal one (autograd cannot save inference tensors)."""
+def one_image(x: Tensor, classes: Any) -> tuple[Tensor, Any]:
+    """For B = 0: one zero image (and per-image classes for it) to run instead; some models (timm ViTs with
+    dynamic image sizes) cannot run an empty batch, and the result's shapes need one forward anyway."""
+    if isinstance(classes, Tensor) and classes.ndim == 2:
+        classes = classes.new_zeros((1, classes.shape[1]))
+    return x.new_zeros((1,) + tuple(x.shape[1:])), classes
+
+
+def no_images(out: Any) -> Any:
+    """A result (``CAM``, tensor, or tuple/list of them) for one image, cut to zero images."""
+    if isinstance(out, Tensor):
+        return out[:0]
+    if hasattr(out, "_replace"):  # CAM
+        return out._replace(maps=no_images(out.maps), classes=None if out.classes is None else out.classes[:0],
+                            logits=out.logits[:0])
+    return type(out)(no_images(o) for o in out)
+
+
+def normal_tensor(x: Any) -> Any:
+    """An inference-mode tensor cloned into a normal one (autograd cannot save inference tensors); else ``x``."""
     if isinstance(x, Tensor) and not torch.compiler.is_compiling() and x.is_inference():
         with torch.inference_mode(False):
             return x.clone()

@@ -37,7 +37,24 @@ def reads_prefix_only(model: nn.Module) -> bool:
     return getattr(model, "attn_pool", None) is None and getattr(model, "global_pool", None) == "token"
 
 
+def check_size(model: nn.Module, x: Tensor) -> None:
+    """Raise ValueError naming ``x`` when its size does not fit the patch embedding (timm would assert)."""
+    pe = model.patch_embed
+    size, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
+    h, w = x.shape[-2:]
+    if size is None or patch is None:
+        return
+    if getattr(pe, "strict_img_size", False):
+        if (h, w) != tuple(size):
+            raise ValueError(f"x has size {h}x{w} but this {type(model).__name__} takes {size[0]}x{size[1]} only "
+                             f"(resize the input, or create the model with dynamic_img_size=True)")
+    elif not getattr(pe, "dynamic_img_pad", False) and (h % patch[0] or w % patch[1]):
+        raise ValueError(f"x has size {h}x{w}, not a multiple of the patch size {patch[0]}x{patch[1]} "
+                         f"(crop or pad the input, or create the model with dynamic_img_pad=True)")
+
+
 def _grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
+    check_size(model, x)
     pe = model.patch_embed
     if hasattr(pe, "dynamic_feat_size"):
         return tuple(pe.dynamic_feat_size(tuple(x.shape[-2:])))
@@ -161,6 +178,7 @@ def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Calla
     token_cut = token_cut or "norm2"
 
     def tokens_in(x: Tensor) -> Tensor:
+        check_size(model, x)
         t = model.patch_embed(x)
         for s in model.layers[:-1]:
             t = s(t)

@@ -57,6 +57,9 @@ def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
     if isinstance(classes, (list, tuple)):
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
             raise TypeError(f"classes must be integers, got {classes!r}")
+        if classes and not all(0 <= c < n for c in classes):  # before torch.tensor: ints beyond int64 overflow
+            raise ValueError(f"classes must lie in [0, {n}) (the model has {n} classes), got values from "
+                             f"{min(classes)} to {max(classes)}")
         classes = torch.tensor(classes, dtype=torch.long, device=logits.device).reshape(-1)
     if not isinstance(classes, Tensor):
         raise TypeError(f"classes must be an int, a list of ints, a LongTensor (K,) or (B, K), or a callable "
@@ -110,7 +113,11 @@ def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: 
     _check_chunk(chunk_size)
     if callable(classes) and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
-    x = _guard.normal_tensor(x)
+    if x.shape[0] == 0 and not torch.compiler.is_compiling():
+        x1, classes1 = _guard.one_image(x, classes)
+        return _guard.no_images(class_maps(split, x1, classes1, reduce, top_k=top_k, chunk_size=chunk_size,
+                                           weights=weights, pooled_reduce=pooled_reduce, max_memory=max_memory))
+    x, classes = _guard.normal_tensor(x), _guard.normal_tensor(classes)
     out = _guard.run(split.module, lambda: _class_maps(split, x, classes, reduce, top_k, chunk_size, weights,
                                                        pooled_reduce, max_memory))
     _guard.check_output(out.logits, out.maps)
@@ -175,6 +182,7 @@ def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor,
     _check_chunk(chunk_size)
     if callable(classes) and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
+    classes = _guard.normal_tensor(classes)
     out = _guard.run(module, lambda: _class_vjp(forward, primals, classes, reduce, top_k, chunk_size, empty))
     _guard.check_output(out.logits, out.maps)
     return out

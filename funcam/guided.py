@@ -87,6 +87,8 @@ class _GuidedReLUMode(TorchFunctionMode):
 def _guided_cam(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None) -> CAM:
     """CAM(maps = input gradients (B, K, C, H, W) under the guided rule, classes, logits)."""
     check_input(x, None, model)
+    if x.shape[0] == 0 and not torch.compiler.is_compiling():
+        return _guard.no_images(_guided_cam(model, *_guard.one_image(x, classes), top_k, chunk_size))
     x = _guard.normal_tensor(x)
 
     def forward(inp: Tensor) -> tuple[Tensor, tuple]:

@@ -34,6 +34,8 @@ def upsample(maps: Tensor, size: int | Sequence[int], *, mode: str = "bilinear")
     if mode not in ("bilinear", "nearest", "bicubic"):
         raise ValueError(f"mode must be 'bilinear', 'nearest' or 'bicubic', got {mode!r}")
     kw = {} if mode == "nearest" else {"align_corners": False}
+    if maps.numel() == 0:  # B = 0 or K = 0: F.interpolate refuses empty batches
+        return maps.new_zeros(tuple(maps.shape[:2]) + _size(size))
     return F.interpolate(maps, size=_size(size), mode=mode, **kw)
 
 

@@ -21,7 +21,7 @@ import torch
 from einops import rearrange, reduce as ereduce
 from torch import Tensor, nn
 
-from funcam._tokens import _grid, is_vit
+from funcam._tokens import _grid, check_size, is_vit
 from funcam.attention import attention_output, attention_probs, is_plain_attention
 from funcam import _guard
 from funcam.grads import CAM, check_input, class_vjp, resolve_classes
@@ -53,6 +53,7 @@ def _run(model: nn.Module, x: Tensor, deltas: tuple[Tensor, ...] | None = None) 
     ``deltas[l]`` (zeros) is added to block l's probabilities: the gradient w.r.t. it is the gradient w.r.t.
     the probabilities as an intermediate of the forward, which ``torch.func.vjp`` can only take of inputs.
     """
+    check_size(model, x)
     t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     probs = []
     for i, blk in enumerate(model.blocks):
@@ -70,6 +71,8 @@ def block_attentions(model: nn.Module, x: Tensor) -> list[Tensor]:
     """Attention probabilities of every block: x (B, 3, H, W) -> L tensors (B, heads, N, N), N = prefix + h*w."""
     check_vit(model)
     check_input(x, None, model)
+    if x.shape[0] == 0 and not torch.compiler.is_compiling():
+        return _guard.no_images(block_attentions(model, _guard.one_image(x, None)[0]))
     x = _guard.normal_tensor(x)
     logits, probs = _guard.run(model, lambda: _run(model, x))
     _guard.check_output(logits, tuple(probs))
@@ -139,6 +142,9 @@ def _mixed(model: nn.Module, x: Tensor, head_fusion: str, discard_ratio: float,
     """(the mixed attention matrices of blocks start_block.., logits (B, N)) from one forward."""
     _check_rollout_args(model, head_fusion, discard_ratio, start_block)
     check_input(x, None, model)
+    if x.shape[0] == 0 and not torch.compiler.is_compiling():
+        mats, logits = _mixed(model, _guard.one_image(x, None)[0], head_fusion, discard_ratio, start_block)
+        return _guard.no_images(mats), logits[:0]
     x = _guard.normal_tensor(x)
     logits, probs = _guard.run(model, lambda: _run(model, x))
     _guard.check_output(logits, tuple(probs))
@@ -182,6 +188,10 @@ def _relevance(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chu
                return_cam: bool, step: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor | CAM:
     check_vit(model)
     check_input(x, None, model)
+    if x.shape[0] == 0 and not torch.compiler.is_compiling():
+        x1, classes1 = _guard.one_image(x, classes)
+        return _guard.no_images(_relevance(model, x1, classes1, top_k, chunk_size, True, step)) if return_cam \
+            else _relevance(model, x1, classes1, top_k, chunk_size, False, step)[:0]
     x = _guard.normal_tensor(x)
     b = x.shape[0]
     gh, gw = _grid(model, x)
