@@ -33,11 +33,11 @@ CALLS = {
                          "with torch.no_grad(): funcam.gradcampp(sp, x, torch.arange(K))"),
     "explain": ("funcam.explain.explain(method='gradcam')",
                 "explain(model, x, method='gradcam', classes=torch.arange(K))"),
-    "general-default": ("general path, max_memory default (512 MiB)",
+    "general-default": ("general path, max_memory default (128 MiB)",
                         "with torch.no_grad(): funcam.gradcam(sp._replace(pooled=None), x, torch.arange(K))"),
-    "general-256": ("general path, max_memory=256 MiB",
+    "general-512": ("general path, max_memory=512 MiB",
                     "with torch.no_grad(): funcam.gradcam(sp._replace(pooled=None), x, torch.arange(K), "
-                    "max_memory=256 * 2**20)"),
+                    "max_memory=512 * 2**20)"),
     "general-64": ("general path, max_memory=64 MiB",
                    "with torch.no_grad(): funcam.gradcam(sp._replace(pooled=None), x, torch.arange(K), "
                    "max_memory=64 * 2**20)"),
