@@ -6,7 +6,7 @@ its mass inside the shape's box. funcam's maps are ordinary differentiable tenso
 inside, no hooks, no .detach()), so the CAM loss backpropagates into the weights like any other loss
 (a double backward). A second run with cross-entropy only shows what the CAM loss adds.
 
-Run: python examples/train_with_cam_loss.py   (CPU, about 10 s)
+Run: python examples/train_with_cam_loss.py   (CPU, about 30 s)
 """
 import time
 
@@ -16,9 +16,9 @@ from torch import nn
 
 import funcam
 
-SIZE, SQUARE, STEPS, BATCH, LR = 32, 8, 100, 64, 1e-2
+SIZE, SQUARE, STEPS, BATCH, LR = 32, 8, 200, 64, 5e-3
 # Tensors this small gain nothing from intra-op threads, and several threads slow down sharply (10x and
-# more) when other processes busy the CPU cores; one thread keeps the run at about 10 s.
+# more) when other processes busy the CPU cores; one thread keeps the run at about 30 s.
 torch.set_num_threads(1)
 
 
