@@ -85,6 +85,19 @@ def _checkpoint_classes(name: str, checkpoint: str) -> int | None:
     return None
 
 
+def _read_list(path: str) -> list[str]:
+    """The image paths of a ``--list`` file: one a line, ``#`` comments and blank lines skipped."""
+    from funcam.dataset import DatasetError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    except UnicodeDecodeError:
+        raise DatasetError(f"--list {path!r} is not a UTF-8 text file of paths") from None
+    except OSError as e:
+        raise DatasetError(f"--list {path!r} cannot be read ({e.strerror or type(e).__name__})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -106,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
         model = model.to(device)
         images = args.dir
         if args.list:
-            with open(args.list, encoding="utf-8") as f:
-                images = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            images = _read_list(args.list)
         summary = explain_dataset(
             images, args.out, model, cfg, root=args.dir, method=args.method,
             classes="all" if args.all_classes else args.classes, top_k=args.top_k, layer=args.layer,

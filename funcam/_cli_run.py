@@ -1,7 +1,11 @@
 """What ``funcam explain`` and ``funcam demo`` do once the command line is parsed (see ``funcam.cli``).
 
-Per batch of images: one call per method (the first method picks the classes, the others explain the same
-ones), then per image its files, each written atomically, so an image either has all its outputs or none.
+Images are decoded batch by batch (never all at once). A file that cannot be used (``funcam.images.read_image``
+refuses it: missing, not an image, truncated, a decompression bomb, ...) gets one ``funcam: error: FILE: why``
+line on stderr and the run goes on. Per batch of readable images: one call per method (the first method picks
+the classes, the others explain the same ones), then per image its files, each written atomically, so an image
+either has all its outputs or none. Names are shown through ``printable`` (a newline or an undecodable byte in
+a file name is escaped), so each message stays one line and the gallery stays valid UTF-8.
 """
 from __future__ import annotations
 
@@ -18,15 +22,15 @@ from funcam.cli import METHOD_TITLES, UsageError, class_names, methods_from_args
     parse_classes, safe_stem, _device, _layers
 from funcam.gallery import Figure, Section, write_gallery
 from funcam.grads import CAM
-from funcam.images import ImageError, read_image
+from funcam.images import ImageError, limit_aspect, printable, read_image
 from funcam.models import ModelError, Preprocess, preprocess, unnormalize
 from funcam.render import grid, overlay, save_png
 
 
 class Item(NamedTuple):
-    stem: str      # sanitised output name
-    label: str     # what the user called it (a path, or a sample name)
-    image: Tensor  # uint8 (3, H, W)
+    stem: str              # sanitised output name
+    label: str             # what the user called it (a path, or a sample name)
+    image: Tensor | None   # uint8 (3, H, W), or None: read ``label`` when its batch comes
 
 
 def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool) -> Callable[..., CAM]:
@@ -61,18 +65,45 @@ def _save_npz(path: str, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
+def _readable(items: Sequence[Item], batch_size: int, on_error: Callable[[Item, ImageError], None]):
+    """Batches of up to ``batch_size`` items with their images decoded; unreadable ones go to ``on_error``."""
+    batch = []
+    for it in items:
+        if it.image is None:
+            try:
+                it = it._replace(image=read_image(it.label))
+            except ImageError as e:
+                on_error(it, e)
+                continue
+        batch.append(it)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequence[str], *, classes, top_k,
          layer, relu: bool, compile_: bool, batch_size: int, device: torch.device, quiet: bool, out: str,
-         fmt: str, cmap: str, alpha: float) -> list[Section]:
+         fmt: str, cmap: str, alpha: float) -> tuple[list[Section], int]:
+    """Explain and write every readable item; returns the gallery sections and the number of unreadable items.
+    ``out`` is created before the first file is written (not at all when no item is readable)."""
     from tqdm import tqdm
 
     fns = {m: _explainer(model, m, layer, relu, compile_) for m in methods}
     names = class_names(model)
-    sections = []
+    sections, failed = [], 0
     bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=True if quiet or len(items) < 2 else None)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        x = preprocess([it.image for it in chunk], pre).to(device)
+
+    def on_error(it: Item, e: ImageError) -> None:
+        nonlocal failed
+        failed += 1
+        bar.write(f"funcam: error: {e}", file=sys.stderr)  # e names the file (printable), one line
+        bar.update(1)
+
+    for chunk in _readable(items, batch_size, on_error):
+        # limit_aspect: a 1 x 5000 image would otherwise be resized to 256 x 1,280,000 before the centre crop
+        x = preprocess([limit_aspect(it.image) for it in chunk], pre).to(device)
         results = {}
         for m in methods:  # the first method resolves top_k; the others explain the same classes
             first = next(iter(results.values()), None)
@@ -81,7 +112,9 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequ
         idx = first.classes.cpu()
         probs = first.logits.detach().float().softmax(-1).cpu().gather(1, idx)
         shown = unnormalize(x.detach(), pre).cpu()
+        os.makedirs(out, exist_ok=True)
         for b, it in enumerate(chunk):
+            it = it._replace(label=printable(it.label))
             label = [names[c] if names else f"class {c}" for c in idx[b].tolist()]
             if not quiet:
                 bar.write(f"{it.label}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(label, probs[b].tolist())),
@@ -98,7 +131,7 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequ
                                         cmap=cmap, alpha=alpha))
         bar.update(len(chunk))
     bar.close()
-    return sections
+    return sections, failed
 
 
 def _write_pngs(out: str, it: Item, shown: Tensor, results: dict, b: int, idx: list, label: list, probs: list,
@@ -128,24 +161,23 @@ def explain_command(args: argparse.Namespace) -> int:
     methods = methods_from_args(args, model)
     classes = parse_classes(args.classes) if args.classes is not None else None
     top_k = None if classes is not None else (args.top_k or min(3, getattr(model, "num_classes", 3) or 3))
-    items, failed, used = [], 0, {"index"}
-    for path in args.images:
-        try:
-            items.append(Item(safe_stem(path, used), path, read_image(path)))
-        except ImageError as e:  # reported per image; the others still get their output
-            print(f"funcam: error: {e}", file=sys.stderr)
-            failed += 1
-    if not items:
-        return 2
-    os.makedirs(out, exist_ok=True)
-    sections = _run(model, pre, items, methods, classes=classes, top_k=top_k, layer=_layers(args.layer), relu=relu,
-                    compile_=args.compile, batch_size=args.batch_size, device=torch.device(args.device),
-                    quiet=args.quiet, out=out, fmt=args.format, cmap=cmap, alpha=args.alpha)
-    if args.format == "png":
-        page = write_gallery(out, sections, title="funcam explain",
-                             intro=f"model {args.model or 'efficientnet_lite0'}, methods {', '.join(methods)}")
-        if not args.quiet:
-            print(f"wrote {page}")
+    used = {"index"}
+    items = [Item(safe_stem(path, used), path, None) for path in args.images]
+    try:
+        sections, failed = _run(model, pre, items, methods, classes=classes, top_k=top_k,
+                                layer=_layers(args.layer), relu=relu, compile_=args.compile,
+                                batch_size=args.batch_size, device=torch.device(args.device), quiet=args.quiet,
+                                out=out, fmt=args.format, cmap=cmap, alpha=args.alpha)
+        if failed == len(items):
+            return 2  # no readable image: each was named on stderr, nothing was written
+        if args.format == "png":
+            page = write_gallery(out, sections, title="funcam explain",
+                                 intro=f"model {args.model or 'efficientnet_lite0'}, methods {', '.join(methods)}")
+            if not args.quiet:
+                print(f"wrote {page}")
+    except OSError as e:  # a full disk, a read-only --out, ...
+        where = printable(os.fsdecode(e.filename)) if e.filename else printable(out)
+        raise UsageError(f"cannot write {where}: {e.strerror or type(e).__name__}") from None
     return 1 if failed else 0
 
 
@@ -161,10 +193,9 @@ def demo_command(args: argparse.Namespace) -> int:
     except (ModelError, ImageError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     items = [Item(name, name, photos[name]) for name in SAMPLES]
-    os.makedirs(out, exist_ok=True)
     methods = ["gradcam", "gradcampp"]
     # One batched call per method for all six photos (B=6, K=3).
-    sections = _run(model.to(device), pre, items, methods, classes=None, top_k=3, layer=None, relu=relu,
+    sections, _ = _run(model.to(device), pre, items, methods, classes=None, top_k=3, layer=None, relu=relu,
                     compile_=False, batch_size=len(items), device=device, quiet=args.quiet, out=out, fmt="png",
                     cmap=cmap, alpha=args.alpha)
     page = write_gallery(out, sections, title="funcam demo",

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from funcam import _shards
 from funcam._shards import DatasetError, FORMATS
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".avif")
 
 
 class RunSummary(NamedTuple):
@@ -50,13 +50,23 @@ class MapShard(NamedTuple):
 
 
 def list_images(root: str, *, exclude: str | None = None) -> list[str]:
-    """Image files under ``root`` (by suffix, recursively), as sorted relative POSIX paths; skips ``exclude``."""
+    """Image files under ``root`` (by suffix, recursively), as sorted relative POSIX paths; skips ``exclude`` and
+    hidden names. Follows symbolic links to folders but walks each real folder once, so a link to a parent
+    neither repeats images nor loops forever. Whatever matches the suffix is listed (a pipe or a folder-like
+    name included): what cannot be read is refused later and recorded in ``errors.jsonl``."""
     if not os.path.isdir(root):
         raise DatasetError(f"images folder {root!r} is not a directory")
     skip = os.path.realpath(exclude) if exclude else None
+    seen = {os.path.realpath(root)}
     found = []
     for dirpath, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) != skip]
+        keep = []
+        for d in sorted(dirs):  # sorted: which of two links to one folder is walked does not depend on the OS
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real != skip and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
         rel = os.path.relpath(dirpath, root)
         for name in files:
             if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
@@ -74,17 +84,16 @@ class _Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from funcam.images import ImageError, read_image
+        from funcam.images import ImageError, limit_aspect, read_image
         from funcam.models import preprocess
 
         path = os.path.join(self.root, self.paths[i])
         try:
-            return i, preprocess([read_image(path)], self.config)[0], None
+            return i, preprocess([limit_aspect(read_image(path))], self.config)[0], None
         except ImageError as e:
-            reason = str(e)
-            return i, None, reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason
+            return i, None, e.reason if e.path == path else str(e)
         except Exception as e:  # noqa: BLE001 - one odd file must not stop a dataset run
-            return i, None, f"{type(e).__name__}: {e}"
+            return i, None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def _collate(items: list) -> tuple[list[int], Tensor | None, list[tuple[int, str]]]:
