@@ -83,10 +83,13 @@ def energy_in_box(maps: Tensor, masks: Tensor) -> Tensor:
     """
     _check_maps(maps)
     masks = _masks(masks, maps)
-    pos = maps.clamp_min(0)
+    # half-precision sums overflow above 65504 (a 224 x 224 float16 map of values > 1.3): sum in float32
+    pos = (maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps).clamp_min(0)
     total = pos.sum(dim=(2, 3))
     inside = (pos * masks).sum(dim=(2, 3))
-    return torch.where(total > 0, inside / total.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(total))
+    # divide only where total > 0 (a subnormal total is a valid denominator; finfo.tiny is not a lower bound)
+    share = inside / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, share.clamp(max=1), torch.zeros_like(total)).to(maps.dtype)
 
 
 def _score(logits: Tensor, score: str) -> Tensor:

@@ -42,11 +42,13 @@ def upsample(maps: Tensor, size: int | Sequence[int], *, mode: str = "bilinear")
 def normalize(maps: Tensor, *, eps: float = 1e-7) -> Tensor:
     """Per-map min-max scaling to [0, 1]: ``(m - min) / (max(m - min) + eps)`` over each (h, w) map.
 
-    An all-constant map becomes all zeros rather than NaN.
+    An all-constant map becomes all zeros rather than NaN. Half-precision maps are scaled in float32 (a
+    float16 range above 65504 would overflow to inf, and inf / inf is NaN) and returned in their dtype.
     """
     _check_maps(maps)
-    shifted = maps - maps.amin(dim=(2, 3), keepdim=True)
-    return shifted / (shifted.amax(dim=(2, 3), keepdim=True) + eps)
+    m = maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps
+    shifted = m - m.amin(dim=(2, 3), keepdim=True)
+    return (shifted / (shifted.amax(dim=(2, 3), keepdim=True) + eps)).to(maps.dtype)
 
 
 def fuse(maps: Sequence[Tensor], *, size: int | Sequence[int] | None = None, mode: str = "mean",
