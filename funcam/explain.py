@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from funcam.cams import METHODS as CAM_METHODS, cam
-from funcam.grads import CAM, resolve_classes
+from funcam.grads import CAM, class_indices
 from funcam.split import split as make_split
 
 # CLI spelling (dashes) -> internal name; every funcam method.
@@ -71,9 +71,14 @@ def _explain(model: nn.Module, x: Tensor, method: str | None, classes: Any, top_
     if name == "rollout":
         from funcam.rollout import rollout_with_logits
 
+        if callable(classes) and top_k is not None:
+            raise ValueError("top_k does not apply when classes is a callable")
         m, logits = rollout_with_logits(model, x)  # logits and attentions from one forward
-        idx = resolve_classes(classes, top_k, logits)
-        return CAM(m.unsqueeze(1).expand(-1, idx.shape[1], -1, -1), idx, logits)
+        # class-agnostic: the classes (or a score callable's K columns) only say how often to repeat the map
+        score_fn = classes if callable(classes) else None
+        idx, picked = class_indices(score_fn(logits) if score_fn else logits, logits, classes, score_fn, top_k,
+                                    x.shape[0])
+        return CAM(m.unsqueeze(1).expand(-1, idx.shape[1], -1, -1), picked, logits)
     if name in ("grad-rollout", "chefer"):
         from funcam import rollout
 

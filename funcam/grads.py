@@ -151,7 +151,7 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
         return (score_fn(logits) if score_fn else logits), logits
 
     out, vjp_fn, logits = torch.func.vjp(scores, *primals, has_aux=True)
-    idx, picked = _indices(out, logits, classes, score_fn, top_k, x.shape[0])
+    idx, picked = class_indices(out, logits, classes, score_fn, top_k, x.shape[0])
     b, k = idx.shape
     if k == 0:
         empty = tuple(m.new_zeros((b, 0) + tuple(m.shape[2:])) for m in maps)
@@ -204,7 +204,7 @@ def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor
         return (score_fn(logits) if score_fn else logits), (logits, aux)
 
     out, vjp_fn, (logits, aux) = torch.func.vjp(scores, *primals, has_aux=True)
-    idx, picked = _indices(out, logits, classes, score_fn, top_k, logits.shape[0])
+    idx, picked = class_indices(out, logits, classes, score_fn, top_k, logits.shape[0])
     if idx.shape[1] == 0:
         return CAM(empty(idx.shape[0]), picked, logits)
     cot = _one_hot(idx, out.shape[1], out.dtype)
@@ -212,7 +212,7 @@ def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor
     return CAM(per.movedim(0, 1), picked, logits)
 
 
-def _indices(out: Tensor, logits: Tensor, classes: Any, score_fn: Any, top_k: int | None, b: int):
+def class_indices(out: Tensor, logits: Tensor, classes: Any, score_fn: Any, top_k: int | None, b: int):
     """(idx (B, K) of the columns of ``out`` to explain, class indices to report or None)."""
     if score_fn is None:
         idx = resolve_classes(classes, top_k, logits)
@@ -251,7 +251,7 @@ def _pooled_maps(pooled: Any, a: Tensor, classes: Any, score_fn: Any, pooled_red
             return (score_fn(lg) if score_fn else lg), lg
 
         out, vjp_fn, logits = torch.func.vjp(scores, z, has_aux=True)
-        idx, picked = _indices(out, logits, classes, score_fn, top_k, b)
+        idx, picked = class_indices(out, logits, classes, score_fn, top_k, b)
         cot = _one_hot(idx, out.shape[1], out.dtype)
     k = idx.shape[1]
     if k == 0:
