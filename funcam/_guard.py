@@ -18,6 +18,7 @@ the caller's responsibility there, and non-finite values propagate into the maps
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import warnings
 from typing import Any, Callable, Iterator
@@ -94,8 +95,28 @@ def _random_in_training(m: nn.Module) -> bool:
     return isinstance(p, (int, float)) and p > 0
 
 
+# ids of the modules whose guard is active in this thread / task: an entry point built on others (Guided
+# Grad-CAM runs guided backprop and Grad-CAM) guards the model once, so it warns once and restores once.
+_ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("funcam_guarded", default=frozenset())
+
+
 @contextlib.contextmanager
 def _guard(module: nn.Module | None) -> Iterator[None]:
+    active = _ACTIVE.get()
+    if isinstance(module, nn.Module) and id(module) in active:
+        yield  # the outer call's guard already covers this model
+        return
+    token = _ACTIVE.set(active | {id(module)}) if isinstance(module, nn.Module) else None
+    try:
+        with _guard_once(module):
+            yield
+    finally:
+        if token is not None:
+            _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def _guard_once(module: nn.Module | None) -> Iterator[None]:
     training = [m for m in module.modules() if m.training] if isinstance(module, nn.Module) else []
     random = [m for m in training if _random_in_training(m)]
     saved, tracking = [], []

@@ -135,10 +135,13 @@ def guided_gradcam(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: i
     from funcam.postprocess import upsample
     from funcam.split import split
 
-    gb = _guided_cam(model, x, classes, top_k, chunk_size)
-    same = classes if gb.classes is None else gb.classes
-    cams = cam(split(model, layer), x, same, chunk_size=chunk_size).maps
-    if isinstance(cams, tuple):
-        raise ValueError(f"guided_gradcam takes one layer, got layer={layer!r}")
-    maps = gb.maps * upsample(cams, x.shape[-2:]).unsqueeze(2)
-    return gb._replace(maps=maps) if return_cam else maps
+    def both() -> CAM:
+        gb = _guided_cam(model, x, classes, top_k, chunk_size)
+        same = classes if gb.classes is None else gb.classes
+        cams = cam(split(model, layer), x, same, chunk_size=chunk_size).maps
+        if isinstance(cams, tuple):
+            raise ValueError(f"guided_gradcam takes one layer, got layer={layer!r}")
+        return gb._replace(maps=gb.maps * upsample(cams, x.shape[-2:]).unsqueeze(2))
+
+    out = _guard.run(model, both)  # one guard for both passes: one training-mode warning, one restore
+    return out if return_cam else out.maps
