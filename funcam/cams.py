@@ -30,8 +30,9 @@ def cam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, me
     relu: apply ReLU at feature resolution (before any upsampling); ``False`` gives signed maps.
     chunk_size: classes per vmapped chunk, bounding memory to about ``chunk_size`` gradients at once;
         None chooses it from ``max_memory``.
-    max_memory: bytes of per-class gradients allowed at once when ``chunk_size`` is None (default 128 MiB for
-        the general path's (B, C, h, w) gradients, 512 MiB for the average-pool fast path's (B, C) ones).
+    max_memory: bytes of per-class tensors allowed at once when ``chunk_size`` is None (default 128 MiB): the
+        general path's (B, C, h, w) gradients, or the average-pool fast path's (B, C) gradients with the
+        rule's temporaries; a bound on what funcam adds, not on the model's own forward.
 
     Returns ``CAM(maps (B, K, h, w), classes (B, K) or None, logits (B, N))``; for a multi-layer split,
     ``maps`` is a tuple of ``(B, K, h_i, w_i)`` (fuse them with ``funcam.fuse``).

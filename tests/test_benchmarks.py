@@ -1,4 +1,4 @@
-"""The peer benchmark runs end to end (a tiny smoke configuration; no timing is asserted)."""
+"""The peer and memory benchmarks run end to end (tiny smoke configurations; no timing is asserted)."""
 from __future__ import annotations
 
 import json
@@ -23,11 +23,21 @@ def test_peers_benchmark_smoke(tmp_path):
     assert "| gradcampp | 3 | funcam |" in proc.stdout
 
 
-def test_memory_benchmark_smoke(tmp_path):
+def test_memory_per_configuration_benchmark_smoke(tmp_path):
+    # benchmarks/memory.py --quick: one fresh process per configuration (resnet18 at 64 px); the parent checks
+    # that configurations of one method computed the same maps, the children that the maps are not all zero.
     out = tmp_path / "memory.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_bounds.py"), "--quick", "--threads", "1",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--quick", "--threads", "1", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
-    assert {"forward", "gradcam", "general-64", "general-unchunked-100"} <= set(rows)
-    assert all(r["peak_above_bytes"] >= 0 and r["seconds"] > 0 for r in rows.values())
+    data = json.loads(out.read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert set(rows) == {"fast-baseline", "general-baseline", "fast-gradcam-defaults", "fast-gradcam-explain",
+                         "general-gradcampp-16MiB"}
+    assert all(r["process_peak_bytes"] > 0 and min(r["times_s"]) > 0 for r in rows.values())
+    assert rows["fast-gradcam-defaults"]["checksum"] == rows["fast-gradcam-explain"]["checksum"]
+    assert rows["fast-gradcam-defaults"]["checksum"][1] > 0  # the sum of |maps|
+    assert data["meta"]["sizes"]["fast"] == {"batch": 4, "size": 64, "k": 10, "title": "Average-pool fast path",
+                                             "model": "resnet18"}
+    assert "| gradcam | funcam.explain.explain (runs under no_grad) |" in proc.stdout
