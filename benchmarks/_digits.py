@@ -136,7 +136,7 @@ def digit_vit(num_classes: int = 10, *, dim: int = 64, depth: int = 4, heads: in
 CONFIGS = {
     "cnn": (lambda: DigitCNN(), {"single": 400, "pair": 600}, 64, 3e-3),
     "vit": (lambda: digit_vit(), {"single": 1000, "pair": 2000}, 64, 1e-3),
-    "tiny-cnn": (lambda: DigitCNN(width=8), {"single": 150, "pair": 200}, 32, 5e-3),
+    "tiny-cnn": (lambda: DigitCNN(width=8), {"single": 250, "pair": 250}, 32, 5e-3),
 }
 
 

@@ -11,7 +11,7 @@ from benchmarks import _digits, quality_digits, quality_faithfulness, quality_mo
 @pytest.fixture(scope="module")
 def tiny_cnn():
     torch.set_num_threads(1)
-    # trained here (about 20-40 s on one thread), never read from benchmarks/cache
+    # trained here (about 25-50 s on one thread), never read from benchmarks/cache
     return _digits.load_or_train("tiny-cnn", "single", cache=False)
 
 
