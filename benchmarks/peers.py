@@ -270,6 +270,97 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+PEERS = ("autograd loop", "pytorch-grad-cam", "captum", "torchcam")
+
+
+def _find(rows: list[dict], **key) -> dict | None:
+    return next((r for r in rows if all(r.get(k) == v for k, v in key.items())), None)
+
+
+def summary(rows: list[dict], batch: int) -> str:
+    """The README's compact tables: per method, seconds for all K classes of the batch, peers as speed-ups."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] not in ("forward", "rollout")):
+        sub = [r for r in rows if r["method"] == method and r["batch"] == batch]
+        peers = [p for p in PEERS if any(r["who"] == p for r in sub)]
+        compiled = any(r["who"] == "funcam compiled" for r in sub)
+        out.append(f"\n{method}, seconds for all K classes of B = {batch} images (x = funcam's speed-up):\n")
+        out.append("| model (one forward) | K | funcam | x forward |" + (" compiled |" if compiled else "")
+                   + "".join(f" {p} |" for p in peers))
+        out.append("|---|---:|---:|---:|" + ("---:|" if compiled else "") + "---:|" * len(peers))
+        for model in dict.fromkeys(r["model"] for r in sub):
+            fwd = _find(rows, model=model, batch=batch, method="forward")
+            for i, k in enumerate(dict.fromkeys(r["K"] for r in sub if r["model"] == model)):
+                f = _find(sub, model=model, K=k, who="funcam")
+                c = _find(sub, model=model, K=k, who="funcam compiled")
+                cells = [f"{model} ({fwd['median_s']:.2f} s)" if i == 0 else "", str(k), f"{f['median_s']:.2f}",
+                         f"{f['x_forward']:.2f}"]
+                if compiled:
+                    cells.append(f"{c['median_s']:.2f}" if c else "")
+                for p in peers:
+                    r = _find(sub, model=model, K=k, who=p)
+                    cells.append(f"{_sec(r['median_s'])} ({_times(r['median_s'] / f['median_s'])})" if r else "n/a")
+                out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _sec(t: float) -> str:
+    return f"{t:.2f}" if t < 10 else f"{t:.0f}"
+
+
+def _times(r: float) -> str:
+    return f"{r:.0f}x" if r >= 10 else f"{r:.1f}x"
+
+
+def targets(rows: list[dict], batch: int) -> list[dict]:
+    """The issue's targets, each with its measured value (whatever of it this run measured)."""
+    out = []
+
+    def add(what: str, value: float | None, limit: float, higher: bool, unit: str = "x"):
+        if value is not None:
+            out.append({"target": what, "measured": value, "limit": limit, "unit": unit,
+                        "met": value >= limit if higher else value <= limit})
+
+    def ratio(model, method, k, who):
+        f, p = (_find(rows, model=model, batch=batch, method=method, K=k, who=w) for w in ("funcam", who))
+        return None if f is None or p is None else p["median_s"] / f["median_s"]
+
+    models = list(dict.fromkeys(r["model"] for r in rows if r["batch"] == batch))
+    for model in models:
+        vit = model.startswith("vit")
+        for method, limit in (("gradcam", 1.5), ("gradcampp", 2.0)):
+            if not vit:
+                f = _find(rows, model=model, batch=batch, method=method, K=1000, who="funcam")
+                add(f"{model} {method} K=1000, x forward <=", f and f["x_forward"], limit, False)
+        if not vit:
+            add(f"{model} gradcam K=1000, speed-up over pytorch-grad-cam >=", ratio(model, "gradcam", 1000,
+                "pytorch-grad-cam"), 1000, True)
+            add(f"{model} gradcam K=1000, speed-up over captum >=", ratio(model, "gradcam", 1000, "captum"), 300, True)
+            add(f"{model} gradcam K=1, speed-up over captum >=", ratio(model, "gradcam", 1, "captum"), 1.0, True)
+            fwd = _find(rows, model=model, batch=batch, method="forward")
+            for method in ("gradcam", "gradcampp"):
+                f = _find(rows, model=model, batch=batch, method=method, K=1000, who="funcam")
+                add(f"{model} {method} K=1000, peak MB above the forward's <=",
+                    f and f["peak_mb"] - fwd["peak_mb"], 1536, False, " MB")
+        add(f"{model} gradcam K=1, speed-up over pytorch-grad-cam >=", ratio(model, "gradcam", 1, "pytorch-grad-cam"),
+            2.0, True)
+        if vit:
+            f = _find(rows, model=model, batch=batch, method="gradcam", K=100, who="funcam")
+            add(f"{model} gradcam K=100, x forward <=", f and f["x_forward"], 2.0, False)
+            r = _find(rows, model=model, batch=batch, method="rollout")
+            add(f"{model} attention rollout, x forward <=", r and r["x_forward"], 1.2, False)
+    return out
+
+
+def targets_markdown(items: list[dict]) -> str:
+    lines = ["| target | limit | measured | met |", "|---|---:|---:|---|"]
+    for t in items:
+        fmt = (lambda v: f"{v:.0f}") if t["unit"] == " MB" or t["limit"] >= 100 else (lambda v: f"{v:.2f}")
+        lines.append(f"| {t['target']} | {fmt(t['limit'])}{t['unit']} | {fmt(t['measured'])}{t['unit']} | "
+                     f"{'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet50,convnext_tiny,vit_small_patch16_224")
@@ -311,8 +402,12 @@ def main(argv=None) -> None:
     print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, {a.size}x{a.size}, random weights; "
           f"whole run {meta['total_s'] / 60:.1f} min")
     print(markdown(rows))
+    print(summary(rows, a.batch))
+    goals = targets(rows, a.batch)
+    print("\nTargets (issue 5; x forward = funcam's time over one model forward of the same batch):\n")
+    print(targets_markdown(goals))
     with open(a.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "targets": goals}, f, indent=2)
 
 
 def _cpu_name() -> str:

@@ -21,6 +21,16 @@ def test_peers_benchmark_smoke(tmp_path):
     assert {"funcam", "autograd loop", "pytorch-grad-cam", "captum", "torchcam", "model forward"} <= who
     assert all(r["median_s"] > 0 for r in rows)
     assert "| gradcampp | 3 | funcam |" in proc.stdout
+    # the README's compact table and the targets, computed from the same rows
+    fwd = next(r for r in rows if r["model"] == "resnet18" and r["method"] == "forward")
+    mine = next(r for r in rows if r["model"] == "resnet18" and r["method"] == "gradcam" and r["K"] == 1
+                and r["who"] == "funcam")
+    assert f"| resnet18 ({fwd['median_s']:.2f} s) | 1 | {mine['median_s']:.2f} | {mine['x_forward']:.2f} |" in proc.stdout
+    goals = {t["target"]: t for t in json.loads(out.read_text())["targets"]}
+    pgc = next(r for r in rows if r["model"] == "resnet18" and r["method"] == "gradcam" and r["K"] == 1
+               and r["who"] == "pytorch-grad-cam")
+    t = goals["resnet18 gradcam K=1, speed-up over pytorch-grad-cam >="]
+    assert t["measured"] == pgc["median_s"] / mine["median_s"] and t["met"] == (t["measured"] >= 2.0)
 
 
 def test_memory_per_configuration_benchmark_smoke(tmp_path):
