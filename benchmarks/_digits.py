@@ -121,13 +121,28 @@ class DigitCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def digit_vit(num_classes: int = 10, *, dim: int = 64, depth: int = 4, heads: int = 4) -> nn.Module:
-    """timm VisionTransformer with a conv stem (timm ``HybridEmbed``): 64x64 -> 8x8 tokens + CLS, CLS pooling."""
+def _patchify(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 2, 2, 0, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def digit_vit(num_classes: int = 10, *, dim: int = 64, depth: int = 4, heads: int = 4,
+              stem: str = "local") -> nn.Module:
+    """timm VisionTransformer with a conv stem (timm ``HybridEmbed``): 64x64 -> 8x8 tokens + CLS, CLS pooling.
+
+    stem "local": a 3x3 conv, then three non-overlapping 2x2 stride-2 convs, so each token sees its own 8x8
+    cell plus a 1 px margin (receptive field 10 px). stem "overlap": a 3x3 conv, then three 3x3 stride-2 convs
+    (receptive field 17 px): a token next to a digit sees part of it, so token-grid maps can peak one token off.
+    """
     from timm.layers import HybridEmbed
     from timm.models.vision_transformer import VisionTransformer
 
-    stem = nn.Sequential(_conv(1, 32), _conv(32, 32, 2), _conv(32, 64, 2), _conv(64, 64, 2))
-    embed = functools.partial(HybridEmbed, backbone=stem)
+    if stem == "local":
+        backbone = nn.Sequential(_conv(1, 32), _patchify(32, 32), _patchify(32, 64), _patchify(64, 64))
+    elif stem == "overlap":
+        backbone = nn.Sequential(_conv(1, 32), _conv(32, 32, 2), _conv(32, 64, 2), _conv(64, 64, 2))
+    else:
+        raise ValueError(f"stem must be 'local' or 'overlap', got {stem!r}")
+    embed = functools.partial(HybridEmbed, backbone=backbone)
     return VisionTransformer(img_size=CANVAS, patch_size=1, in_chans=1, num_classes=num_classes, embed_dim=dim,
                              depth=depth, num_heads=heads, mlp_ratio=2.0, global_pool="token", embed_layer=embed)
 
@@ -135,8 +150,10 @@ def digit_vit(num_classes: int = 10, *, dim: int = 64, depth: int = 4, heads: in
 # name -> (builder, default steps {task: steps}, batch, lr); "tiny-*" are the fast variants the tests train.
 CONFIGS = {
     "cnn": (lambda: DigitCNN(), {"single": 400, "pair": 600}, 64, 3e-3),
-    "vit": (lambda: digit_vit(), {"single": 1000, "pair": 2000}, 64, 1e-3),
+    "vit": (lambda: digit_vit(stem="local"), {"single": 2000, "pair": 2000}, 64, 1e-3),
+    "vit-overlap": (lambda: digit_vit(stem="overlap"), {"single": 1000, "pair": 2000}, 64, 1e-3),
     "tiny-cnn": (lambda: DigitCNN(width=8), {"single": 250, "pair": 250}, 32, 5e-3),
+    "tiny-vit": (lambda: digit_vit(dim=32, depth=2, heads=2, stem="local"), {"single": 300, "pair": 300}, 32, 2e-3),
 }
 
 
@@ -180,7 +197,8 @@ def accuracy(model: nn.Module, data: Canvases, *, batch: int = 256) -> float:
 
 def cache_path(name: str, task: str, steps: int, seed: int) -> str:
     builder, _, batch, lr = CONFIGS[name]
-    key = json.dumps([name, task, steps, seed, batch, lr, SCALES, CANVAS, "v1"])
+    # the architecture's printout is part of the key: a changed model never loads an old checkpoint
+    key = json.dumps([name, task, steps, seed, batch, lr, SCALES, CANVAS, "v1", str(builder())])
     return os.path.join(CACHE, f"{name}-{task}-{steps}-{hashlib.sha1(key.encode()).hexdigest()[:8]}.pt")
 
 

@@ -67,13 +67,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=500, help="test canvases per task")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--models", default="cnn,vit")
+    p.add_argument("--models", default="cnn,vit", help="comma-separated: cnn, vit (local stem), vit-overlap")
+    p.add_argument("--tasks", default="single,pair")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "quality_digits.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     results = {}
     for kind in a.models.split(","):
-        for task in ("single", "pair"):
+        for task in a.tasks.split(","):
             model = _digits.load_or_train(kind, task)
             data = _digits.make_canvases(a.n, task=task, split="test", seed=2024)
             acc = _digits.accuracy(model, data)
