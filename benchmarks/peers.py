@@ -1,6 +1,6 @@
 """funcam side by side with the peers, in one process and one run: time and peak memory for K classes of B images.
 
-    python benchmarks/peers.py                     # the README tables (about 12 min on 2 CPU threads)
+    python benchmarks/peers.py                     # the README tables (about 20 min on a 2-thread AMD EPYC VM)
     python benchmarks/peers.py --quick             # a smoke run on a tiny model
     python -m benchmarks.peers --models resnet50 --ks 1,1000 --methods gradcam
 
@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make ``funcam`` importable fro
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import funcam  # noqa: E402
 
+T0 = time.perf_counter()
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -74,19 +75,20 @@ def peak_rss():
         out["peak"] = max(out["peak"], _rss() - start)
 
 
-def measure(fn, *, min_time: float, max_repeats: int = 20) -> dict:
-    """Median and IQR of ``fn()``'s wall time (after one warm-up call, which also gives peak memory)."""
+def measure(fn, *, min_time: float, max_repeats: int = 20, min_repeats: int = 3) -> dict:
+    """Median and IQR of ``fn()``'s wall time over at least ``min_repeats`` calls (and ``min_time`` seconds),
+    after one warm-up call, which also gives the peak memory."""
     with peak_rss() as mem:
         t0 = time.perf_counter()
         fn()
         first = time.perf_counter() - t0
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-    # A call longer than min_time (a peer looping over classes) warms itself up after its first class:
-    # the first call is then a sample too, which keeps the whole run within minutes.
-    times: list[float] = [first] if first > min_time else []
-    while not times or (times[-1] <= min_time and len(times) < max_repeats
-                        and (len(times) < 3 or sum(times) < min_time)):
-        times.append(timer.timeit(1).median)  # one call longer than min_time is enough
+    # A peer's call longer than min_time (a loop over classes) warms itself up after its first class: with
+    # min_repeats=1 the first call is then the sample, which keeps the whole run within minutes.
+    times: list[float] = [first] if min_repeats == 1 and first > min_time else []
+    while len(times) < max(1, min_repeats) or (len(times) < max_repeats and sum(times) < min_time
+                                               and times[-1] <= min_time):
+        times.append(timer.timeit(1).median)
     m = benchmark.Measurement(1, times, "fn()", "")
     return {"median_s": m.median, "iqr_s": m.iqr, "repeats": len(times), "peak_mb": mem["peak"] / 2**20}
 
@@ -207,7 +209,8 @@ def run_model(name: str, batch: int, size: int, ks: list[int], methods: list[str
             res["note"] = (note + f" timed over {scaled_from} classes, scaled").strip()
         res["x_forward"] = res["median_s"] / fwd["median_s"]
         rows.append(res)
-        print(f"  {name} B={batch} {method} K={k} {who}: {res['median_s']:.3f} s ({res['x_forward']:.2f}x fwd)"
+        print(f"  [{(time.perf_counter() - T0) / 60:5.1f} min] {name} B={batch} {method} K={k} {who}: "
+              f"{res['median_s']:.3f} s ({res['x_forward']:.2f}x fwd)"
               f" peak {res['peak_mb']:.0f} MB {res['note']}", file=sys.stderr, flush=True)
 
     with torch.no_grad():
@@ -218,7 +221,7 @@ def run_model(name: str, batch: int, size: int, ks: list[int], methods: list[str
             classes = torch.arange(k)
             with torch.no_grad():
                 add(method, k, "funcam", measure(funcam_eager(sp, x, classes, method), min_time=a.min_time))
-            if a.compile and k in a.compile_ks:
+            if a.compile and k in a.compile_ks and method in a.compile_methods:
                 with torch.no_grad():
                     run, compile_s = funcam_compiled(sp, x, classes, method)
                     add(method, k, "funcam compiled", measure(run, min_time=a.min_time), note=f"compile {compile_s:.0f} s")
@@ -238,7 +241,7 @@ def run_model(name: str, batch: int, size: int, ks: list[int], methods: list[str
                         peer_cache[key] = None
                         continue
                     try:
-                        peer_cache[key] = measure(run, min_time=a.min_time, max_repeats=3)
+                        peer_cache[key] = measure(run, min_time=a.min_time, max_repeats=3, min_repeats=1)
                     finally:
                         if release is not None:
                             release()
@@ -374,6 +377,7 @@ def main(argv=None) -> None:
     p.add_argument("--min-time", type=float, default=2.0)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile-ks", default="1000")
+    p.add_argument("--compile-methods", default="gradcam,gradcampp", help="methods timed compiled too (comma-separated)")
     p.add_argument("--rollout", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -384,6 +388,7 @@ def main(argv=None) -> None:
         a.models, a.size, a.batch, a.ks, a.vit_ks, a.scaling = "resnet18,vit_tiny_patch16_224", 64, 2, "1,3", "1,3", ""
         a.peer_classes, a.min_time, a.compile = 2, 0.05, False
     a.compile_ks = [int(v) for v in a.compile_ks.split(",") if v]
+    a.compile_methods = a.compile_methods.split(",")
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     rows: list[dict] = []
