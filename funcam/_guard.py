@@ -27,6 +27,17 @@ import torch
 from torch import Tensor, nn
 
 
+def unwrap(model: Any) -> Any:
+    """The module inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (any other value as is).
+
+    funcam differentiates the model's own forward on ``x``'s device; the wrappers only scatter a batch over
+    devices (and synchronise gradients in training), which a function transform must not go through.
+    """
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
 class TrainingModeWarning(UserWarning):
     """The model (or one of its submodules) is in training mode: dropout and batch statistics make maps random."""
 

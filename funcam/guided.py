@@ -86,6 +86,7 @@ class _GuidedReLUMode(TorchFunctionMode):
 
 def _guided_cam(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None) -> CAM:
     """CAM(maps = input gradients (B, K, C, H, W) under the guided rule, classes, logits)."""
+    model = _guard.unwrap(model)
     check_input(x, None, model)
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
         return _guard.no_images(_guided_cam(model, *_guard.one_image(x, classes), top_k, chunk_size))
@@ -134,6 +135,8 @@ def guided_gradcam(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: i
     from funcam.cams import cam
     from funcam.postprocess import upsample
     from funcam.split import split
+
+    model = _guard.unwrap(model)
 
     def both() -> CAM:
         gb = _guided_cam(model, x, classes, top_k, chunk_size)

@@ -69,6 +69,7 @@ def _run(model: nn.Module, x: Tensor, deltas: tuple[Tensor, ...] | None = None) 
 
 def block_attentions(model: nn.Module, x: Tensor) -> list[Tensor]:
     """Attention probabilities of every block: x (B, 3, H, W) -> L tensors (B, heads, N, N), N = prefix + h*w."""
+    model = _guard.unwrap(model)
     check_vit(model)
     check_input(x, None, model)
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
@@ -140,6 +141,7 @@ def _check_rollout_args(model: nn.Module, head_fusion: str, discard_ratio: float
 def _mixed(model: nn.Module, x: Tensor, head_fusion: str, discard_ratio: float,
            start_block: int) -> tuple[list[Tensor], Tensor]:
     """(the mixed attention matrices of blocks start_block.., logits (B, N)) from one forward."""
+    model = _guard.unwrap(model)
     _check_rollout_args(model, head_fusion, discard_ratio, start_block)
     check_input(x, None, model)
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
@@ -177,6 +179,7 @@ def attention_rollout(model: nn.Module, x: Tensor, *, head_fusion: str = "mean",
 def rollout_with_logits(model: nn.Module, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                         start_block: int = 0) -> tuple[Tensor, Tensor]:
     """``(attention_rollout(...) (B, h, w), logits (B, N))`` from the same single forward."""
+    model = _guard.unwrap(model)
     mats, logits = _mixed(model, x, head_fusion, discard_ratio, start_block)
     row = _readout(model, mats[0].shape[-1], mats[0]).expand(x.shape[0], 1, -1)  # (B, 1, N)
     for m in reversed(mats):
@@ -186,6 +189,7 @@ def rollout_with_logits(model: nn.Module, x: Tensor, *, head_fusion: str = "mean
 
 def _relevance(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
                return_cam: bool, step: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor | CAM:
+    model = _guard.unwrap(model)
     check_vit(model)
     check_input(x, None, model)
     if x.shape[0] == 0 and not torch.compiler.is_compiling():

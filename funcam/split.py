@@ -11,6 +11,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from funcam import _guard
+
 __all__ = ["Features", "Pooled", "Split", "split", "check_split"]
 
 
@@ -84,6 +86,8 @@ def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_c
     * any other timm model with ``forward_features`` / ``forward_head`` (ResNet, ConvNeXt, EfficientNet,
       RegNet, MobileNetV3, VGG, DenseNet, ...): the output of ``forward_features``.
 
+    ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers are unwrapped: the split is of the module inside.
+
     Tokens become a ``(B, C, h, w)`` map inside the split (``rearrange 'b (h w) c -> b c h w'``); prefix
     tokens (CLS, distillation, registers) travel in ``Features.context``.
 
@@ -92,6 +96,7 @@ def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_c
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"split: model must be a torch.nn.Module, got {type(model).__name__}")
+    model = _guard.unwrap(model)  # DataParallel / DistributedDataParallel: split the wrapped module
     return _split(model, layer, token_cut, tracer_leaves)._replace(module=model)
 
 
@@ -134,7 +139,6 @@ def check_split(split: Split, x: Tensor, model: nn.Module | None = None, *, atol
     depend on every feature map: an all-zero gradient for a random cotangent means the cut point does not
     reach the logits (e.g. norm2 of a CLS-pooled ViT), and every map would come out zero.
     """
-    from funcam import _guard
 
     # guarded like every entry point: a training-mode model warns and keeps its batch-norm statistics
     _guard.run(model if model is not None else split.module, lambda: _check_split(split, x, model, atol))

@@ -470,3 +470,36 @@ def test_check_split_in_training_mode_leaves_batch_norm_statistics():
         warnings.simplefilter("ignore", funcam.TrainingModeWarning)
         funcam.check_split(funcam.split(model), x, model)
     _assert_untouched(before, _snapshot(model), eval_mode=False)
+
+
+# ------------------------------------------------------------------------------ data-parallel wrappers
+
+@pytest.fixture(scope="module")
+def _process_group(tmp_path_factory):
+    """A one-process gloo group, so DistributedDataParallel can wrap a CPU model."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    store = tmp_path_factory.mktemp("ddp") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
+@pytest.mark.parametrize("name", [n for n in sorted(ENTRY_POINTS) if n != "split"])
+def test_data_parallel_wrappers_give_the_wrapped_models_maps(name, wrapper, _process_group):
+    # pytorch-grad-cam breaks on DataParallel models; funcam explains the wrapped module itself (the wrapper
+    # only scatters batches over devices), so every entry point gives the plain model's maps bit for bit.
+    make, call = ENTRY_POINTS[name]
+    model, x = make()
+    wrapped = getattr(nn.parallel, wrapper)(model)
+    with torch.no_grad():
+        plain = _result(call(model, x))
+        via = _result(call(wrapped, x))
+    _assert_nonzero(plain, name)
+    assert torch.equal(plain, via), name
