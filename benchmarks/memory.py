@@ -47,6 +47,10 @@ import subprocess
 import sys
 import time
 
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and ``funcam`` importable from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._machine import cpu_name  # noqa: E402
+
 MiB = 2**20
 
 # variant -> what it is; "<n>MiB" is no_grad with max_memory=n MiB
@@ -142,8 +146,6 @@ def _reset_peak() -> bool:
 
 def child(spec: dict) -> dict:
     """Run one configuration in this (fresh) process; returns its measurements."""
-    if __package__ in (None, ""):  # run as a script: make ``funcam`` importable from a checkout
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import timm
     import torch
 
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"model": a.model, "sizes": sizes, "threads": a.threads, "repeats": a.repeats, "quick": a.quick,
             "malloc": a.malloc,
             "python": platform.python_version(), "torch": _version("torch"), "timm": _version("timm"),
-            "cpu": _cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(), "device": "cpu",
+            "cpu": cpu_name(), "cores": os.cpu_count(), "machine": platform.machine(), "device": "cpu",
             "memory_total_bytes": _meminfo_total(), "total_s": time.perf_counter() - t0, "time": time.time()}
     for s in sizes.values():
         s["model"] = a.model
@@ -302,15 +304,6 @@ def _version(name: str) -> str:
     from importlib.metadata import version
 
     return version(name)
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def _meminfo_total() -> int | None:

@@ -36,6 +36,7 @@ from torch.utils import benchmark
 if __package__ in (None, ""):  # run as a script: make ``funcam`` importable from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import funcam  # noqa: E402
+from benchmarks._machine import cpu_name  # noqa: E402
 
 T0 = time.perf_counter()
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -426,7 +427,7 @@ def main(argv=None) -> None:
         scale = argparse.Namespace(**{**vars(a), "compile": False, "no_peers": True, "rollout": False})
         rows += run_model(first, b, a.size, [1000], ["gradcam"], scale)
     meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version(), "cpu": _cpu_name(), "device": "cpu", "size": a.size,
+            "python": platform.python_version(), "cpu": cpu_name(), "device": "cpu", "size": a.size,
             "total_s": time.perf_counter() - t0}
     print(f"\n{meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, {a.size}x{a.size}, random weights; "
           f"whole run {meta['total_s'] / 60:.1f} min")
@@ -437,15 +438,6 @@ def main(argv=None) -> None:
     print(targets_markdown(goals))
     with open(a.json, "w") as f:
         json.dump({"meta": meta, "rows": rows, "targets": goals}, f, indent=2)
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
