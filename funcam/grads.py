@@ -82,7 +82,8 @@ def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
 # gradients are (B, C, h, w): chunks of about 128 MiB ran fastest here (vit_small K = 100: 1.3-1.5x a forward
 # at 32-128 MiB, 1.8x at 512 MiB; resnet50's general path K = 1000: 2.7x at 64 MiB, 4.0x at 512 MiB), as
 # they stay closer to the caches. The fast path's are (B, C) plus the rule's temporaries: there too smaller
-# chunks ran faster (resnet50 B = 32, K = 1000 Grad-CAM++: 1.30x a forward at 64 MiB, 1.58x at 512 MiB).
+# chunks ran faster (resnet50 B = 32, K = 1000 Grad-CAM++: 1.03-1.11x a forward at 64-256 MiB, 1.33x in one
+# chunk; benchmarks/memory.py).
 DEFAULT_MAX_MEMORY = 128 * 2**20
 
 
