@@ -86,7 +86,6 @@ class _GuidedReLUMode(TorchFunctionMode):
 
 def _guided_cam(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None) -> CAM:
     """CAM(maps = input gradients (B, K, C, H, W) under the guided rule, classes, logits)."""
-    model = _guard.unwrap(model)
     check_input(x, None, model)
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
         return _guard.no_images(_guided_cam(model, *_guard.one_image(x, classes), top_k, chunk_size))
@@ -119,7 +118,7 @@ def guided_backprop(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: 
     every class's backward stays alive (memory grows with K whatever ``chunk_size``).
     return_cam: return ``funcam.CAM(maps (B, K, C, H, W), classes (B, K), logits (B, num_classes))``.
     """
-    out = _guided_cam(model, x, classes, top_k, chunk_size)
+    out = _guided_cam(_guard.unwrap(model), x, classes, top_k, chunk_size)
     return out if return_cam else out.maps
 
 

@@ -141,7 +141,6 @@ def _check_rollout_args(model: nn.Module, head_fusion: str, discard_ratio: float
 def _mixed(model: nn.Module, x: Tensor, head_fusion: str, discard_ratio: float,
            start_block: int) -> tuple[list[Tensor], Tensor]:
     """(the mixed attention matrices of blocks start_block.., logits (B, N)) from one forward."""
-    model = _guard.unwrap(model)
     _check_rollout_args(model, head_fusion, discard_ratio, start_block)
     check_input(x, None, model)
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
@@ -156,6 +155,7 @@ def _mixed(model: nn.Module, x: Tensor, head_fusion: str, discard_ratio: float,
 def rollout_matrix(model: nn.Module, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    start_block: int = 0) -> Tensor:
     """The rolled-out matrix ``R = A_L ... A_s`` (B, N, N), rows summing to 1 (arguments as ``attention_rollout``)."""
+    model = _guard.unwrap(model)
     mats, _ = _mixed(model, x, head_fusion, discard_ratio, start_block)
     r = mats[0]
     for m in mats[1:]:

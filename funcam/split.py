@@ -139,7 +139,6 @@ def check_split(split: Split, x: Tensor, model: nn.Module | None = None, *, atol
     depend on every feature map: an all-zero gradient for a random cotangent means the cut point does not
     reach the logits (e.g. norm2 of a CLS-pooled ViT), and every map would come out zero.
     """
-
     # guarded like every entry point: a training-mode model warns and keeps its batch-norm statistics
     _guard.run(model if model is not None else split.module, lambda: _check_split(split, x, model, atol))
 

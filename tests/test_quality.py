@@ -27,7 +27,7 @@ def test_digits_tiny_cnn_points_at_the_digit(tiny_cnn):
 
 def test_digits_tiny_vit_relevance_points_at_the_digit():
     # A 2-block ViT trained here for 300 steps (about a minute on one thread): it already finds the digit
-    # (its accuracy is still low), and the maps must show it; one step of training scores at chance.
+    # (its accuracy is still low), and the maps must show it.
     torch.set_num_threads(1)
     model = _digits.load_or_train("tiny-vit", "single", cache=False)
     data = _digits.make_canvases(100, task="single", split="test", seed=7)
