@@ -27,7 +27,7 @@ def default_method(model: nn.Module) -> str:
     """The method funcam recommends for ``model``: the Chefer et al. 2021 relevance rule for ViTs (it is
     class-specific where token Grad-CAM and plain rollout are not; see the README's quality table),
     Grad-CAM otherwise."""
-    from funcam._tokens import is_vit
+    from funcam.cuts.timm import is_vit
 
     return "chefer" if is_vit(model) else "gradcam"
 

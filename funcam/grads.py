@@ -23,7 +23,8 @@ Reduce = Callable[[Tensor, Tensor], Tensor]  # (g (B, C, h, w), A (B, C, h, w)) 
 class CAM(NamedTuple):
     """maps: ``(B, K, h, w)`` raw maps at feature resolution (a tuple of them for a multi-layer split);
     classes: ``(B, K)`` class indices explained (None when ``classes`` was a score callable);
-    logits: ``(B, num_classes)`` from the same forward."""
+    logits: ``(B, num_classes)`` from the same forward (a model whose output is not logits - a dict, an
+    embedding - reports its output here as it is)."""
 
     maps: Any
     classes: Tensor | None
@@ -142,13 +143,12 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     # counting their dependence on x and the parameters twice (``.detach`` stops every level).
     primals = (maps[0],) + tuple(m.detach() for m in maps[1:]) if feats.chained else maps
 
-    def scores(*ms: Tensor) -> tuple[Tensor, Tensor]:
-        logits = split.head(rebuild(ms))
-        if not isinstance(logits, Tensor) or logits.ndim != 2:
-            raise ValueError(f"head must return logits (B, num_classes), got "
-                             f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
-                             f" (a model in training mode can return a tuple: call model.eval() first)")
-        return (score_fn(logits) if score_fn else logits), logits
+    def scores(*ms: Tensor) -> tuple[Tensor, Any]:
+        out = split.head(rebuild(ms))
+        if score_fn is not None:
+            return score_fn(out), logits_or_output(out)
+        logits = logits_of(out)
+        return logits, logits
 
     out, vjp_fn, logits = torch.func.vjp(scores, *primals, has_aux=True)
     idx, picked = class_indices(out, logits, classes, score_fn, top_k, x.shape[0])
@@ -175,6 +175,29 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
 
 
+def logits_of(out: Any) -> Tensor:
+    """The ``(B, num_classes)`` logits in a model's output: the output itself, or its ``logits`` field (a Hugging
+    Face ``ModelOutput``). Anything else (a dict, a tuple, an embedding, a dense map) needs a score callable."""
+    t = getattr(out, "logits", None) if not isinstance(out, Tensor) else out
+    if isinstance(t, Tensor) and t.ndim == 2:
+        return t
+    what = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+    if isinstance(out, dict):
+        what += f" with keys {list(out)}"
+    hint = " (a model in training mode can return a tuple: call model.eval() first)" if isinstance(out, tuple) else ""
+    raise ValueError(
+        f"the model returns {what}, not logits (B, num_classes), so integer classes do not say what to explain"
+        f"{hint}: pass classes= as a callable that takes the model's output and returns (B, K) scores, e.g. "
+        f"classes=lambda out: out['out'][:, [c]].mean((2, 3)) for a segmentation model or "
+        f"classes=lambda emb: emb @ refs.T for an embedding model")
+
+
+def logits_or_output(out: Any) -> Any:
+    """What ``CAM.logits`` reports: the logits when the output has them, else the model's output as it is."""
+    t = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+    return t if isinstance(t, Tensor) and t.ndim == 2 else out
+
+
 def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
               reduce: Callable[[tuple[Tensor, ...], Any], Tensor], *, top_k: int | None, chunk_size: int | None,
               empty: Callable[[int], Tensor], module: Any = None) -> CAM:
@@ -199,12 +222,15 @@ def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor
                empty: Callable[[int], Tensor]) -> CAM:
     score_fn = classes if callable(classes) else None
 
-    def scores(*p: Tensor) -> tuple[Tensor, tuple[Tensor, Any]]:
-        logits, aux = forward(*p)
-        return (score_fn(logits) if score_fn else logits), (logits, aux)
+    def scores(*p: Tensor) -> tuple[Tensor, tuple[Any, Any]]:
+        out, aux = forward(*p)
+        if score_fn is not None:
+            return score_fn(out), (logits_or_output(out), aux)
+        logits = logits_of(out)
+        return logits, (logits, aux)
 
     out, vjp_fn, (logits, aux) = torch.func.vjp(scores, *primals, has_aux=True)
-    idx, picked = class_indices(out, logits, classes, score_fn, top_k, logits.shape[0])
+    idx, picked = class_indices(out, logits, classes, score_fn, top_k, None)
     if idx.shape[1] == 0:
         return CAM(empty(idx.shape[0]), picked, logits)
     cot = _one_hot(idx, out.shape[1], out.dtype)
@@ -212,13 +238,14 @@ def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor
     return CAM(per.movedim(0, 1), picked, logits)
 
 
-def class_indices(out: Tensor, logits: Tensor, classes: Any, score_fn: Any, top_k: int | None, b: int):
+def class_indices(out: Tensor, logits: Tensor, classes: Any, score_fn: Any, top_k: int | None, b: int | None):
     """(idx (B, K) of the columns of ``out`` to explain, class indices to report or None)."""
     if score_fn is None:
         idx = resolve_classes(classes, top_k, logits)
         return idx, idx
-    if out.ndim != 2 or out.shape[0] != b:
-        raise ValueError(f"the classes callable must return scores (B, K) = ({b}, K), got shape {tuple(out.shape)}")
+    if not isinstance(out, Tensor) or out.ndim != 2 or (b is not None and out.shape[0] != b):
+        got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
+        raise ValueError(f"the classes callable must return scores (B, K) = ({'B' if b is None else b}, K), got {got}")
     return torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1), None
 
 

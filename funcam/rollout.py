@@ -1,30 +1,39 @@
-"""Attention rollout and class-specific attention relevance for timm Vision Transformers, without hooks.
+"""Attention rollout and class-specific attention relevance for any transformer, without hooks.
 
-Every block's attention probabilities are recomputed from the block's own parameters
-(``funcam.attention.attention_probs``), so fused-attention models work and nothing is registered on the model.
+Where the attention probabilities come from:
+
+* timm Vision Transformers with pre-norm blocks and plain softmax attention: every block's probabilities are
+  recomputed from the block's own parameters (``funcam.cuts.attention.attention_probs``).
+* any other model (timm's BEiT, EVA, DeiT3, CaiT's self-attention blocks, torchvision ``vit_b_16``, Hugging Face
+  ViT / DeiT / Dinov2, ...): the model's graph is captured (``funcam.cuts``) and every attention over its patch
+  tokens - ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, an explicit softmax - is computed
+  explicitly with a zero-valued tap on its probabilities (``funcam.cuts.attention.graph_attention``).
+  Pass ``funcam.split(model)`` instead of the model to reuse its captured graph across calls.
 
 Order of the product. Block ``l`` mixes tokens as ``x_l = A_l x_{l-1}`` (rows of ``A_l`` are the queries), so
 the tokens after the last block depend on the input tokens through ``R = A_L ... A_2 A_1``: the first block's
-matrix is applied first (rightmost). The map is the CLS row of ``R`` at the patch columns, computed as the row
-vector ``e_cls^T A_L`` then times ``A_{L-1}``, ..., ``A_1`` (vector-matrix products, O(L N^2) per image and class
+matrix is applied first (rightmost). The map is the readout row of ``R`` at the patch columns, computed as the row
+vector ``e^T A_L`` then times ``A_{L-1}``, ..., ``A_1`` (vector-matrix products, O(L N^2) per image and class
 instead of O(L N^3)); ``rollout_matrix`` returns the full ``R`` for checks.
 
-Readout row: the CLS row for CLS-pooled ViTs and DeiT-distilled (its CLS head; prefix tokens - CLS,
-distillation, registers, ``model.num_prefix_tokens`` - are never map pixels), the mean of the patch rows for
-average-pooled ViTs (what their head reads).
+Readout row: the tokens the output reads after the last attention - the CLS row for CLS-pooled ViTs, the mean of
+the patch rows for average-pooled ones (timm ViTs: from ``global_pool``; DeiT-distilled: its CLS head; other
+models: the rows whose gradient from the output is non-zero, uniformly weighted). Prefix tokens (CLS,
+distillation, registers) are never map pixels.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from einops import rearrange, reduce as ereduce
 from torch import Tensor, nn
 
-from funcam._tokens import _grid, check_size, is_vit
-from funcam.attention import attention_output, attention_probs, is_plain_attention
+from funcam.cuts.timm import _grid, check_size, is_vit
+from funcam.cuts.attention import attention_output, attention_probs, is_plain_attention
 from funcam import _guard
-from funcam.grads import CAM, check_input, class_vjp, resolve_classes
+from funcam.grads import CAM, check_input, class_vjp
+from funcam.split import Split
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -67,33 +76,88 @@ def _run(model: nn.Module, x: Tensor, deltas: tuple[Tensor, ...] | None = None) 
     return model.forward_head(model.norm(t)), probs
 
 
-def block_attentions(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """Attention probabilities of every block: x (B, 3, H, W) -> L tensors (B, heads, N, N), N = prefix + h*w."""
-    model = _guard.unwrap(model)
-    check_vit(model)
-    check_input(x, None, model)
+class Source(NamedTuple):
+    """Where a model's attention probabilities come from, for one input size.
+
+    run(x, deltas) -> (the model's output, [probs (B, heads, N, N) per attention layer]); deltas: zero taps shaped
+    like the probabilities (``shapes(B)``), or None. readout: (N,) weights of the rows the output reads.
+    prefix, grid: the token axis (prefix tokens, then a gh x gw grid). module: the model (for the guard).
+    """
+
+    run: Callable[[Tensor, Any], tuple[Any, list[Tensor]]]
+    shapes: Callable[[int], list[tuple[int, ...]]]
+    readout: Tensor
+    prefix: int
+    grid: tuple[int, int]
+    module: nn.Module
+
+
+def source(model_or_split: Any, x: Tensor) -> Source:
+    """The attention ``Source`` of a model (or of ``funcam.split(model)``, reusing its captured graph) for ``x``."""
+    graph = getattr(model_or_split, "graph", None) if isinstance(model_or_split, Split) else None
+    model = _guard.unwrap(model_or_split.module if isinstance(model_or_split, Split) else model_or_split)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a funcam.Split of one, got {type(model_or_split).__name__}")
+    if _is_plain_vit(model):
+        return _timm_source(model, x)
+    if graph is None:
+        from funcam.cuts.auto import GraphCut
+
+        graph = GraphCut(model, None)
+    ga = _guard.run(model, lambda: graph.attention(x))
+    return Source(ga.run, ga.shapes, ga.readout.to(device=x.device, dtype=x.dtype), ga.prefix, ga.grid, model)
+
+
+def _is_plain_vit(model: nn.Module) -> bool:
+    try:
+        check_vit(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _timm_source(model: nn.Module, x: Tensor) -> Source:
+    gh, gw = _grid(model, x)
+    npre = int(getattr(model, "num_prefix_tokens", 1))
+    n = npre + gh * gw
+    idx = torch.arange(n, device=x.device)
+    if type(model).__name__ != "VisionTransformerDistilled" and getattr(model, "global_pool", "token") == "avg":
+        readout = (idx >= npre).to(x.dtype) / (n - npre)
+    else:
+        readout = (idx == 0).to(x.dtype)
+    heads = [blk.attn.num_heads for blk in model.blocks]
+    return Source(lambda inp, d: _run(model, inp, d), lambda b: [(b, h, n, n) for h in heads], readout, npre,
+                  (gh, gw), model)
+
+
+def block_attentions(model: nn.Module | Split, x: Tensor) -> list[Tensor]:
+    """Attention probabilities of every attention layer: x (B, 3, H, W) -> L tensors (B, heads, N, N),
+    N = prefix + h*w (any transformer; see the module docstring)."""
+    check_input(x, None, _module(model))
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
         return _guard.no_images(block_attentions(model, _guard.one_image(x, None)[0]))
     x = _guard.normal_tensor(x)
-    logits, probs = _guard.run(model, lambda: _run(model, x))
-    _guard.check_output(logits, tuple(probs))
+    src = source(model, x)
+    out, probs = _guard.run(src.module, lambda: src.run(x, None))
+    _guard.check_output(_logits(out), tuple(probs))
     return probs
 
 
-def _readout(model: nn.Module, n: int, like: Tensor) -> Tensor:
-    """(N,) weights of the token rows the head reads: one-hot CLS, or uniform over the patch rows (avg pool)."""
-    npre = int(getattr(model, "num_prefix_tokens", 1))
-    idx = torch.arange(n, device=like.device)
-    if type(model).__name__ != "VisionTransformerDistilled" and getattr(model, "global_pool", "token") == "avg":
-        return (idx >= npre).to(like.dtype) / (n - npre)
-    return (idx == 0).to(like.dtype)
+def _module(model_or_split: Any) -> nn.Module | None:
+    m = model_or_split.module if isinstance(model_or_split, Split) else model_or_split
+    return _guard.unwrap(m) if isinstance(m, nn.Module) else None
 
 
-def _to_grid(model: nn.Module, x: Tensor, cols: Tensor) -> Tensor:
+def _logits(out: Any) -> Any:
+    from funcam.grads import logits_or_output
+
+    return logits_or_output(out)
+
+
+def _to_grid(src: Source, cols: Tensor) -> Tensor:
     """Patch columns of token rows ``cols (..., N)`` -> ``(..., h, w)`` on the token grid (non-square too)."""
-    gh, gw = _grid(model, x)
-    npre = int(getattr(model, "num_prefix_tokens", 1))
-    return rearrange(cols[..., npre:], "... (h w) -> ... h w", h=gh, w=gw)
+    gh, gw = src.grid
+    return rearrange(cols[..., src.prefix:], "... (h w) -> ... h w", h=gh, w=gw)
 
 
 def fuse_heads(probs: Tensor, head_fusion: str) -> Tensor:
@@ -127,46 +191,48 @@ def mix_identity(a: Tensor) -> Tensor:
     return m / m.sum(dim=-1, keepdim=True)
 
 
-def _check_rollout_args(model: nn.Module, head_fusion: str, discard_ratio: float, start_block: int) -> None:
-    check_vit(model)
+def _check_rollout_args(head_fusion: str, discard_ratio: float, start_block: int, layers: int) -> None:
     if head_fusion not in HEAD_FUSIONS:
         raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
     if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)) or not 0 <= discard_ratio < 1:
         raise ValueError(f"discard_ratio must be a number in [0, 1), got {discard_ratio!r}")
-    n = len(model.blocks)
+    n = layers
     if isinstance(start_block, bool) or not isinstance(start_block, int) or not 0 <= start_block < n:
         raise ValueError(f"start_block must be an int in [0, {n}) (the model has {n} blocks), got {start_block!r}")
 
 
-def _mixed(model: nn.Module, x: Tensor, head_fusion: str, discard_ratio: float,
-           start_block: int) -> tuple[list[Tensor], Tensor]:
-    """(the mixed attention matrices of blocks start_block.., logits (B, N)) from one forward."""
-    _check_rollout_args(model, head_fusion, discard_ratio, start_block)
-    check_input(x, None, model)
+def _mixed(model: Any, x: Tensor, head_fusion: str, discard_ratio: float,
+           start_block: int) -> tuple[list[Tensor], Any, Source]:
+    """(the mixed attention matrices of blocks start_block.., the model's output, the source) from one forward."""
+    _check_rollout_args(head_fusion, discard_ratio, 0, 1)
+    check_input(x, None, _module(model))
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
-        mats, logits = _mixed(model, _guard.one_image(x, None)[0], head_fusion, discard_ratio, start_block)
-        return _guard.no_images(mats), logits[:0]
+        mats, out, src = _mixed(model, _guard.one_image(x, None)[0], head_fusion, discard_ratio, start_block)
+        return _guard.no_images(mats), _guard.no_images(out) if isinstance(out, Tensor) else out, src
     x = _guard.normal_tensor(x)
-    logits, probs = _guard.run(model, lambda: _run(model, x))
-    _guard.check_output(logits, tuple(probs))
-    return [mix_identity(discard_lowest(fuse_heads(p, head_fusion), discard_ratio)) for p in probs[start_block:]], logits
+    src = source(model, x)
+    _check_rollout_args(head_fusion, discard_ratio, start_block, len(src.shapes(1)))
+    out, probs = _guard.run(src.module, lambda: src.run(x, None))
+    _guard.check_output(_logits(out), tuple(probs))
+    mats = [mix_identity(discard_lowest(fuse_heads(p, head_fusion), discard_ratio)) for p in probs[start_block:]]
+    return mats, out, src
 
 
-def rollout_matrix(model: nn.Module, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+def rollout_matrix(model: nn.Module | Split, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    start_block: int = 0) -> Tensor:
     """The rolled-out matrix ``R = A_L ... A_s`` (B, N, N), rows summing to 1 (arguments as ``attention_rollout``)."""
-    model = _guard.unwrap(model)
-    mats, _ = _mixed(model, x, head_fusion, discard_ratio, start_block)
+    mats, _, _ = _mixed(model, x, head_fusion, discard_ratio, start_block)
     r = mats[0]
     for m in mats[1:]:
         r = m @ r  # later blocks on the left: R_l = A_l R_{l-1}
     return r
 
 
-def attention_rollout(model: nn.Module, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
+def attention_rollout(model: nn.Module | Split, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                       start_block: int = 0) -> Tensor:
     """Attention rollout (Abnar & Zuidema 2020): x (B, 3, H, W) -> maps (B, h, w) on the token grid.
 
+    model: a transformer (see the module docstring) or ``funcam.split(model)`` to reuse its captured graph.
     head_fusion: "mean" | "max" | "min" over heads. discard_ratio in [0, 1): per image, that fraction of the
     fused matrix's entries (the smallest) is zeroed, CLS->CLS kept. start_block: the first block rolled out.
     Class-agnostic: one map per image. Raw values (the readout row of ``R``, patch columns; not normalised).
@@ -176,40 +242,38 @@ def attention_rollout(model: nn.Module, x: Tensor, *, head_fusion: str = "mean",
                                start_block=start_block)[0]
 
 
-def rollout_with_logits(model: nn.Module, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
-                        start_block: int = 0) -> tuple[Tensor, Tensor]:
-    """``(attention_rollout(...) (B, h, w), logits (B, N))`` from the same single forward."""
-    model = _guard.unwrap(model)
-    mats, logits = _mixed(model, x, head_fusion, discard_ratio, start_block)
-    row = _readout(model, mats[0].shape[-1], mats[0]).expand(x.shape[0], 1, -1)  # (B, 1, N)
+def rollout_with_logits(model: nn.Module | Split, x: Tensor, *, head_fusion: str = "mean",
+                        discard_ratio: float = 0.0, start_block: int = 0) -> tuple[Tensor, Any]:
+    """``(attention_rollout(...) (B, h, w), logits (B, N))`` from the same single forward (a model whose output is
+    not logits reports its output as it is)."""
+    mats, out, src = _mixed(model, x, head_fusion, discard_ratio, start_block)
+    row = src.readout.to(mats[0].dtype).expand(x.shape[0], 1, -1)  # (B, 1, N)
     for m in reversed(mats):
         row = row @ m  # e^T A_L, then (e^T A_L) A_{L-1}, ...: the same product as R, from the left
-    return _to_grid(model, x, row[:, 0]), logits
+    return _to_grid(src, row[:, 0]), _logits(out)
 
 
-def _relevance(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
+def _relevance(model: Any, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
                return_cam: bool, step: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor | CAM:
-    model = _guard.unwrap(model)
-    check_vit(model)
-    check_input(x, None, model)
+    check_input(x, None, _module(model))
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
         x1, classes1 = _guard.one_image(x, classes)
         return _guard.no_images(_relevance(model, x1, classes1, top_k, chunk_size, True, step)) if return_cam \
             else _relevance(model, x1, classes1, top_k, chunk_size, False, step)[:0]
     x = _guard.normal_tensor(x)
+    src = source(model, x)
     b = x.shape[0]
-    gh, gw = _grid(model, x)
-    n = gh * gw + int(getattr(model, "num_prefix_tokens", 1))
-    deltas = tuple(x.new_zeros(b, blk.attn.num_heads, n, n) for blk in model.blocks)
+    gh, gw = src.grid
+    deltas = tuple(x.new_zeros(s) for s in src.shapes(b))
 
     def reduce(grads: tuple[Tensor, ...], probs: list[Tensor]) -> Tensor:
-        row = _readout(model, n, x).expand(b, 1, -1)  # (B, 1, N)
+        row = src.readout.expand(b, 1, -1)  # (B, 1, N)
         for g, a in zip(reversed(grads), reversed(probs)):
             row = step(row, g, a)  # blocks from the last to the first: row^T M_L ... M_1
-        return _to_grid(model, x, row[:, 0])
+        return _to_grid(src, row[:, 0])
 
-    out = class_vjp(lambda *d: _run(model, x, d), deltas, classes, reduce, top_k=top_k, chunk_size=chunk_size,
-                    empty=lambda bb: x.new_zeros(bb, 0, gh, gw), module=model)
+    out = class_vjp(lambda *d: src.run(x, d), deltas, classes, reduce, top_k=top_k, chunk_size=chunk_size,
+                    empty=lambda bb: x.new_zeros(bb, 0, gh, gw), module=src.module)
     return out if return_cam else out.maps
 
 
@@ -227,7 +291,7 @@ def _chefer_step(row: Tensor, g: Tensor, a: Tensor) -> Tensor:
     return row + row @ fused
 
 
-def grad_rollout(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+def grad_rollout(model: nn.Module | Split, x: Tensor, classes: Any = None, *, top_k: int | None = None,
                  chunk_size: int | None = None, return_cam: bool = False) -> Tensor | CAM:
     """Gradient-weighted attention rollout: x (B, 3, H, W) -> maps (B, K, h, w) for K classes per image.
 
@@ -244,7 +308,7 @@ def grad_rollout(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int
     return _relevance(model, x, classes, top_k, chunk_size, return_cam, _grad_rollout_step)
 
 
-def chefer_relevance(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+def chefer_relevance(model: nn.Module | Split, x: Tensor, classes: Any = None, *, top_k: int | None = None,
                      chunk_size: int | None = None, return_cam: bool = False) -> Tensor | CAM:
     """Chefer et al. 2021 relevance: x (B, 3, H, W) -> maps (B, K, h, w) for K classes per image.
 

@@ -59,6 +59,8 @@ class Split(NamedTuple):
         pooling (``Pooled``), else None; it enables the exact fast path for many classes.
     module: the model the split was cut from, or None: funcam checks ``x``'s dtype against its parameters
         and handles its training mode (a warning; batch-norm statistics restored after each call).
+    graph: the captured graphs of a graph-route split (``funcam.cuts.auto.GraphCut``), reused by the attention
+        relevance functions; None otherwise.
     """
 
     extract: Callable[[Tensor], Any]
@@ -67,69 +69,143 @@ class Split(NamedTuple):
     layers: tuple[str, ...] = ()
     pooled: Pooled | None = None
     module: nn.Module | None = None
+    graph: Any = None
 
 
 def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_cut: str | None = None,
-          tracer_leaves: Sequence[type] = ()) -> Split:
-    """Split ``model`` into ``Split(extract, head)``.
+          tracer_leaves: Sequence[type] = (), example: Tensor | None = None) -> Split:
+    """Split ``model`` into ``Split(extract, head)``: any image model, cut where its outputs last depend on positions.
 
     Rules, in order:
 
-    * ``layer`` given (a submodule name such as ``"layer4"`` or ``"features.29"``, an FX node name, or a
-      list of them for multi-layer CAMs): the model is traced with ``torch.fx`` and cut after those nodes.
-    * a timm Vision Transformer (``blocks`` + ``patch_embed``): the feature is a token feature inside the
-      last block, with the residual stream held constant. ``token_cut="norm2"`` (the pre-FFN feature) is
-      chosen for average/attention-pooled ViTs; ``token_cut="norm1"`` (before the last attention) for ViTs
-      whose head reads only prefix tokens (``global_pool='token'``, DeiT-distilled), because after the last
-      attention no patch token reaches the head and the norm2 gradient on patch tokens is exactly zero.
-    * timm Swin (``layers`` of stages with NHWC blocks): ``norm2`` of the last block, tokens to a grid.
-    * any other timm model with ``forward_features`` / ``forward_head`` (ResNet, ConvNeXt, EfficientNet,
-      RegNet, MobileNetV3, VGG, DenseNet, ...): the output of ``forward_features``.
+    * ``layer`` given (a submodule name such as ``"layer4"``, ``"features.29"`` or
+      ``"vit.encoder.layer.11.layernorm_before"``, a node name, or a list of them for multi-layer CAMs): the
+      model's graph is captured (``torch.export``; ``torch.fx`` for FX node names and where export fails) and
+      cut after those values, whatever their layout (NCHW, NHWC, tokens with prefix tokens).
+    * a timm Vision Transformer whose last block is a pre-norm block with plain softmax attention (checked on
+      the block itself): a token feature inside the last block, the residual stream held constant.
+      ``token_cut="norm2"`` (the pre-FFN feature) for average/attention-pooled ViTs; ``token_cut="norm1"``
+      (before the last attention) for ViTs whose head reads only prefix tokens (CLS pooling, DeiT-distilled).
+    * a timm Swin whose last block is pre-norm (Swin v1; checked on the block): ``norm2`` of the last block.
+    * a timm model whose ``forward_features`` returns a feature map (NCHW, or NHWC as MambaOut; read from the
+      output's shape): the output of ``forward_features``, with timm's ``forward_head``.
+    * any other model (timm transformers with token features, torchvision, Hugging Face, your own): the graph
+      route, ``funcam.cuts``. The default cut is the last value on the input's grid whose gradient from the
+      model's first output is non-zero at grid positions (the last stage of a CNN, the final tokens of an
+      average-pooled transformer), moved before the last attention when after it only prefix tokens reach the
+      output (CLS-pooled and class-attention heads). Each input size is captured once and checked on first use:
+      ``head(extract(x)) == model(x)``, the gradient reaches the grid, the grid has the input's aspect ratio.
 
+    example: an input ``(B, C, H, W)`` to capture the graph route with now (at ``split`` time), so that ``layers``
+        is known and a compiled caller never meets a first capture; by default the model's configured input size.
     ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers are unwrapped: the split is of the module inside.
 
-    Tokens become a ``(B, C, h, w)`` map inside the split (``rearrange 'b (h w) c -> b c h w'``); prefix
-    tokens (CLS, distillation, registers) travel in ``Features.context``.
+    Token features become ``(B, C, h, w)`` maps inside the split; prefix tokens (CLS, distillation, registers)
+    travel in ``Features.context`` and are held constant. ``split.layers`` names the cut.
 
-    Raises ValueError naming the argument for an unknown layer (with the nearest valid names), an invalid
-    ``token_cut``, or a ``token_cut="norm2"`` on a ViT whose head reads only prefix tokens.
+    Raises ValueError naming the argument for an unknown layer (with the nearest valid names), a layer whose
+    value is not on the input's grid, an invalid ``token_cut``, a model with no usable cut, or a capture that
+    does not reproduce the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"split: model must be a torch.nn.Module, got {type(model).__name__}")
     model = _guard.unwrap(model)  # DataParallel / DistributedDataParallel: split the wrapped module
-    return _split(model, layer, token_cut, tracer_leaves)._replace(module=model)
+    if example is not None:
+        _guard.check_input(example, None, model)
+    return _split(model, layer, token_cut, tracer_leaves, example)._replace(module=model)
 
 
 def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str | None,
-           tracer_leaves: Sequence[type]) -> Split:
+           tracer_leaves: Sequence[type], example: Tensor | None) -> Split:
+    from funcam.cuts import timm as timm_cuts
+
     if token_cut not in (None, "norm1", "norm2"):
         raise ValueError(f"split: token_cut must be None, 'norm1' or 'norm2', got {token_cut!r}")
     in_chans = _in_chans(model)
     if layer is not None:
         if token_cut is not None:
-            raise ValueError("split: give either layer= (an FX cut) or token_cut= (a ViT/Swin cut), not both")
-        from funcam._fx import fx_split
-        names = [layer] if isinstance(layer, str) else list(layer)
+            raise ValueError("split: give either layer= (a graph cut) or token_cut= (a ViT/Swin cut), not both")
+        names = [layer] if isinstance(layer, str) else list(layer) if isinstance(layer, (list, tuple)) else None
         if not names or not all(isinstance(n, str) for n in names):
             raise TypeError(f"split: layer must be a name or a non-empty list of names, got {layer!r}")
-        extract, head, ordered = fx_split(model, names, tracer_leaves=tuple(tracer_leaves))
-        return Split(extract, head, in_chans, ordered)
-    from funcam import _tokens
-    if _tokens.is_vit(model):
-        extract, head, layers = _tokens.vit_split(model, token_cut)
+        return _layer_split(model, names, tuple(tracer_leaves), example, in_chans)
+    if timm_cuts.is_vit(model) and (token_cut is not None or timm_cuts.vit_blocks_ok(model)):
+        extract, head, layers = timm_cuts.vit_split(model, token_cut)
         return Split(extract, head, in_chans, layers)
-    if _tokens.is_swin(model):
-        extract, head, layers = _tokens.swin_split(model, token_cut)
+    if timm_cuts.is_swin(model) and (token_cut is not None or timm_cuts.swin_blocks_ok(model)):
+        extract, head, layers = timm_cuts.swin_split(model, token_cut)
         return Split(extract, head, in_chans, layers)
     if token_cut is not None:
         raise ValueError(f"split: token_cut={token_cut!r} applies to timm ViT and Swin models only, "
                          f"got a {type(model).__name__}")
     if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        return Split(model.forward_features, model.forward_head, in_chans, ("forward_features",),
-                     _pooled_head(model))
-    raise ValueError(
-        f"split: {type(model).__name__} has no forward_features/forward_head; pass layer='NAME' to cut it "
-        f"after a submodule, e.g. one of {suggest_names(model, '')[:5]}")
+        layout = timm_cuts.features_layout(model)
+        if layout is not None:
+            extract, head, layers = timm_cuts.features_split(model, layout)
+            return Split(extract, head, in_chans, layers, _pooled_head(model) if layout == "NCHW" else None)
+    return _graph_split(model, None, example, in_chans)
+
+
+def _layer_split(model: nn.Module, names: list[str], leaves: tuple, example: Tensor | None,
+                 in_chans: int | None) -> Split:
+    """Cut after named values: submodule paths through the captured graph, FX node names through torch.fx."""
+    from funcam.cuts.capture import CaptureError
+
+    modules = {n for n, _ in model.named_modules() if n}
+    if leaves or not all(n in modules for n in names):
+        # FX node names (``layer4_1_relu_1``), or FX's tracer asked for by tracer_leaves
+        from funcam.cuts.fx import fx_split
+
+        try:
+            extract, head, ordered = fx_split(model, names, tracer_leaves=leaves)
+            return Split(extract, head, in_chans, ordered)
+        except ValueError as e:
+            if leaves or "could not trace" not in str(e):
+                raise  # an unknown name, or the escape hatch for FX's tracer was asked for
+    try:
+        return _graph_split(model, names, example, in_chans)
+    except CaptureError as e:
+        from funcam.cuts.fx import fx_split
+
+        try:
+            extract, head, ordered = fx_split(model, names, tracer_leaves=leaves)
+        except ValueError:
+            raise e from None
+        return Split(extract, head, in_chans, ordered)
+
+
+def _graph_split(model: nn.Module, names: list[str] | None, example: Tensor | None, in_chans: int | None) -> Split:
+    """The graph route. Captured now at ``example``, or - for the default cut, whose name ``layers`` must give - at
+    the model's configured size; a single named cut without an example is captured on first use (its name is known).
+    A training-mode model is always captured on first use (under the entry point's training-mode handling)."""
+    from funcam.cuts.auto import GraphCut
+
+    gc = GraphCut(model, names)
+    training = any(_guard._random_in_training(m) for m in model.modules() if m.training)
+    # several names need the graph now: their maps come in graph order, which ``layers`` reports
+    if training or (names is not None and len(names) == 1 and example is None):
+        return Split(gc.extract, gc.head, in_chans, tuple(names or ()), graph=gc)
+    x = example if example is not None else default_example(model, in_chans)
+    with torch.no_grad():
+        _, entry = _guard.run(model, lambda: gc.entry(x))
+    return Split(gc.extract, gc.head, in_chans, entry.layers, graph=gc)
+
+
+def default_example(model: nn.Module, in_chans: int | None = None) -> Tensor:
+    """One random input at the model's configured size: Hugging Face ``config.image_size``, timm's
+    ``pretrained_cfg['input_size']`` or patch embedding size, torchvision's ``image_size``; else 224x224."""
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "image_size", None) or getattr(model, "image_size", None)
+    pe = getattr(model, "patch_embed", None)
+    if size is None and getattr(pe, "img_size", None) is not None:
+        size = tuple(pe.img_size)
+    if size is None:
+        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))[1:]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    p = next(model.parameters(), None)
+    dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, in_chans or 3, int(h), int(w), generator=g).to(device=device, dtype=dtype)
 
 
 def check_split(split: Split, x: Tensor, model: nn.Module | None = None, *, atol: float = 1e-4) -> None:
@@ -146,11 +222,13 @@ def check_split(split: Split, x: Tensor, model: nn.Module | None = None, *, atol
 def _check_split(split: Split, x: Tensor, model: nn.Module | None, atol: float) -> None:
     from funcam.grads import as_features
 
+    from funcam.cuts.capture import first_output
+
     feats = split.extract(x)
     fs, rebuild = as_features(feats)
-    logits, vjp_fn = torch.func.vjp(lambda *ms: split.head(rebuild(ms)), *fs.maps)
+    logits, vjp_fn = torch.func.vjp(lambda *ms: first_output(split.head(rebuild(ms))), *fs.maps)
     if model is not None:
-        ref = model(x)
+        ref = first_output(model(x))
         if ref.shape != logits.shape or not torch.allclose(ref, logits, atol=atol, rtol=1e-4):
             err = (ref - logits).abs().max().item() if ref.shape == logits.shape else float("nan")
             raise ValueError(f"check_split: head(extract(x)) differs from model(x) (max abs error {err:.3g}, "
@@ -209,7 +287,11 @@ def suggest_names(model: nn.Module, name: str, extra: Sequence[str] = ()) -> lis
 
 
 def _in_chans(model: nn.Module) -> int | None:
-    # The first convolution sees the image in every supported family (stems, patch embeddings, VGG).
+    """The input channels the model declares (timm's ``in_chans``, Hugging Face ``config.num_channels``), else the
+    first convolution's (torchvision stems); a space-to-depth stem (TResNet) declares its own."""
+    for v in (getattr(model, "in_chans", None), getattr(getattr(model, "config", None), "num_channels", None)):
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             return m.in_channels

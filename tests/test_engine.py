@@ -63,7 +63,7 @@ def test_bad_options(sp, x):
 
 
 def test_head_not_logits_is_clear(x):
-    with pytest.raises(ValueError, match=r"head must return logits \(B, num_classes\)"):
+    with pytest.raises(ValueError, match=r"not logits \(B, num_classes\).*pass classes= as a callable"):
         funcam.gradcam(funcam.Split(lambda t: t, lambda f: f.mean()), x, [0])
 
 
@@ -182,13 +182,14 @@ def test_chained_maps_gradcheck_wrt_input():
 def test_maps_gradcheck_wrt_parameter():
     """Maps carry gradients to the parameters (users train with CAM losses): checked by finite differences.
 
-    The split's FX graphs call ``net``'s submodules, so ``functional_call`` on a module holding ``net``
-    swaps the parameters in for the whole map computation.
+    The split's graphs read ``net``'s parameters by name at every call, so ``functional_call`` on a module
+    holding ``net`` swaps the parameters in for the whole map computation.
     """
     torch.manual_seed(0)
     net = TinyNet().double().eval()
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
-    holder = _SplitModule(net, funcam.split(net, "c2"))
+    # the graph route captures per input size: capture at x's size now, not under functional_call's swap
+    holder = _SplitModule(net, funcam.split(net, "c2", example=x))
 
     def maps_of(w1, w2):
         return torch.func.functional_call(holder, {"net.c1.weight": w1, "net.fc.weight": w2}, (x,), strict=False)

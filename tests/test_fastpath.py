@@ -11,8 +11,8 @@ import timm
 import torch
 
 import funcam
-from funcam._tokens import _cat
-from funcam.attention import attend
+from funcam.cuts.timm import _cat
+from funcam.cuts.attention import attend
 from funcam.split import Features
 from conftest import make_input, make_model
 

@@ -685,11 +685,11 @@ def check_bad_values(data) -> None:
     elif what == "method":  # a method the model cannot have: guided without ReLUs, rollout without attention
         if key == "resnet18":
             wrong, match = data.draw(st.sampled_from(["rollout", "grad-rollout", "chefer"]), label="name"), \
-                "VisionTransformer"
+                "ResNet has no self-attention"
         else:
             wrong, match = data.draw(st.sampled_from(["guided-backprop", "guided-gradcam"]), label="name"), "ReLU"
             if key == "convnext_atto" and data.draw(st.booleans(), label="rollout on a CNN"):
-                wrong, match = "chefer", "VisionTransformer"
+                wrong, match = "chefer", "ConvNeXt has no self-attention"
         with pytest.raises(ValueError, match=match):
             explain(m, x, method=wrong, classes=good or [0])
     elif what == "size":  # not a multiple of the 16 px patch, and no dynamic padding: an error naming x

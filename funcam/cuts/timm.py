@@ -8,13 +8,14 @@ pytorch-grad-cam's ViT recipe use the same feature; holding the residual fixed k
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from funcam.attention import attend, is_plain_attention
+from funcam.cuts.attention import attend, is_plain_attention
 from funcam.split import Features
 
 _VIT_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -219,3 +220,121 @@ def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Calla
 
 def _cat(prefix: Tensor, patches: Tensor) -> Tensor:
     return torch.cat([prefix, patches], dim=1) if prefix.shape[1] else patches
+
+
+# --- which timm routes apply: checked on the model's own blocks, not on class names ----------------------------------
+
+def _probe_tokens(c: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(*shape, c, generator=g, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal up to the rounding of the dtype (the fused and explicit attention round differently); a block of
+    another form differs by O(1)."""
+    tol = max(1e-4, 16 * torch.finfo(a.dtype).eps)
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=tol, atol=tol))
+
+
+def vit_blocks_ok(model: nn.Module) -> bool:
+    """Whether the last block computes ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x)))`` (pre-norm,
+    plain softmax attention), the form ``vit_split`` re-runs: checked on random tokens against the block itself."""
+    blk = model.blocks[-1]
+    if any(not hasattr(blk, p) for p in _VIT_BLOCK_PARTS) or not is_plain_attention(blk.attn):
+        return False
+    if any(m.training for m in blk.modules()):
+        return True  # dropout would make the comparison random; the parts and the attention were checked
+    p = next(blk.parameters(), None)
+    if p is None:
+        return False
+    t = _probe_tokens(int(blk.norm1.normalized_shape[0]) if hasattr(blk.norm1, "normalized_shape") else
+                      int(p.shape[-1]), (1, 5), p)
+    with torch.no_grad():
+        try:
+            want = blk(t)
+        except Exception:  # noqa: BLE001 - a block that needs more than tokens (rope, masks): not this form
+            return False
+        t1 = t + blk.drop_path1(blk.ls1(attend(blk.attn, blk.norm1(t))))
+        got = t1 + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t1))))
+    return _same(want, got)
+
+
+def swin_blocks_ok(model: nn.Module) -> bool:
+    """Whether the last Swin block is pre-norm, ``x + attn(norm1(x))`` (Swin v1), the form ``swin_split`` re-runs;
+    SwinV2's post-norm blocks (``x + norm1(attn(x))``) are not, and go through the graph route."""
+    blk = model.layers[-1].blocks[-1]
+    if not all(hasattr(blk, a) for a in ("norm1", "_attn", "drop_path1", "norm2", "mlp", "drop_path2")):
+        return False
+    if any(m.training for m in blk.modules()):
+        return False  # no random comparison: the graph route is exact for either form
+    res = getattr(blk, "input_resolution", None) or getattr(blk, "window_size", None)
+    p = next(blk.parameters(), None)
+    if res is None or p is None or not hasattr(blk.norm1, "normalized_shape"):
+        return False
+    t = _probe_tokens(int(blk.norm1.normalized_shape[0]), (1, int(res[0]), int(res[1])), p)
+    with torch.no_grad():
+        try:
+            want = blk(t)
+        except Exception:  # noqa: BLE001
+            return False
+        b, h, w, c = t.shape
+        t1 = (t + blk.drop_path1(blk._attn(blk.norm1(t)))).reshape(b, h * w, c)
+        got = (t1 + blk.drop_path2(blk.mlp(blk.norm2(t1)))).reshape(b, h, w, c)
+    return _same(want, got)
+
+
+def features_layout(model: nn.Module) -> str | None:
+    """'NCHW' or 'NHWC' when ``forward_features`` returns a 4-D map whose channel axis is ``num_features``, else
+    None (tokens, an ambiguous shape, or a forward that the probe cannot run).
+
+    The probe runs ``forward_features`` once on one small random image (64x64, under no_grad; the buffers of a
+    training-mode model are restored). The channel axis is the one of size ``num_features`` (timm's width of
+    ``forward_features``); when both or neither of axes 1 and 3 have it, the layout is left to the graph route.
+    """
+    c = getattr(model, "num_features", None)
+    p = next(model.parameters(), None)
+    chans = getattr(model, "in_chans", None) or _first_conv_channels(model)
+    if not isinstance(c, int) or p is None or not isinstance(chans, int):
+        return None
+    x = torch.randn(1, chans, 64, 64, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    saved = [(b, b.detach().clone()) for m in model.modules() if m.training for b in m.buffers(recurse=False)]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            shape = tuple(model.forward_features(x).shape)
+    except Exception:  # noqa: BLE001 - any failure (a fixed input size) leaves the decision to the graph route
+        return None
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+    if len(shape) != 4:
+        return None
+    first, last = shape[1] == c, shape[3] == c
+    if first and not last:
+        return "NCHW"
+    if last and not first:
+        return "NHWC"
+    return None
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+def features_split(model: nn.Module, layout: str) -> tuple[Callable, Callable, tuple[str]]:
+    """timm's own ``forward_features`` / ``forward_head``; a channels-last feature becomes ``(B, C, h, w)``."""
+    if layout == "NCHW":
+        return model.forward_features, model.forward_head, ("forward_features",)
+
+    def extract(x: Tensor) -> Features:
+        """x (B, C, H, W) -> Features(maps=(forward_features (B, h, w, C) as (B, C, h, w),))."""
+        return Features((rearrange(model.forward_features(x), "b h w c -> b c h w"),))
+
+    def head(feats: Features) -> Tensor:
+        return model.forward_head(rearrange(feats.maps[0], "b c h w -> b h w c"))
+
+    return extract, head, ("forward_features",)

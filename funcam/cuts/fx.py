@@ -27,6 +27,11 @@ def _tap(r: Tensor, m: Tensor) -> Tensor:
     return r + (m - m.detach())
 
 
+def _clone(v: object) -> object:
+    # a shape (torch.Size) or other plain value read before the cut is a constant, not a tensor to copy
+    return v.clone() if isinstance(v, Tensor) else v
+
+
 class _Tracer(fx.Tracer):
     """Treats timm's non-traceable layers (and any extra classes) as leaves."""
 
@@ -117,12 +122,10 @@ def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, .
                          f"input x (B, C, H, W)")
     output = next(n for n in gm.graph.nodes if n.op == "output")
     after = [n for n in gm.graph.nodes if n not in before and n.op != "output"]
+    # values from before the first cut that the rest reads: skips over the cut, and the input x itself where it
+    # is read again (its shape, a skip from the input); all held constant, non-tensors (shapes) as they are
     context = [n for n in gm.graph.nodes
-               if n in before and n is not first and n.op != "placeholder"
-               and any(u not in before for u in n.users)]
-    if any(n.op == "placeholder" and any(u not in before for u in n.users) for n in inputs):
-        raise ValueError(f"split: the input x is read again after layer {names[0]!r} (a skip from the input over "
-                         f"the cut); cut at a later layer")
+               if n in before and n is not first and any(u not in before for u in n.users)]
 
     # extract graph: x -> (maps, context)
     g_ex = fx.Graph()
@@ -142,7 +145,7 @@ def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, .
     # ReLU(inplace=True)), which would corrupt the map's A and is refused on vjp's differentiable input.
     env[first] = g_hd.call_method("clone", (taps[0],))
     for c in context:
-        env[c] = g_hd.call_method("clone", (g_hd.placeholder(f"ctx_{c.name}"),))
+        env[c] = g_hd.call_function(_clone, (g_hd.placeholder(f"ctx_{c.name}"),))
     for n in after:
         env[n] = g_hd.node_copy(n, env.__getitem__)
         if n in cuts:

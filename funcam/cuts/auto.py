@@ -1,0 +1,167 @@
+"""The graph route: any model, cut from its captured graph, checked on first use for each input size.
+
+One ``GraphCut`` per split. The graph is captured per input signature (height, width, dtype, device, the
+modules' training flags) the first time ``extract`` sees it; the batch size is symbolic, so batches of any size
+share it. Each new capture is checked once, at the example input, before it is used:
+
+* ``head(extract(x))`` equals ``model(x)`` (the real forward, every output tensor);
+* the gradient of the model's first output reaches the cut at grid positions (else every map would be zero);
+* the map's grid has the input's aspect ratio (a misread layout would not).
+
+``extract`` puts the signature's key first in ``Features.context``; ``head`` finds its graph by it.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+
+from funcam.cuts.capture import capture, example_batch, first_output
+from funcam.cuts.graph import Cut, cut_graph, default_cut, find, name_of, probe
+from funcam.cuts.layout import propagate
+from funcam.split import Features
+
+
+class Entry(NamedTuple):
+    extract: Callable[[Tensor], Features]
+    head: Callable[[Features], Any]
+    layers: tuple[str, ...]
+
+
+def signature(model: nn.Module, x: Tensor) -> tuple:
+    """What a captured graph is specific to: input size, dtype, device and the modules' training flags."""
+    return (tuple(x.shape[1:]), x.dtype, x.device.type, x.device.index,
+            tuple(m.training for m in model.modules()))
+
+
+class GraphCut:
+    """extract / head over per-signature captures of ``model`` cut at ``names`` (None: the default cut)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str] | None):
+        self.model = model
+        self.names = None if names is None else list(names)
+        self._entries: dict[tuple, Entry] = {}
+        self._lock = threading.Lock()
+
+    def entry(self, x: Tensor) -> tuple[tuple, Entry]:
+        key = signature(self.model, x)
+        e = self._entries.get(key)
+        if e is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "funcam: this split captures its graph on first use for each input size, which cannot happen "
+                    "inside torch.compile; call it once eagerly on an input of this size first (or build it with "
+                    "funcam.split(model, example=x))")
+            with self._lock:
+                e = self._entries.get(key)
+                if e is None:
+                    e = self._entries[key] = build_entry(self.model, x, self.names)
+        return key, e
+
+    def attention(self, x: Tensor) -> Any:
+        """The model's attentions with taps (``funcam.cuts.attention.GraphAttention``) for x's signature."""
+        key = ("attention",) + signature(self.model, x)
+        a = self._entries.get(key)
+        if a is None:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("funcam: call this relevance function once eagerly on an input of this size "
+                                   "before compiling it (its graph is captured on first use)")
+            with self._lock:
+                a = self._entries.get(key)
+                if a is None:
+                    from funcam.cuts.attention import calls_attention, graph_attention, no_attention_error
+
+                    if not calls_attention(self.model, x):
+                        raise no_attention_error(self.model)
+                    cap = capture(self.model, x)
+                    ex = example_batch(x.detach())
+                    roles = propagate(cap.graph, cap.x, cap.bsym)
+                    a = self._entries[key] = graph_attention(cap, roles, self.model, ex)
+        return a
+
+    def extract(self, x: Tensor) -> Features:
+        """x (B, C, H, W) -> Features(maps, context=(key, ...)) from the graph captured for x's signature."""
+        key, e = self.entry(x)
+        f = e.extract(x)
+        return Features(f.maps, (key,) + tuple(f.context), f.chained)
+
+    def head(self, feats: Features) -> Any:
+        """Features -> the model's output, through the graph that ``extract`` used."""
+        key, *ctx = feats.context
+        return self._entries[key].head(Features(feats.maps, tuple(ctx), feats.chained))
+
+
+def build_entry(model: nn.Module, x: Tensor, names: Sequence[str] | None) -> Entry:
+    """Capture, cut and check ``model`` for inputs shaped like ``x`` (see the module docstring)."""
+    cap = capture(model, x)
+    ex = example_batch(x.detach())
+    pr = probe(cap, ex, model)
+    if names is None:
+        try:
+            nodes = [default_cut(cap, pr)]
+        except ValueError as e:
+            raise ValueError(f"split: no default cut for {type(model).__name__}: {e}{_zero_hint(model)}") from None
+    else:
+        module_names = [n for n, _ in model.named_modules() if n]
+        found = {find(cap, name, module_names): name for name in names}
+        if len(found) != len(names):
+            raise ValueError(f"split: layer names {list(names)} name the same value more than once")
+        order = {n: i for i, n in enumerate(cap.graph.nodes)}
+        nodes = sorted(found, key=order.__getitem__)
+        for n in nodes:
+            if n not in pr.layouts:
+                shape = tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), Tensor) else None
+                raise ValueError(
+                    f"split: layer {found[n]!r} gives a value of shape {shape} whose axes funcam cannot place on "
+                    f"the input's grid (a feature map (B, C, h, w) or (B, h, w, C), or tokens (B, N, C) of a "
+                    f"patch grid); cut at a layer whose output is one")
+    lays = tuple(pr.layouts[n] for n in nodes)
+    layers = tuple(name_of(cap, n) if names is None else found[n] for n in nodes)
+    extract, head = cut_graph(cap, Cut(tuple(nodes), lays, layers), model)
+    _check(model, ex, extract, head, pr, nodes, layers, lays)
+    return Entry(extract, head, layers)
+
+
+def _check(model: nn.Module, ex: Tensor, extract: Callable, head: Callable, pr: Any, nodes: list, layers: tuple,
+           lays: tuple) -> None:
+    # the same random stream for both, so that a training-mode model's dropout draws the same masks
+    devices = [ex.device] if ex.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        want = model(ex)
+        torch.manual_seed(0)
+        got = head(extract(ex))
+    wl = [t for t in pytree.tree_leaves(want) if isinstance(t, Tensor)]
+    gl = [t for t in pytree.tree_leaves(got) if isinstance(t, Tensor)]
+    tol = max(1e-4, 16 * torch.finfo(ex.dtype).eps)  # low precision: the graph's ops round as the model's do,
+    # up to the attention it computes explicitly
+    if len(wl) != len(gl) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=tol, atol=tol)
+                                 for a, b in zip(wl, gl) if a.is_floating_point()):
+        raise ValueError(f"split: the graph captured from {type(model).__name__} does not reproduce model(x) "
+                         f"(cut at {list(layers)}); the forward may depend on values or state that the capture "
+                         f"fixed. Build funcam.Split(extract, head) by hand for this model")
+    for n, name, lay in zip(nodes, layers, lays):
+        if n not in pr.reaching:
+            raise ValueError(
+                f"split: the gradient of the model's output w.r.t. {name!r} is exactly zero at every grid position, "
+                f"so every map would be zero: the output no longer depends on the positions there (e.g. after the "
+                f"last attention of a CLS-pooled transformer only the CLS token matters; cut before it), or the "
+                f"weights after it are zero{_zero_hint(model)}")
+        h, w = ex.shape[-2:]
+        gh, gw = lay.grid
+        sh, sw = h / gh, w / gw
+        if max(sh, sw) > 2 * min(sh, sw) and min(gh, gw) > 1:
+            raise ValueError(f"split: the map at {name!r} has a {gh}x{gw} grid for a {h}x{w} input: its axes do not "
+                             f"follow the input's; pass another layer=")
+
+
+def _zero_hint(model: nn.Module) -> str:
+    zero = [n for n, p in model.named_parameters() if p.numel() > 1 and not bool(p.detach().any())]
+    if not zero:
+        return ""
+    return (f". {len(zero)} parameter tensors are all zero ({', '.join(zero[:3])}{', ...' if len(zero) > 3 else ''}): "
+            f"libraries zero-initialise some layers (classifier heads, layer scales), so an untrained model can have "
+            f"no gradient at all; load trained weights")
