@@ -141,9 +141,13 @@ class Lock:
     """
 
     def __init__(self, out: str):
-        import fcntl
         import socket
 
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock (one run per --out is then the user's to ensure)
+            self.fd = None
+            return
         path = os.path.join(out, LOCK_NAME)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
