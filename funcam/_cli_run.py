@@ -125,15 +125,16 @@ def _readable(items: Sequence[Item], batch_size: int, on_error: Callable[[Item, 
         yield batch
 
 
-def legend_of(cmap: str, stops: int = 17) -> Legend:
-    """The gallery's colour scale for ``cmap`` (heatmaps scaled per map)."""
+def legend_of(cmap: str, *, guided: bool = False, stops: int = 17) -> Legend:
+    """The gallery's colour scale for ``cmap`` (heatmaps scaled per map), at ``stops`` evenly spaced values
+    looked up as ``colorize`` does; ``guided``: also say how the guided methods' gradient images read."""
     table = colormap_table(cmap).mul(255).round().to(torch.uint8)
     idx = [min(255, int(i / (stops - 1) * 256)) for i in range(stops)]
     colors = ["#%02x%02x%02x" % tuple(table[i].tolist()) for i in idx]
     what = ("blue below zero, white at 0, red above, each map scaled to its own largest magnitude"
             if cmap == "bwr" else "each heatmap scaled from its own minimum to its own maximum")
-    return Legend(colors, legend_labels(cmap), f"colour scale ({cmap}): {what}; Guided Backprop and Guided "
-                  f"Grad-CAM are gradient images (mid-grey = the mean gradient)")
+    note = "; Guided Backprop and Guided Grad-CAM are gradient images (mid-grey = the mean gradient)" if guided else ""
+    return Legend(colors, legend_labels(cmap), f"colour scale ({cmap}): {what}{note}")
 
 
 def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequence[str], *, classes, top_k,
@@ -246,7 +247,8 @@ def explain_command(args: argparse.Namespace) -> int:
             return 2  # no readable image: each was named on stderr, nothing was written
         if args.format == "png":
             intro = f"model {weights.name}, methods {', '.join(methods)}" + (f"; {note.upper()}" if note else "")
-            page = write_gallery(out, sections, title="funcam explain", intro=intro, legend=legend_of(cmap))
+            page = write_gallery(out, sections, title="funcam explain", intro=intro,
+                                 legend=legend_of(cmap, guided=any(m in GUIDED for m in methods)))
             if not args.quiet:
                 print(f"wrote {page}")
     except OSError as e:  # a full disk, a read-only --out, ...

@@ -31,7 +31,8 @@ def test_the_demo_legend_is_jet_as_colorize_draws_it():
     t = torch.tensor([i / 16 for i in range(17)]).view(1, 1, 1, 17)
     want = colorize(t, "jet", vmin=0, vmax=1)[0, 0, :, 0].T.tolist()
     assert [tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in legend.colors] == [tuple(w) for w in want]
-    assert legend.labels == ("map minimum", "map maximum") and "mid-grey" in legend.caption
+    assert legend.labels == ("map minimum", "map maximum") and "mid-grey" not in legend.caption
+    assert "mid-grey = the mean gradient" in legend_of("jet", guided=True).caption
     assert legend_of("bwr").labels == ("most negative", "0", "most positive")
 
 

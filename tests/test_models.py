@@ -185,8 +185,9 @@ def test_pretrained_offline_fails_within_seconds(tmp_path, monkeypatch):
     assert time.perf_counter() - t < 10
     assert constants.HF_HUB_OFFLINE == offline_before  # the offline switch is put back
 
-    def hangs(address, timeout=None):  # a name lookup that never answers (it has no timeout of its own)
-        time.sleep(5)
+    def hangs(address, timeout=None):  # a name lookup that does not answer in time (it has no timeout of its own)
+        time.sleep(2)
+        raise OSError(-3, "Temporary failure in name resolution")
 
     monkeypatch.setattr(socket, "create_connection", hangs)
     monkeypatch.setattr(models, "HUB_TIMEOUT", 0.2)
