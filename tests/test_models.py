@@ -165,14 +165,14 @@ def test_pretrained_offline_fails_within_seconds(tmp_path, monkeypatch):
 
     from huggingface_hub import constants
 
-    import funcam.models as models
+    import funcam._hub as hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
     offline_before = constants.HF_HUB_OFFLINE
 
     def unreachable(address, timeout=None):
-        assert address == ("huggingface.co", 443) and timeout == models.HUB_TIMEOUT
+        assert address == ("huggingface.co", 443) and timeout == hub.HUB_TIMEOUT
         raise OSError(101, "Network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
@@ -190,9 +190,9 @@ def test_pretrained_offline_fails_within_seconds(tmp_path, monkeypatch):
         raise OSError(-3, "Temporary failure in name resolution")
 
     monkeypatch.setattr(socket, "create_connection", hangs)
-    monkeypatch.setattr(models, "HUB_TIMEOUT", 0.2)
+    monkeypatch.setattr(hub, "HUB_TIMEOUT", 0.2)
     t = time.perf_counter()
-    assert models._offline_reason("huggingface.co") == "no answer within 0.2 s"
+    assert hub.offline_reason("huggingface.co") == "no answer within 0.2 s"
     assert time.perf_counter() - t < 1.5
 
 
