@@ -112,11 +112,12 @@ class Completed:
 class Runner:
     """The client: ``runner("explain", "x.png", cwd=tmp) -> Completed``. One server for the whole session."""
 
-    def __init__(self, env: dict):
+    def __init__(self, env: dict, *, hf_home: str | None = None):
         import subprocess
         import tempfile
         import threading
 
+        self._hf_home = hf_home  # removed with the server
         self._dir = tempfile.mkdtemp(prefix="funcam-cli-")
         self._lock = threading.Lock()
         self._proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
@@ -151,6 +152,8 @@ class Runner:
             self._proc.wait(timeout=60)
         self._proc.stdout.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+        if self._hf_home:
+            shutil.rmtree(self._hf_home, ignore_errors=True)
 
 
 _RUNNER: Runner | None = None
@@ -169,7 +172,7 @@ def runner() -> Runner:
         hf_home = tempfile.mkdtemp(prefix="funcam-hf-")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="error", PYTHONDONTWRITEBYTECODE="1",
                    HF_HOME=hf_home, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        _RUNNER = Runner(env)
+        _RUNNER = Runner(env, hf_home=hf_home)
         atexit.register(_RUNNER.close)
     return _RUNNER
 
