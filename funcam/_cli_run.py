@@ -1,15 +1,21 @@
 """What ``funcam explain`` and ``funcam demo`` do once the command line is parsed (see ``funcam.cli``).
 
-Images are decoded batch by batch (never all at once). A file that cannot be used (``funcam.images.read_image``
-refuses it: missing, not an image, truncated, a decompression bomb, ...) gets one ``funcam: error: FILE: why``
-line on stderr and the run goes on. Per batch of readable images: one call per method (the first method picks
-the classes, the others explain the same ones), then per image its files, each written atomically, so an image
-either has all its outputs or none. Names are shown through ``printable`` (a newline or an undecodable byte in
-a file name is escaped), so each message stays one line and the gallery stays valid UTF-8.
+First every check that needs no model (options, --out, device, weights, and each input file from its header:
+a file that cannot be used gets one ``funcam: error: FILE: why`` line at once, before the model loads), then
+the model and one blank-image check of the methods and classes, and only then the first file is written.
+Images are decoded batch by batch (never all at once); one that fails to decode gets its line as it is met and
+the run goes on. Per batch of readable images: one call per method (the first method picks the classes, the
+others explain the same ones), then per image its files, each written atomically, so an image either has all
+its outputs or none, and a failed write (a full disk, a read-only folder) leaves no temporary file behind.
+Guided Backprop / Guided Grad-CAM are drawn as gradient images (``funcam.render.gradient_image``), every
+other method as a heatmap over the input with a colour scale. Names are shown through ``printable`` (a
+newline or an undecodable byte in a file name is escaped), so each message stays one line and the gallery
+stays valid UTF-8.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from typing import Callable, NamedTuple, Sequence
@@ -18,13 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from funcam.cli import METHOD_TITLES, UsageError, class_names, methods_from_args, model_from_args, \
-    parse_classes, safe_stem, _device, _layers
-from funcam.gallery import Figure, Section, write_gallery
+from funcam.cli import METHOD_TITLES, UsageError, _device, _layers, cannot_write, check_fit, check_out, \
+    class_names, load_from_args, methods_from_args, parse_classes, safe_stem, weights_from_args, weights_note
+from funcam.gallery import Figure, Legend, Section, write_gallery
 from funcam.grads import CAM
-from funcam.images import ImageError, limit_aspect, printable, read_image
+from funcam.images import ImageError, limit_aspect, printable, probe_image, read_image
 from funcam.models import ModelError, Preprocess, preprocess, unnormalize
-from funcam.render import grid, overlay, save_png
+from funcam.render import colormap_table, gradient_image, grid, legend_labels, overlay, save_png
+
+GUIDED = ("guided-gradcam", "guided-backprop")
 
 
 class Item(NamedTuple):
@@ -33,22 +41,40 @@ class Item(NamedTuple):
     image: Tensor | None   # uint8 (3, H, W), or None: read ``label`` when its batch comes
 
 
-def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool) -> Callable[..., CAM]:
+class Result(NamedTuple):
+    """One method's output for a batch: ``cam`` as ``funcam.explain.explain`` returns it (maps (B, K, h, w)),
+    and for the guided methods the signed gradients ``rgb (B, K, 3, H, W)`` they are drawn from."""
+    cam: CAM
+    rgb: Tensor | None
+
+
+def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool) -> Callable[..., Result]:
     from funcam.explain import explain
 
-    def fn(x: Tensor, classes, top_k):
-        return explain(model, x, method=method, classes=classes, top_k=top_k, layer=layer, relu=relu)
+    if method in GUIDED:
+        import funcam
+
+        fn_guided = funcam.guided_backprop if method == "guided-backprop" else funcam.guided_gradcam
+        kw = {} if method == "guided-backprop" else {"layer": layer}
+
+        def fn(x: Tensor, classes, top_k) -> Result:
+            with torch.no_grad():
+                out = fn_guided(model, x, classes, top_k=top_k, return_cam=True, **kw)
+            # the npz keeps explain()'s map: the strongest absolute response over the colour channels
+            return Result(out._replace(maps=out.maps.abs().amax(dim=2)), out.maps)
+    else:
+        def fn(x: Tensor, classes, top_k) -> Result:
+            return Result(explain(model, x, method=method, classes=classes, top_k=top_k, layer=layer, relu=relu),
+                          None)
 
     return torch.compile(fn) if compile_ else fn
 
 
 def _output_options(args: argparse.Namespace) -> tuple[str, str, bool]:
     """Validated ``(out folder (real path), cmap, relu)``."""
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out!r} exists and is not a folder")
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha must lie in [0, 1], got {args.alpha}")
-    return os.path.realpath(args.out), (args.cmap or ("bwr" if args.signed else "jet")), not args.signed
+    return check_out(args.out), (args.cmap or ("bwr" if args.signed else "jet")), not args.signed
 
 
 def _inside(out: str, name: str) -> str:
@@ -59,10 +85,26 @@ def _inside(out: str, name: str) -> str:
 
 
 def _save_npz(path: str, arrays: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    from funcam._files import write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes(path, buf.getvalue())
+
+
+def _probe(items: Sequence[Item], report: Callable[[str], None]) -> list[Item]:
+    """The items whose file passes ``probe_image`` (exists, a regular non-empty file, an image header within
+    the pixel limit); each other one is reported at once, before any model loads."""
+    ok = []
+    for it in items:
+        if it.image is None:
+            try:
+                probe_image(it.label)
+            except ImageError as e:
+                report(f"funcam: error: {e}")  # e names the file (printable), one line
+                continue
+        ok.append(it)
+    return ok
 
 
 def _readable(items: Sequence[Item], batch_size: int, on_error: Callable[[Item, ImageError], None]):
@@ -83,9 +125,21 @@ def _readable(items: Sequence[Item], batch_size: int, on_error: Callable[[Item, 
         yield batch
 
 
+def legend_of(cmap: str, *, guided: bool = False, stops: int = 17) -> Legend:
+    """The gallery's colour scale for ``cmap`` (heatmaps scaled per map), at ``stops`` evenly spaced values
+    looked up as ``colorize`` does; ``guided``: also say how the guided methods' gradient images read."""
+    table = colormap_table(cmap).mul(255).round().to(torch.uint8)
+    idx = [min(255, int(i / (stops - 1) * 256)) for i in range(stops)]
+    colors = ["#%02x%02x%02x" % tuple(table[i].tolist()) for i in idx]
+    what = ("blue below zero, white at 0, red above, each map scaled to its own largest magnitude"
+            if cmap == "bwr" else "each heatmap scaled from its own minimum to its own maximum")
+    note = "; Guided Backprop and Guided Grad-CAM are gradient images (mid-grey = the mean gradient)" if guided else ""
+    return Legend(colors, legend_labels(cmap), f"colour scale ({cmap}): {what}{note}")
+
+
 def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequence[str], *, classes, top_k,
          layer, relu: bool, compile_: bool, batch_size: int, device: torch.device, quiet: bool, out: str,
-         fmt: str, cmap: str, alpha: float) -> tuple[list[Section], int]:
+         fmt: str, cmap: str, alpha: float, note: str | None) -> tuple[list[Section], int]:
     """Explain and write every readable item; returns the gallery sections and the number of unreadable items.
     ``out`` is created before the first file is written (not at all when no item is readable)."""
     from tqdm import tqdm
@@ -104,11 +158,11 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequ
     for chunk in _readable(items, batch_size, on_error):
         # limit_aspect: a 1 x 5000 image would otherwise be resized to 256 x 1,280,000 before the centre crop
         x = preprocess([limit_aspect(it.image) for it in chunk], pre).to(device)
-        results = {}
+        results: dict[str, Result] = {}
         for m in methods:  # the first method resolves top_k; the others explain the same classes
             first = next(iter(results.values()), None)
-            results[m] = (fns[m](x, classes, top_k) if first is None else fns[m](x, first.classes, None))
-        first = results[methods[0]]
+            results[m] = fns[m](x, classes, top_k) if first is None else fns[m](x, first.cam.classes, None)
+        first = results[methods[0]].cam
         idx = first.classes.cpu()
         probs = first.logits.detach().float().softmax(-1).cpu().gather(1, idx)
         shown = unnormalize(x.detach(), pre).cpu()
@@ -117,67 +171,88 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequ
             it = it._replace(label=printable(it.label))
             label = [names[c] if names else f"class {c}" for c in idx[b].tolist()]
             if not quiet:
-                bar.write(f"{it.label}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(label, probs[b].tolist())),
-                          file=sys.stdout)
+                bar.write(f"{it.label}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(label, probs[b].tolist()))
+                          + (" (random weights)" if note else ""), file=sys.stdout)
             if fmt == "npz":
-                arrays = {f"maps_{m.replace('-', '_')}": r.maps[b].detach().float().cpu().numpy()
+                arrays = {f"maps_{m.replace('-', '_')}": r.cam.maps[b].detach().float().cpu().numpy()
                           for m, r in results.items()}
                 arrays.update(classes=idx[b].numpy(), probabilities=probs[b].numpy(),
                               class_names=np.array(label), methods=np.array(list(methods)),
-                              source=np.array(it.label))
+                              source=np.array(it.label), random_weights=np.array(note is not None))
                 _save_npz(_inside(out, f"{it.stem}.npz"), arrays)
                 continue
             sections.append(_write_pngs(out, it, shown[b], results, b, idx[b].tolist(), label, probs[b].tolist(),
-                                        cmap=cmap, alpha=alpha))
+                                        cmap=cmap, alpha=alpha, note=note))
         bar.update(len(chunk))
     bar.close()
     return sections, failed
 
 
 def _write_pngs(out: str, it: Item, shown: Tensor, results: dict, b: int, idx: list, label: list, probs: list,
-                *, cmap: str, alpha: float) -> Section:
-    """Overlays ``{stem}_{method}_c{class}.png``, the input ``{stem}_input.png``, the grid ``{stem}_grid.png``."""
+                *, cmap: str, alpha: float, note: str | None) -> Section:
+    """Overlays ``{stem}_{method}_c{class}.png``, the input ``{stem}_input.png``, the grid ``{stem}_grid.png``
+    (rows = methods, columns = the input and the classes, a colour scale under heatmap rows)."""
     tiles, rows = [], []
+    tag = "[random weights] " if note else ""
     for m, r in results.items():
-        over = overlay(shown[None], r.maps[b:b + 1].detach().float().cpu(), alpha=alpha, cmap=cmap)[0]  # (K,3,S,S)
+        if r.rgb is not None:  # guided: the gradient itself, as an image
+            over = gradient_image(r.rgb[b:b + 1].detach().float().cpu())[0]  # (K, 3, S, S)
+        else:
+            over = overlay(shown[None], r.cam.maps[b:b + 1].detach().float().cpu(), alpha=alpha, cmap=cmap)[0]
         tiles.append(torch.cat([shown[None], over]))
         row = [Figure(f"{it.stem}_input.png", f"{it.label} (model input)")]
         for k, c in enumerate(idx):
             name = f"{it.stem}_{m}_c{c}.png"
             save_png(over[k], _inside(out, name))
-            row.append(Figure(name, f"{METHOD_TITLES.get(m, m)}: {label[k]} ({probs[k]:.2f})"))
+            row.append(Figure(name, f"{tag}{METHOD_TITLES.get(m, m)}: {label[k]} ({probs[k]:.2f})"))
         rows.append(row)
     save_png(shown, _inside(out, f"{it.stem}_input.png"))
     titles = [METHOD_TITLES.get(m, m) for m in results]
-    g = grid(torch.stack(tiles), row_labels=titles, col_labels=["input"] + [f"{n} {p:.2f}" for n, p in zip(label, probs)])
+    heat = any(r.rgb is None for r in results.values())
+    g = grid(torch.stack(tiles), row_labels=titles,
+             col_labels=[tag.strip() or "input"] + [f"{n} {p:.2f}" for n, p in zip(label, probs)],
+             legend=cmap if heat else None, row_label_width=140)
     save_png(g, _inside(out, f"{it.stem}_grid.png"))
     predicted = ", ".join(f"{n} {p:.2f}" for n, p in zip(label, probs))
-    return Section(it.label, f"predicted: {predicted}", rows, Figure(f"{it.stem}_grid.png", "comparison grid (PNG)"))
+    return Section(it.label, f"{tag}predicted: {predicted}", rows, Figure(f"{it.stem}_grid.png", "comparison grid (PNG)"))
 
 
 def explain_command(args: argparse.Namespace) -> int:
+    # --- checks that need no model: options, --out, device, weights, then every input file's header
     out, cmap, relu = _output_options(args)
-    model, pre = model_from_args(args)
-    methods = methods_from_args(args, model)
+    device = _device(args.device)
     classes = parse_classes(args.classes) if args.classes is not None else None
-    top_k = None if classes is not None else (args.top_k or min(3, getattr(model, "num_classes", 3) or 3))
     used = {"index"}
     items = [Item(safe_stem(path, used), path, None) for path in args.images]
+    items_ok = _probe(items, lambda line: print(line, file=sys.stderr))
+    failed = len(items) - len(items_ok)
+    if not items_ok:
+        return 2  # no usable input: each was named on stderr, no model loaded, nothing written
+    weights = weights_from_args(args)
+    # --- the model, then the methods and classes on one blank image; still nothing written
+    model, pre = load_from_args(weights, device)
+    methods = methods_from_args(args, model)
+    top_k = None if classes is not None else (args.top_k or min(3, getattr(model, "num_classes", 3) or 3))
+    check_fit(model, pre, methods, classes=classes, top_k=top_k, layer=_layers(args.layer))
+    note = weights_note(weights)
+    if note:
+        print(f"funcam: warning: {note}", file=sys.stderr)
     try:
-        sections, failed = _run(model, pre, items, methods, classes=classes, top_k=top_k,
-                                layer=_layers(args.layer), relu=relu, compile_=args.compile,
-                                batch_size=args.batch_size, device=torch.device(args.device), quiet=args.quiet,
-                                out=out, fmt=args.format, cmap=cmap, alpha=args.alpha)
+        sections, more = _run(model, pre, items_ok, methods, classes=classes, top_k=top_k,
+                              layer=_layers(args.layer), relu=relu, compile_=args.compile,
+                              batch_size=args.batch_size, device=device, quiet=args.quiet,
+                              out=out, fmt=args.format, cmap=cmap, alpha=args.alpha, note=note)
+        failed += more
         if failed == len(items):
             return 2  # no readable image: each was named on stderr, nothing was written
         if args.format == "png":
-            page = write_gallery(out, sections, title="funcam explain",
-                                 intro=f"model {args.model or 'efficientnet_lite0'}, methods {', '.join(methods)}")
+            intro = f"model {weights.name}, methods {', '.join(methods)}" + (f"; {note.upper()}" if note else "")
+            page = write_gallery(out, sections, title="funcam explain", intro=intro,
+                                 legend=legend_of(cmap, guided=any(m in GUIDED for m in methods)))
             if not args.quiet:
                 print(f"wrote {page}")
     except OSError as e:  # a full disk, a read-only --out, ...
-        where = printable(os.fsdecode(e.filename)) if e.filename else printable(out)
-        raise UsageError(f"cannot write {where}: {e.strerror or type(e).__name__}") from None
+        raise cannot_write(e, out) from None
     return 1 if failed else 0
 
 
@@ -194,13 +269,16 @@ def demo_command(args: argparse.Namespace) -> int:
         raise UsageError(str(e).splitlines()[0]) from None
     items = [Item(name, name, photos[name]) for name in SAMPLES]
     methods = ["gradcam", "gradcampp"]
-    # One batched call per method for all six photos (B=6, K=3).
-    sections, _ = _run(model.to(device), pre, items, methods, classes=None, top_k=3, layer=None, relu=relu,
-                    compile_=False, batch_size=len(items), device=device, quiet=args.quiet, out=out, fmt="png",
-                    cmap=cmap, alpha=args.alpha)
-    page = write_gallery(out, sections, title="funcam demo",
-                         intro="EfficientNet-Lite0 (ImageNet weights), top-3 classes per photo, Grad-CAM and "
-                               "Grad-CAM++ from one batched call each; overlays on the model's 224x224 input.")
+    try:
+        # One batched call per method for all six photos (B=6, K=3).
+        sections, _ = _run(model.to(device), pre, items, methods, classes=None, top_k=3, layer=None, relu=relu,
+                           compile_=False, batch_size=len(items), device=device, quiet=args.quiet, out=out,
+                           fmt="png", cmap=cmap, alpha=args.alpha, note=None)
+        page = write_gallery(out, sections, title="funcam demo", legend=legend_of(cmap),
+                             intro="EfficientNet-Lite0 (ImageNet weights), top-3 classes per photo, Grad-CAM and "
+                                   "Grad-CAM++ from one batched call each; overlays on the model's 224x224 input.")
+    except OSError as e:
+        raise cannot_write(e, out) from None
     if not args.quiet:
         print(f"wrote {page}")
     return 0

@@ -7,8 +7,10 @@
 * A model with dropout, drop-path or batch norm in training mode: ``TrainingModeWarning`` (they make the
   maps random). Batch norm normalises with batch statistics as in training but does not update its running
   statistics (``track_running_stats`` is off for the call and restored), and every buffer of a training
-  module is restored afterwards: the model is bit-identical after the call. This toggling makes concurrent
-  calls on one model unsafe in training mode only.
+  module is restored afterwards: the model is bit-identical after the call. Calls from several threads share
+  this per submodule under a lock, with a count: the first call to enter saves the buffers and switches the
+  statistics off, the last to leave restores them (so a model in training mode stays untouched under threads
+  too; a training forward the caller runs in another thread meanwhile does not update the statistics).
 * ``torch.inference_mode()``: the gradient transforms need autograd, so funcam leaves inference mode for its
   own computation and clones an inference-mode ``x`` into a normal tensor.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import threading
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -126,33 +129,75 @@ def _guard(module: nn.Module | None) -> Iterator[None]:
             _ACTIVE.reset(token)
 
 
+class _Held:
+    """One submodule under guard, shared by every call (any thread) that guards it: ``count`` calls inside;
+    its buffers as the first of them found them; whether it tracked running statistics before."""
+
+    def __init__(self, module: nn.Module, random: bool):
+        self.module, self.random, self.count = module, random, 0
+        self.saved = [(b, b.detach().clone()) for b in module.buffers(recurse=False)]
+        self.tracking = getattr(module, "track_running_stats", False) is True
+
+
+# id(submodule) -> _Held while at least one call guards it; read and changed under _LOCK only. Per submodule,
+# not per model: a Split's FX GraphModule and the model it came from share their batch-norm layers.
+_HELD: dict[int, _Held] = {}
+_LOCK = threading.Lock()
+
+
+def _enter(module: nn.Module) -> tuple[list[_Held], nn.Module | None]:
+    """Hold every training submodule with buffers or random behaviour; returns them and the first random one."""
+    with _LOCK:
+        training = [m for m in module.modules() if m.training]
+        # a batch-norm layer another call holds has track_running_stats off just now: it is still random
+        random = [m for m in training if (_HELD[id(m)].random if id(m) in _HELD else _random_in_training(m))]
+        if not random:
+            return [], None
+        held = []
+        for m in training:
+            h = _HELD.get(id(m))
+            if h is None:
+                if not (_random_in_training(m) or next(m.buffers(recurse=False), None) is not None):
+                    continue
+                h = _HELD[id(m)] = _Held(m, _random_in_training(m))
+                # Batch norm in training mode normalises with batch statistics and updates its running ones in
+                # place; the update would be lost anyway (restored below) and is refused inside torch.func
+                # transforms ("mutate a captured Tensor"), so the running statistics are switched off.
+                if h.tracking:
+                    m.track_running_stats = False
+            h.count += 1
+            held.append(h)
+        return held, random[0]
+
+
+def _leave(held: list[_Held]) -> None:
+    """Release ``held``; the last call to leave a submodule restores its flag and its buffers."""
+    with _LOCK:
+        for h in held:
+            h.count -= 1
+            if h.count:
+                continue
+            del _HELD[id(h.module)]
+            if h.tracking:
+                h.module.track_running_stats = True
+            with torch.no_grad():
+                for b, value in h.saved:
+                    b.copy_(value)
+
+
 @contextlib.contextmanager
 def _guard_once(module: nn.Module | None) -> Iterator[None]:
-    training = [m for m in module.modules() if m.training] if isinstance(module, nn.Module) else []
-    random = [m for m in training if _random_in_training(m)]
-    saved, tracking = [], []
-    if random:
-        warnings.warn(f"{type(module).__name__} has modules in training mode ({type(random[0]).__name__}, ...): "
-                      f"dropout and batch statistics make the maps random; call model.eval() first",
-                      TrainingModeWarning)  # one source line: Python's default filter shows it once per process
-        saved = [(b, b.detach().clone()) for m in training for b in m.buffers(recurse=False)]
-        # Batch norm in training mode normalises with batch statistics and updates its running ones in place;
-        # the update would be lost anyway (restored below) and is refused inside torch.func transforms
-        # ("mutate a captured Tensor"), so the running statistics are switched off for the call.
-        tracking = [m for m in training if getattr(m, "track_running_stats", False) is True]
-    leave = torch.is_inference_mode_enabled()
-    with torch.inference_mode(False) if leave else contextlib.nullcontext():
-        try:
-            for m in tracking:
-                m.track_running_stats = False
+    held, random = _enter(module) if isinstance(module, nn.Module) else ([], None)
+    try:
+        if random is not None:
+            warnings.warn(f"{type(module).__name__} has modules in training mode ({type(random).__name__}, ...): "
+                          f"dropout and batch statistics make the maps random; call model.eval() first",
+                          TrainingModeWarning)  # one source line: Python's default filter shows it once per process
+        leave = torch.is_inference_mode_enabled()
+        with torch.inference_mode(False) if leave else contextlib.nullcontext():
             yield
-        finally:
-            for m in tracking:
-                m.track_running_stats = True
-            if saved:
-                with torch.no_grad():
-                    for b, value in saved:
-                        b.copy_(value)
+    finally:
+        _leave(held)
 
 
 def one_image(x: Tensor, classes: Any) -> tuple[Tensor, Any]:

@@ -6,7 +6,8 @@
     OUT/shards/shard-000012.safetensors (or .npz)   images [12 * S, 13 * S) of the sorted list
     OUT/manifest.jsonl             rank 0 at the end: a header line, then one line per image in global order
     OUT/errors.jsonl               one line per unreadable image: {"path", "error"}
-    OUT/overlays/<path>.png        optional
+    OUT/overlays/<path>__<class>__<method>.png   optional (see funcam._overlay)
+    OUT/.lock                      held by the run writing to OUT (its PID inside)
 
 A shard holds ``maps (n, K, h, w) float16``, ``classes (n, K) int64``, ``logits (n, N) float32`` and
 ``index (n,) int64`` (global image numbers) for its ``n`` readable images; its metadata (JSON) holds their paths,
@@ -25,9 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from funcam._files import TMP_MARK, atomic_write, write_bytes
+
 FORMATS = ("safetensors", "npz")
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(safetensors|npz)$")
-TMP_MARK = ".tmp-"
+LOCK_NAME = ".lock"
 
 
 class DatasetError(ValueError):
@@ -38,43 +41,8 @@ def shard_name(index: int, fmt: str) -> str:
     return f"shard-{index:06d}.{fmt}"
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)``, fsync it, then rename to ``path``: readers see the old file or the whole new one."""
-    tmp = f"{path}{TMP_MARK}{os.getpid()}"
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
 def write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    write_bytes(path, text.encode("utf-8"), fsync=True)
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -93,19 +61,21 @@ def settings_hash(settings: dict) -> str:
 
 
 def write_shard(path: str, fmt: str, tensors: dict[str, Tensor], meta: dict) -> None:
-    """Atomically write ``tensors`` and the JSON ``meta`` as one shard file."""
+    """Atomically write ``tensors`` and the JSON ``meta`` as one shard file (mode 0644 under umask 022, like
+    every other output: safetensors' own ``save_file`` would create it 0600)."""
     blob = json.dumps(meta)
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"funcam": blob}),
+                    fsync=True)
+        return
 
     def write(tmp: str) -> None:
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(blob), **{k: v.numpy() for k, v in tensors.items()})
 
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"funcam": blob})
-        else:
-            with open(tmp, "wb") as f:
-                np.savez(f, meta=np.array(blob), **{k: v.numpy() for k, v in tensors.items()})
-
-    atomic_write(path, write)
+    atomic_write(path, write, fsync=True)
 
 
 def read_meta(path: str) -> dict | None:
@@ -162,11 +132,51 @@ def _short(v: Any) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
+class Lock:
+    """An exclusive lock on an output folder, held while the object lives (``release()`` ends it early).
+
+    ``OUT/.lock`` holds the owner's PID and host for the message a second run gets. The lock itself is a
+    ``flock`` on that file, which the kernel drops when its process ends however it ends: a lock file left by
+    a killed run is simply taken over, and no PID is ever guessed to be dead.
+    """
+
+    def __init__(self, out: str):
+        import socket
+
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock (one run per --out is then the user's to ensure)
+            self.fd = None
+            return
+        path = os.path.join(out, LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").split()
+            finally:
+                os.close(fd)
+            who = f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else \
+                "another process"
+            raise DatasetError(f"{out} is in use by {who} (another explain-dir run writes there); wait for it to "
+                               f"finish, or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock; the file stays (deleting it would race a waiting run)
+            self.fd = None
+
+
 def clean_temporaries(folder: str) -> None:
     """Remove files left under a temporary name by a killed run (they are never read)."""
+    tmp = re.compile(re.escape(TMP_MARK) + r"\d+$")  # NAME.tmp-PID (an input named x.tmp-1.png is no temporary)
     for dirpath, _, files in os.walk(folder):
         for name in files:
-            if TMP_MARK in name:
+            if tmp.search(name):
                 os.unlink(os.path.join(dirpath, name))
 
 

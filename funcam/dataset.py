@@ -17,8 +17,10 @@ import datetime
 import json
 import math
 import os
+import posixpath
+import sys
 import time
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -131,7 +133,8 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
                     top_k: int | None = None, layer: str | list[str] | None = None, batch_size: int = 16,
                     num_workers: int = 0, shard_size: int = 256, format: str = "safetensors",
                     overlays: bool = False, chunk_size: int | None = None, progress: bool = True,
-                    model_name: str | None = None) -> RunSummary:
+                    model_name: str | None = None,
+                    on_error: Callable[[str, str], None] | None = None) -> RunSummary:
     """Explain every image of a folder (or list) and write sharded maps to ``out``; see the module docstring.
 
     images: a folder (walked recursively for image suffixes) or a list of paths relative to ``root``.
@@ -139,11 +142,20 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
     method, classes, top_k, layer, chunk_size: as in ``funcam.explain.explain``; ``classes="all"`` explains
         every class (K = N). Every image gets the same K.
     shard_size: images per shard file; part of the settings (a restart must use the same value).
-    format: "safetensors" (memory-mapped reads) or "npz". overlays: also write ``OUT/overlays/<path>.png``.
+    format: "safetensors" (memory-mapped reads) or "npz". overlays: also write labelled PNGs
+        ``OUT/overlays/<path>__<class>__<method>.png`` (``funcam._overlay``).
     model_name: recorded in the settings (the weights are recorded by their hash either way).
+    on_error: called as ``on_error(path, reason)`` for each unreadable image as it is met (by the rank that
+        met it); the errors are recorded in ``OUT/errors.jsonl`` either way.
     Runs as one process, or as one rank of a ``torchrun`` job (each rank calls this with the same arguments).
+
+    Nothing is written before the arguments are checked: the method, layer, classes and top_k run once on a
+    blank image (``funcam.explain.validate``), so a typo never leaves settings behind that the corrected
+    command would then be refused for. Rank 0 holds a lock on ``out`` for the whole run; a second run on the
+    same ``out`` raises ``DatasetError`` naming the process that holds it.
+    Listed paths are normalised (``./x.png`` is ``x.png``) and each is explained once.
     """
-    from funcam.explain import check_method, default_method, explain
+    from funcam.explain import check_method, default_method, explain, validate
 
     t0 = time.perf_counter()
     if format not in FORMATS:
@@ -154,21 +166,30 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
     if classes is not None and top_k is not None:
         raise ValueError("give either classes= or top_k=, not both")
     method = check_method(method or default_method(model))
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        classes = [classes]
+    elif classes is not None and not (isinstance(classes, str) and classes == "all"):
+        classes = [int(c) for c in classes]
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    # everything the maps depend on, checked on one blank image before anything is written
+    n_out = validate(model, config.size, method=method, layer=layer)
+    if classes == "all":
+        classes = list(range(n_out))
+    bad = [c for c in classes or () if not 0 <= c < n_out]
+    if bad:
+        raise ValueError(f"classes: class index {bad[0]} is out of range; the model has {n_out} classes "
+                         f"(0..{n_out - 1})")
+    if top_k is not None and top_k > n_out:
+        raise ValueError(f"top_k must be between 1 and {n_out} (the number of classes), got {top_k}")
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     rank, world, own_group = _distributed(device)
+    lock = None
     try:
         if isinstance(images, (str, os.PathLike)):
             root = os.fspath(images)
         root = root or "."
-        if isinstance(classes, str) and classes == "all":
-            with torch.no_grad():
-                n_out = model(torch.zeros(1, 3, config.size, config.size, device=device)).shape[1]
-            classes = list(range(n_out))
-        elif isinstance(classes, int) and not isinstance(classes, bool):
-            classes = [classes]
-        elif classes is not None:
-            classes = [int(c) for c in classes]
         settings = json.loads(json.dumps({
             "model": model_name, "weights_sha256": _shards.weights_hash(model), "method": method,
             "classes": classes, "top_k": top_k if classes is not None else (top_k or 1), "layer": layer,
@@ -177,10 +198,19 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
         if rank == 0:
             try:
                 paths = (list_images(root, exclude=out) if isinstance(images, (str, os.PathLike))
-                         else sorted(set(str(p).replace(os.sep, "/") for p in images)))
+                         else normalise_paths(images))
+                if not paths:
+                    raise DatasetError("no images found (looked for files ending in " + ", ".join(IMAGE_SUFFIXES)
+                                       + ")")
+                os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+                lock = _shards.Lock(out)  # before the settings: a second run must not touch the first one's files
                 plan = _prepare(out, paths, settings, world)
             except DatasetError as e:
                 problem = str(e)
+            except OSError as e:
+                if world == 1:
+                    raise
+                problem = f"rank 0 cannot write {e.filename or out}: {e.strerror or type(e).__name__}"
         plan, problem = _broadcast((plan, problem), world, device)
         if problem:
             raise DatasetError(problem)
@@ -196,7 +226,7 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
                     layer=layer, chunk_size=chunk_size or (64 if len(classes or ()) > 64 or (top_k or 1) > 64 else None))
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(sizes[s] for s in mine), unit="img", disable=not progress or rank != 0,
+        bar = tqdm(total=sum(sizes[s] for s in mine), unit="img", disable=True if not progress or rank else None,
                    desc="explain" if world == 1 else f"rank 0 of {world}", smoothing=0.1)
         shard, rows, errors, errs_total = None, [], [], 0
         for idx, x, errs in loader:
@@ -206,13 +236,18 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
             shard = s
             errors += [(paths[i], reason) for i, reason in errs]
             errs_total += len(errs)
+            if on_error is not None and errs:
+                with tqdm.external_write_mode(file=sys.stderr):  # the message on a line of its own, bar redrawn
+                    for i, reason in errs:
+                        on_error(paths[i], reason)
             if x is not None:
                 with torch.no_grad():  # torch.func transforms still differentiate; no graph to the weights
                     cam = explain(model, x.to(device), **opts)
                 rows.append((idx, x, cam.maps.to(torch.float16).cpu(), cam.classes.cpu(), cam.logits.float().cpu()))
             bar.update(len(idx) + len(errs))
             if sum(len(r[0]) for r in rows) + len(errors) == sizes[s]:
-                _finish(out, s, format, rows, errors, paths, shash, config if overlays else None, rank)
+                _finish(out, s, format, rows, errors, paths, shash, config if overlays else None, rank, method,
+                        model)
                 shard, rows, errors = None, [], []
         bar.close()
         if world > 1:
@@ -224,23 +259,30 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
         return RunSummary(len(paths), errs_total, len(plan["pending"]), len(sizes) - len(plan["pending"]),
                           time.perf_counter() - t0)
     finally:
+        if lock is not None:
+            lock.release()
         if own_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
 
 
+def normalise_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Listed image paths as sorted POSIX paths, each normalised (``./x.png`` and ``sub/../x.png`` are
+    ``x.png``) and listed once; ``../x.png`` (outside DIR) stays a file of its own."""
+    return sorted({posixpath.normpath(os.fsdecode(p).replace(os.sep, "/")) for p in paths})
+
+
 def _prepare(out: str, paths: list[str], settings: dict, world: int) -> dict:
-    """Rank 0: create ``out``, lock the settings, drop temporaries, find the shards still to do."""
+    """Rank 0, holding the lock on ``out``: write or check the settings, drop temporaries a killed run left,
+    find the shards still to do."""
     import hashlib
 
     import funcam
 
-    if not paths:
-        raise DatasetError("no images found (looked for files ending in " + ", ".join(IMAGE_SUFFIXES) + ")")
-    settings = dict(settings, images={"count": len(paths),
-                                      "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()})
-    os.makedirs(os.path.join(out, "shards"), exist_ok=True)
+    # surrogateescape: a file name that is not UTF-8 hashes as its bytes (a valid one as before)
+    joined = "\n".join(paths).encode("utf-8", "surrogateescape")
+    settings = dict(settings, images={"count": len(paths), "sha256": hashlib.sha256(joined).hexdigest()})
     _shards.check_settings(out, settings)
     _shards.clean_temporaries(out)
     size = settings["shard_size"]
@@ -255,7 +297,7 @@ def _prepare(out: str, paths: list[str], settings: dict, world: int) -> dict:
             "pending": [s for s in range(len(sizes)) if s not in done]}
 
 
-def _finish(out, s, fmt, rows, errors, paths, shash, config, rank) -> None:
+def _finish(out, s, fmt, rows, errors, paths, shash, config, rank, method, model) -> None:
     """Write shard ``s`` (overlays first, so a complete shard implies complete overlays)."""
     idx = [i for r in rows for i in r[0]]
     if rows:
@@ -264,8 +306,10 @@ def _finish(out, s, fmt, rows, errors, paths, shash, config, rank) -> None:
         maps, cls, logits = torch.zeros(0, 0, 0, 0, dtype=torch.float16), torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0)
     if config is not None and rows:
         from funcam._overlay import write_overlays
+        from funcam.models import class_names
 
-        write_overlays(out, [paths[i] for i in idx], torch.cat([r[1] for r in rows]), maps, config)
+        write_overlays(out, [paths[i] for i in idx], torch.cat([r[1] for r in rows]), maps, cls, logits, config,
+                       method, class_names(model))
     meta = {"shard": s, "rank": rank, "settings": shash, "paths": [paths[i] for i in idx], "errors": errors}
     _shards.write_shard(os.path.join(out, "shards", _shards.shard_name(s, fmt)), fmt,
                         {"maps": maps, "classes": cls, "logits": logits, "index": torch.tensor(idx, dtype=torch.long)},

@@ -21,6 +21,11 @@ from funcam.split import split as make_split
 ATTENTION_METHODS = ("rollout", "grad-rollout", "chefer")
 GUIDED_METHODS = ("guided-gradcam", "guided-backprop")
 METHOD_NAMES = tuple(m.replace("_", "-") for m in CAM_METHODS) + ATTENTION_METHODS + GUIDED_METHODS
+# how captions, grid rows and overlays name each method
+METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM", "hirescam": "HiResCAM",
+                 "layercam": "LayerCAM", "elementwise": "Element-wise Grad-CAM", "gradcam-max": "Grad-CAM (max)",
+                 "argmax-channel": "argmax channel", "rollout": "attention rollout", "grad-rollout": "grad rollout",
+                 "chefer": "Chefer relevance", "guided-gradcam": "Guided Grad-CAM", "guided-backprop": "Guided Backprop"}
 
 
 def default_method(model: nn.Module) -> str:
@@ -40,6 +45,19 @@ def check_method(method: str) -> str:
         raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}; got {method!r}"
                          + (f" (did you mean {near[0]!r}?)" if near else ""))
     return name
+
+
+def validate(model: nn.Module, size: int | tuple[int, int], *, method: str | None = None,
+             layer: str | list[str] | None = None) -> int:
+    """Check that ``method`` (and ``layer``) can explain ``model`` at input ``size`` and return the model's
+    number of classes N, before any real work: ``explain`` runs once on one blank image for its top class.
+    Raises ``ValueError`` with the reason (e.g. attention rollout on a CNN, Guided Backprop on a model without
+    ReLU, an unknown layer); ``classes`` / ``top_k`` are then checked against N by the caller.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    param = next(iter(model.parameters()), None)
+    blank = torch.zeros(1, 3, h, w) if param is None else param.new_zeros((1, 3, h, w))
+    return int(explain(model, blank, method=method, top_k=1, layer=layer).logits.shape[1])
 
 
 def explain(model: nn.Module, x: Tensor, *, method: str | None = None, classes: Any = None,

@@ -10,7 +10,9 @@ before any pixel is decoded, so a decompression bomb (a small file that claims a
 Thread-safe and free of global side effects: Pillow's own bomb check (``Image.MAX_IMAGE_PIXELS``, a module
 global that ``Image.open`` consults and that only a global change or a global warning filter can adjust) is
 not used; the format plugin is called directly and ``max_pixels`` is the only limit.
-``limit_aspect(image)`` trims extremely elongated images before they are resized (see there).
+``probe_image(path) -> (W, H)`` runs the same checks on the header alone (no pixel decoded), to refuse a bad
+input before anything expensive happens. ``limit_aspect(image)`` trims extremely elongated images before they
+are resized (see there).
 """
 from __future__ import annotations
 
@@ -59,10 +61,52 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> Tens
 
     max_pixels: refuse images whose header claims more than ``W * H = max_pixels`` pixels, before decoding.
     """
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
     from PIL import Image
 
+    path = _check_path(path, max_pixels)
+    with _open_file(path) as f:
+        try:
+            im = _header(path, f, max_pixels)
+            im.load()
+            arr = _to_rgb(im)
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            # only a GIF frame larger than its logical screen reaches Pillow's own check (while parsing)
+            raise _refuse(path, f"refused as a possible decompression bomb ({_why(e)})") from None
+        except MemoryError:
+            raise _refuse(path, "not enough memory to decode it") from None
+        except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt data; each is this file's fault
+            # also a warning that a strict filter (python -W error) turned into an exception, e.g. corrupt EXIF
+            raise _refuse(path, f"corrupt or truncated image ({_why(e)})") from None
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def probe_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the header of ``path``, decoding no pixel; raises ``ImageError`` for every
+    reason ``read_image`` would except damage only decoding finds (a truncated or corrupt body).
+
+    Cheap (one ``stat``, one open, the first bytes read): the command line checks every input with it before
+    it loads a model. A pipe or device is refused from ``stat`` alone, never opened.
+    """
+    from PIL import Image
+
+    path = _check_path(path, max_pixels)
+    with _open_file(path) as f:
+        try:
+            return _header(path, f, max_pixels).size
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _refuse(path, f"refused as a possible decompression bomb ({_why(e)})") from None
+        except Exception as e:  # noqa: BLE001 - as in read_image: a header Pillow chokes on is this file's fault
+            raise _refuse(path, f"corrupt or truncated image ({_why(e)})") from None
+
+
+def _check_path(path: str | os.PathLike, max_pixels: int) -> str:
+    """The path as ``str``, after ``stat`` says it is a non-empty regular file (else ``ImageError``)."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
     path = os.fsdecode(path)
     try:
         st = os.stat(path)
@@ -76,34 +120,29 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> Tens
         raise _refuse(path, "not a regular file (a pipe, socket or device), not an image")
     if st.st_size == 0:
         raise _refuse(path, "empty file")
+    return path
+
+
+def _open_file(path: str):
     try:
-        f = open(path, "rb")
+        return open(path, "rb")
     except OSError as e:
         raise _refuse(path, f"cannot read ({_why(e)})") from None
-    with f:
-        try:
-            im = _open(f)
-            w, h = im.size
-            if w * h > max_pixels:
-                raise _refuse(path, f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (a possible "
-                                    f"decompression bomb); refused before decoding")
-            if w < 1 or h < 1:
-                raise _refuse(path, f"image has no pixels ({w}x{h})")
-            im.load()
-            arr = _to_rgb(im)
-        except ImageError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            # only a GIF frame larger than its logical screen reaches Pillow's own check (while parsing)
-            raise _refuse(path, f"refused as a possible decompression bomb ({_why(e)})") from None
-        except _Unidentified as e:
-            raise _refuse(path, str(e)) from None
-        except MemoryError:
-            raise _refuse(path, "not enough memory to decode it") from None
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types for corrupt data; each is this file's fault
-            # also a warning that a strict filter (python -W error) turned into an exception, e.g. corrupt EXIF
-            raise _refuse(path, f"corrupt or truncated image ({_why(e)})") from None
-    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _header(path: str, f, max_pixels: int):
+    """The lazily opened PIL image of ``f``, its size checked against ``max_pixels`` (no pixel decoded)."""
+    try:
+        im = _open(f)
+    except _Unidentified as e:
+        raise _refuse(path, str(e)) from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise _refuse(path, f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels} (a possible "
+                            f"decompression bomb); refused before decoding")
+    if w < 1 or h < 1:
+        raise _refuse(path, f"image has no pixels ({w}x{h})")
+    return im
 
 
 def _why(e: BaseException) -> str:

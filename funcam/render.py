@@ -1,7 +1,10 @@
-"""Rendering in torch, on the maps' device: colormaps, alpha overlays, labelled grids, PNG files.
+"""Rendering in torch, on the maps' device: colormaps, alpha overlays, gradient images, labelled grids with a
+colour scale, PNG files.
 
 ``colorize(maps (B, K, h, w)) -> uint8 (B, K, 3, h, w)``; ``overlay(image (B, 3, H, W), maps) -> uint8
-(B, K, 3, H, W)``; ``grid(tiles (R, C, 3, H, W)) -> uint8 (3, H', W')``; ``save_png(image (3, H, W), path)``.
+(B, K, 3, H, W)``; ``gradient_image(grads (B, K, 3, H, W)) -> uint8 (B, K, 3, H, W)`` (Guided Backprop and
+Guided Grad-CAM are images, not heatmaps); ``colorbar(cmap, width) -> uint8 (3, h, width)``; ``grid(tiles
+(R, C, 3, H, W), legend=cmap) -> uint8 (3, H', W')``; ``save_png(image (3, H, W), path)``.
 No cv2 and no matplotlib: a colormap is a 256-entry table indexed like matplotlib's (``floor(t * 256)``),
 so colours equal matplotlib's at every value. Pillow draws the grid labels and writes the files.
 
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["CMAPS", "colormap_table", "colorize", "to_uint8", "overlay", "grid", "save_png"]
+__all__ = ["CMAPS", "colormap_table", "colorize", "to_uint8", "overlay", "gradient_image", "colorbar", "legend_labels",
+           "grid", "save_png"]
 
 CMAPS = ("jet", "turbo", "hot", "viridis", "bwr")
 SIGNED_CMAPS = ("bwr",)
@@ -186,6 +190,61 @@ def overlay(image: Tensor, maps: Tensor, *, alpha: float = 0.5, cmap: str = "jet
     return blend.round().clamp(0, 255).to(torch.uint8)
 
 
+def gradient_image(grads: Tensor) -> Tensor:
+    """Input gradients ``(B, K, C, H, W)`` (C = 3, or 1 for a channel-reduced map) -> ``uint8 (B, K, 3, H, W)``,
+    drawn as an image the way Springenberg et al. 2015 and Selvaraju et al. 2017 show Guided Backprop and
+    Guided Grad-CAM: each map centred on its mean, scaled to 0.1 per standard deviation around mid-grey
+    (``0.5 + 0.1 * (g - mean) / (std + 1e-5)``, clipped to [0, 1]), so the mean is grey, positive
+    gradients light and negative ones dark, per colour channel. The same arithmetic as keras-grad-cam's and
+    pytorch-grad-cam's ``deprocess_image``, batched; a heat colormap of such a gradient looks uniformly blue.
+    """
+    if not isinstance(grads, Tensor) or grads.ndim != 5 or grads.shape[2] not in (1, 3):
+        raise ValueError(f"grads must be a (B, K, 3, H, W) or (B, K, 1, H, W) tensor, got "
+                         f"{tuple(grads.shape) if isinstance(grads, Tensor) else type(grads).__name__}")
+    g = grads.detach().float()
+    mean = g.mean(dim=(2, 3, 4), keepdim=True)
+    std = g.std(dim=(2, 3, 4), keepdim=True, correction=0)
+    t = ((g - mean) / (std + 1e-5) * 0.1 + 0.5).clamp(0, 1)
+    return (t * 255).to(torch.uint8).expand(-1, -1, 3, -1, -1).contiguous()  # truncation, as np.uint8(t * 255)
+
+
+def legend_labels(cmap: str) -> tuple[str, ...]:
+    """What the ends (and the centre) of ``cmap``'s colour scale mean for maps scaled per map (``colorize``'s
+    default range): the minimum and maximum of each map, or, for signed ``bwr``, zero at the centre."""
+    return ("most negative", "0", "most positive") if _check_cmap(cmap) in SIGNED_CMAPS else \
+        ("map minimum", "map maximum")
+
+
+def colorbar(cmap: str = "jet", width: int = 256, *, labels: Sequence[str] | None = None, bar_height: int = 10,
+             label_height: int = 16) -> Tensor:
+    """A colour scale legend: ``uint8 (3, bar_height + label_height, width)``, the colours of ``cmap`` from left
+    (value 0) to right (value 1) as ``colorize`` draws them, over ``labels`` spread evenly beneath it (first
+    left-aligned, last right-aligned; default ``legend_labels(cmap)``)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if width < 2 or bar_height < 1 or label_height < 0:
+        raise ValueError(f"colorbar needs width >= 2, bar_height >= 1 and label_height >= 0, got {width}, "
+                         f"{bar_height}, {label_height}")
+    t = torch.linspace(0, 1, width, dtype=torch.float64)
+    idx = (t * 256).long().clamp(0, 255)  # colorize's lookup, entry floor(t * 256)
+    table = colormap_table(cmap).mul(255).round().to(torch.uint8)
+    bar = table[idx].T[:, None, :].expand(3, bar_height, width)
+    canvas = Image.new("RGB", (width, label_height), "white")
+    labels = legend_labels(cmap) if labels is None else labels
+    if label_height and labels:
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default(size=max(8, min(13, label_height - 3)))
+        n = len(labels)
+        for i, text in enumerate(labels):
+            x = 0 if n == 1 or i == 0 else width - 1 if i == n - 1 else round(i * (width - 1) / (n - 1))
+            anchor = "lm" if i == 0 else "rm" if i == n - 1 else "mm"
+            draw.text((x, label_height // 2), str(text), fill="black", font=font, anchor=anchor)
+    import numpy as np
+
+    text = torch.from_numpy(np.array(canvas, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+    return torch.cat([bar, text], dim=1).contiguous()
+
+
 def _label_strip(texts: Sequence[str], widths: Sequence[int], height: int, pad: int, vertical: bool) -> Tensor:
     """Text labels drawn by Pillow: a ``uint8 (3, height, sum(widths) + pads)`` strip (transposed layout for
     row labels when ``vertical``)."""
@@ -214,10 +273,14 @@ def _label_strip(texts: Sequence[str], widths: Sequence[int], height: int, pad: 
 
 
 def grid(tiles: Tensor, *, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,
-         pad: int = 4, label_size: int = 20, row_label_width: int = 110) -> Tensor:
+         pad: int = 4, label_size: int = 20, row_label_width: int = 110, legend: str | None = None,
+         legend_text: Sequence[str] | None = None) -> Tensor:
     """tiles ``uint8 (R, C, 3, H, W)`` (rows = images or methods, columns = classes or methods) -> one
     ``uint8 (3, H', W')`` image with ``pad`` white pixels between tiles, column labels above and row labels
-    to the left (drawn with Pillow's default font, truncated to fit)."""
+    to the left (drawn with Pillow's default font, truncated to fit).
+
+    legend: a colormap name: a ``colorbar`` of it under the tiles, as wide as they are, labelled
+    ``legend_text`` (default ``legend_labels(legend)``)."""
     if not isinstance(tiles, Tensor) or tiles.ndim != 5 or tiles.shape[2] != 3 or tiles.dtype != torch.uint8:
         raise ValueError(f"tiles must be a uint8 (R, C, 3, H, W) tensor, got "
                          f"{(tiles.dtype, tuple(tiles.shape)) if isinstance(tiles, Tensor) else type(tiles).__name__}")
@@ -237,23 +300,29 @@ def grid(tiles: Tensor, *, row_labels: Sequence[str] | None = None, col_labels: 
         top = canvas.shape[1] - strip.shape[1]
         strip = torch.cat([strip.new_full((3, top, strip.shape[2]), 255), strip], dim=1)
         canvas = torch.cat([strip, canvas], dim=2)
+    if legend is not None:
+        bar = colorbar(legend, c * (w + pad) - pad, labels=legend_text).to(canvas.device)
+        left = canvas.shape[2] - (c * (w + pad) + pad) + pad  # under the tiles, not the row labels
+        band = canvas.new_full((3, bar.shape[1] + pad, canvas.shape[2]), 255)
+        band[:, :bar.shape[1], left:left + bar.shape[2]] = bar
+        canvas = torch.cat([canvas, band], dim=1)
     return canvas
 
 
 def save_png(image: Tensor, path: str | os.PathLike) -> str:
     """Write ``uint8 (3, H, W)`` RGB to ``path`` as PNG (atomically: a temporary file, then a rename, so a
-    reader never sees half a file). Returns the path."""
+    reader never sees half a file, and a failed write leaves no file behind). Returns the path."""
     from PIL import Image
+
+    from funcam._files import atomic_write
 
     if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"image must be a uint8 (3, H, W) tensor, got "
                          f"{(image.dtype, tuple(image.shape)) if isinstance(image, Tensor) else type(image).__name__}")
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    pixels = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            pixels.save(f, format="PNG")
+
+    return atomic_write(os.fspath(path), write)

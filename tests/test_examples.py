@@ -28,6 +28,14 @@ def test_example_runs(name):
     assert proc.stdout.rstrip().splitlines()[-1] == f"{name} OK", proc.stdout
 
 
+def test_plain_import_reaches_every_documented_module():
+    # issue 16: funcam.explain.explain raised AttributeError after a plain `import funcam`
+    code = "import funcam; print(funcam.explain.explain.__module__, funcam.metrics.__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONWARNINGS="error"))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "funcam.explain funcam.metrics\n", "")
+
+
 def test_readme_python_snippets_run():
     """The ```python blocks of README.md, run in order in one namespace (a later block may use an
     earlier block's names, as a reader following along would)."""

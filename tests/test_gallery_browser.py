@@ -42,6 +42,7 @@ def test_demo_gallery_loads_every_image(demo, tmp_path):
     body = re.search(r"<body[^>]*>", p.stdout)
     assert body, (p.stdout[:500], p.stderr[-2000:])
     assert 'data-images="ok 48/48"' in body.group(0)  # 6 photos x 2 methods x (input + 3 classes)
+    assert 'class="legend"' in p.stdout and "linear-gradient" in p.stdout  # the colour scale, drawn by CSS
 
 
 def test_demo_gallery_screenshot_is_not_blank(demo, tmp_path):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from funcam.render import CMAPS, colorize, colormap_table, grid, overlay, save_png, to_uint8
+from funcam.render import CMAPS, colorbar, colorize, colormap_table, gradient_image, grid, legend_labels, overlay, \
+    save_png, to_uint8
 
 mpl = pytest.importorskip("matplotlib")
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
@@ -138,3 +139,73 @@ def test_bad_inputs_raise_clear_errors():
         grid(torch.zeros(2, 1, 3, 4, 4, dtype=torch.uint8), row_labels=["a"])
     with pytest.raises(ValueError, match=r"uint8 \(3, H, W\)"):
         save_png(torch.zeros(3, 4, 4), "x.png")
+
+
+def test_gradient_image_equals_deprocess_image():
+    # issue 16: Guided Backprop / Guided Grad-CAM went through a heat colormap and looked near-uniform blue.
+    # The papers draw the gradient itself; the oracle is keras-grad-cam's / pytorch-grad-cam's deprocess_image
+    # (mean to mid-grey, 0.1 per standard deviation), applied map by map.
+    deprocess = pytest.importorskip("pytorch_grad_cam.utils.image").deprocess_image
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(2, 3, 3, 9, 7, generator=g, dtype=torch.float64) * torch.tensor([1e-4, 1.0, 30.0],
+                                                                                         dtype=torch.float64).view(1, 3, 1, 1, 1)
+    grads[1, 2] = 0  # a zero gradient: uniform grey, no NaN
+    out = gradient_image(grads)
+    assert out.dtype == torch.uint8 and out.shape == (2, 3, 3, 9, 7)
+    for b in range(2):
+        for k in range(3):
+            want = deprocess(grads[b, k].permute(1, 2, 0).numpy())  # (H, W, 3)
+            got = out[b, k].permute(1, 2, 0).numpy()
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float32 here, float64 there
+    assert (out[1, 2] == 127).all()
+    assert abs(out[0, 1].float().mean().item() - 127) < 3 and out[0, 1].float().std() > 15  # grey, with detail
+    one = gradient_image(grads[:, :, :1])  # a channel-reduced map: the same grey image on all three channels
+    assert torch.equal(one[:, :, 0], one[:, :, 2])
+    with pytest.raises(ValueError, match=r"\(B, K, 3, H, W\)"):
+        gradient_image(torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("cmap", CMAPS)
+def test_colorbar_shows_the_colormap_as_colorize_draws_it(cmap):
+    bar = colorbar(cmap, 300, bar_height=6, label_height=16)
+    assert bar.dtype == torch.uint8 and bar.shape == (3, 22, 300)
+    t = torch.linspace(0, 1, 300, dtype=torch.float64)
+    ref = mpl.colormaps[cmap](np.minimum((t.numpy() * 256).astype(int), 255))[:, :3]  # matplotlib's lookup
+    for row in range(6):
+        np.testing.assert_allclose(bar[:, row].T.double().numpy() / 255, ref, atol=TOL, rtol=0)
+    # left end = colorize's colour for a map's minimum, right end = its maximum
+    ends = colorize(torch.tensor([[[[0.0, 1.0]]]]), cmap) if cmap != "bwr" else \
+        colorize(torch.tensor([[[[-1.0, 1.0]]]]), cmap)
+    assert torch.equal(bar[:, 0, 0], ends[0, 0, :, 0, 0]) and torch.equal(bar[:, 0, -1], ends[0, 0, :, 0, 1])
+    labels = bar[:, 6:]
+    assert (labels < 128).any() and (labels[:, :, :100] < 128).any() and (labels[:, :, -100:] < 128).any()
+    assert legend_labels(cmap) == (("most negative", "0", "most positive") if cmap == "bwr"
+                                   else ("map minimum", "map maximum"))
+
+
+def test_grid_legend_sits_under_the_tiles():
+    tiles = torch.full((2, 3, 3, 10, 12), 40, dtype=torch.uint8)
+    plain = grid(tiles, pad=2, row_labels=["a", "b"], row_label_width=30)
+    with_bar = grid(tiles, pad=2, row_labels=["a", "b"], row_label_width=30, legend="viridis")
+    bar = colorbar("viridis", 3 * 14 - 2)
+    assert with_bar.shape == (3, plain.shape[1] + bar.shape[1] + 2, plain.shape[2])
+    assert torch.equal(with_bar[:, :plain.shape[1]], plain)
+    left = 30 + 2  # aligned with the first tile column, not the row labels
+    assert torch.equal(with_bar[:, plain.shape[1]:plain.shape[1] + bar.shape[1], left:left + bar.shape[2]], bar)
+    assert (with_bar[:, plain.shape[1]:, :left] == 255).all()
+
+
+def test_save_png_leaves_nothing_when_the_write_fails(tmp_path, monkeypatch):
+    import errno
+
+    from PIL import Image
+
+    def full(self, fp, *args, **kwargs):  # half a file, then the disk is full
+        fp.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(OSError) as err:
+        save_png(torch.zeros(3, 4, 4, dtype=torch.uint8), tmp_path / "x.png")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []

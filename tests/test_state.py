@@ -214,6 +214,27 @@ def test_threads_under_no_grad_and_grad_mode_side_by_side():
         assert torch.equal(g, r) and g_req == r_req == (i % 2 == 0), i
 
 
+def test_four_threads_in_training_mode_leave_batch_norm_statistics():
+    # issue 16: the save / switch-off / restore of track_running_stats interleaved between threads, and a
+    # thread that entered while another had switched tracking off saw nothing to restore: the running
+    # statistics changed for good. Every entry point, from 4 threads at once, many times over.
+    model, x = _cnn()
+    model.train()
+    before = _snapshot(model)
+    sp = funcam.split(model)
+    calls = [lambda: funcam.gradcam(sp, x, [1, 3]),
+             lambda: funcam.gradcampp(sp._replace(pooled=None), x, [2]),
+             lambda: funcam.guided_gradcam(model, x, [1]),
+             lambda: explain(model, x, method="layercam", classes=[1, 3]).maps]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", funcam.TrainingModeWarning)
+        got = _run_in_threads([calls[i % len(calls)] for i in range(48)])
+    assert all(torch.isfinite(g).all() and bool((g != 0).any()) for g in got)
+    _assert_untouched(before, _snapshot(model), eval_mode=False)
+    assert all(m.training for m in model.modules())
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
 # ----------------------------------------------------------------------------------------------- memory
 
 def _rss() -> int:
