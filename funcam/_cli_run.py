@@ -49,23 +49,22 @@ class Result(NamedTuple):
 
 
 def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool) -> Callable[..., Result]:
+    import funcam
     from funcam.explain import explain
 
+    sp = funcam.split(model, layer)  # once: a graph-route model is captured once per input size, not per batch
     if method in GUIDED:
-        import funcam
-
-        fn_guided = funcam.guided_backprop if method == "guided-backprop" else funcam.guided_gradcam
-        kw = {} if method == "guided-backprop" else {"layer": layer}
-
         def fn(x: Tensor, classes, top_k) -> Result:
             with torch.no_grad():
-                out = fn_guided(model, x, classes, top_k=top_k, return_cam=True, **kw)
+                if method == "guided-backprop":
+                    out = funcam.guided_backprop(model, x, classes, top_k=top_k, return_cam=True)
+                else:
+                    out = funcam.guided_gradcam(sp, x, classes, top_k=top_k, return_cam=True)
             # the npz keeps explain()'s map: the strongest absolute response over the colour channels
             return Result(out._replace(maps=out.maps.abs().amax(dim=2)), out.maps)
     else:
         def fn(x: Tensor, classes, top_k) -> Result:
-            return Result(explain(model, x, method=method, classes=classes, top_k=top_k, layer=layer, relu=relu),
-                          None)
+            return Result(explain(sp, x, method=method, classes=classes, top_k=top_k, relu=relu), None)
 
     return torch.compile(fn) if compile_ else fn
 

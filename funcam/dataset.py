@@ -223,7 +223,11 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
         loader = torch.utils.data.DataLoader(_Images(root, paths, config), batch_sampler=batches,
                                              num_workers=num_workers, collate_fn=_collate)
         opts = dict(method=method, classes=classes, top_k=None if classes is not None else (top_k or 1),
-                    layer=layer, chunk_size=chunk_size or (64 if len(classes or ()) > 64 or (top_k or 1) > 64 else None))
+                    chunk_size=chunk_size or (64 if len(classes or ()) > 64 or (top_k or 1) > 64 else None))
+        # split once: a graph-route model is captured once per input size, not once per batch
+        from funcam.split import split
+
+        target = split(model, layer)
         from tqdm import tqdm
 
         bar = tqdm(total=sum(sizes[s] for s in mine), unit="img", disable=True if not progress or rank else None,
@@ -242,7 +246,7 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
                         on_error(paths[i], reason)
             if x is not None:
                 with torch.no_grad():  # torch.func transforms still differentiate; no graph to the weights
-                    cam = explain(model, x.to(device), **opts)
+                    cam = explain(target, x.to(device), **opts)
                 rows.append((idx, x, cam.maps.to(torch.float16).cpu(), cam.classes.cpu(), cam.logits.float().cpu()))
             bar.update(len(idx) + len(errs))
             if sum(len(r[0]) for r in rows) + len(errors) == sizes[s]:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from funcam.cams import METHODS as CAM_METHODS, cam
 from funcam.grads import CAM, class_indices
-from funcam.split import split as make_split
+from funcam.split import Split, split as make_split
 
 # CLI spelling (dashes) -> internal name; every funcam method.
 ATTENTION_METHODS = ("rollout", "grad-rollout", "chefer")
@@ -60,14 +60,16 @@ def validate(model: nn.Module, size: int | tuple[int, int], *, method: str | Non
     return int(explain(model, blank, method=method, top_k=1, layer=layer).logits.shape[1])
 
 
-def explain(model: nn.Module, x: Tensor, *, method: str | None = None, classes: Any = None,
+def explain(model: nn.Module | Split, x: Tensor, *, method: str | None = None, classes: Any = None,
             top_k: int | None = None, layer: str | list[str] | None = None, chunk_size: int | None = None,
             relu: bool = True) -> CAM:
     """Maps for ``x (B, C, H, W)`` and the requested classes with any funcam method, by name.
 
+    model: the model, or ``funcam.split(model, layer)`` built once and reused across calls (a graph-route split
+    captures its graph once per input size; a model is split again at every call).
     method: one of ``METHOD_NAMES`` (None: ``default_method(model)``).
     classes / top_k: as in ``funcam.cam``. layer: the cut for CAM methods (``funcam.split``'s ``layer``;
-    a list is fused by the mean of per-layer normalised maps at the first layer's resolution).
+    a list is fused by the mean of per-layer normalised maps at the first layer's resolution); not with a Split.
     Returns ``CAM(maps (B, K, h, w), classes (B, K), logits (B, N))``, detached: explanation only, run
     under ``torch.no_grad()`` so that memory does not grow with K (use ``funcam.cam`` for differentiable maps).
     """
@@ -75,11 +77,17 @@ def explain(model: nn.Module, x: Tensor, *, method: str | None = None, classes: 
         return _explain(model, x, method, classes, top_k, layer, chunk_size, relu)
 
 
-def _explain(model: nn.Module, x: Tensor, method: str | None, classes: Any, top_k: int | None,
+def _explain(target: nn.Module | Split, x: Tensor, method: str | None, classes: Any, top_k: int | None,
              layer: str | list[str] | None, chunk_size: int | None, relu: bool) -> CAM:
+    if isinstance(target, Split):
+        if layer is not None:
+            raise ValueError("give layer= to funcam.split, not to explain, when explain is given a Split")
+        model, sp = target.module, target
+    else:
+        model, sp = target, None
     name = check_method(method or default_method(model))
     if name.replace("-", "_") in CAM_METHODS:
-        sp = make_split(model, layer)
+        sp = sp if sp is not None else make_split(model, layer)
         out = cam(sp, x, classes, method=name.replace("-", "_"), top_k=top_k, relu=relu, chunk_size=chunk_size)
         if isinstance(out.maps, tuple):
             from funcam.postprocess import fuse
@@ -91,7 +99,7 @@ def _explain(model: nn.Module, x: Tensor, method: str | None, classes: Any, top_
 
         if callable(classes) and top_k is not None:
             raise ValueError("top_k does not apply when classes is a callable")
-        m, logits = rollout_with_logits(model, x)  # logits and attentions from one forward
+        m, logits = rollout_with_logits(target, x)  # logits and attentions from one forward
         # class-agnostic: the classes (or a score callable's K columns) only say how often to repeat the map
         score_fn = classes if callable(classes) else None
         idx, picked = class_indices(score_fn(logits) if score_fn else logits, logits, classes, score_fn, top_k,
@@ -101,13 +109,13 @@ def _explain(model: nn.Module, x: Tensor, method: str | None, classes: Any, top_
         from funcam import rollout
 
         fn = rollout.grad_rollout if name == "grad-rollout" else rollout.chefer_relevance
-        return fn(model, x, classes, top_k=top_k, chunk_size=chunk_size, return_cam=True)
+        return fn(target, x, classes, top_k=top_k, chunk_size=chunk_size, return_cam=True)
     from funcam import guided
 
     if name == "guided-backprop":
         out = guided.guided_backprop(model, x, classes, top_k=top_k, chunk_size=chunk_size, return_cam=True)
     else:
-        out = guided.guided_gradcam(model, x, classes, top_k=top_k, layer=layer, chunk_size=chunk_size,
+        out = guided.guided_gradcam(target, x, classes, top_k=top_k, layer=layer, chunk_size=chunk_size,
                                     return_cam=True)
     # (B, K, 3, H, W) -> (B, K, H, W): the strongest absolute response over colour channels.
     return out._replace(maps=out.maps.abs().amax(dim=2))

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from funcam import _guard
 from funcam.grads import CAM, check_input, class_vjp
+from funcam.split import Split
 
 
 class _GuidedClamp(torch.autograd.Function):
@@ -122,25 +123,32 @@ def guided_backprop(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: 
     return out if return_cam else out.maps
 
 
-def guided_gradcam(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+def guided_gradcam(model: nn.Module | Split, x: Tensor, classes: Any = None, *, top_k: int | None = None,
                    layer: str | list[str] | None = None, chunk_size: int | None = None,
                    return_cam: bool = False) -> Tensor | CAM:
     """Guided Grad-CAM (Selvaraju et al. 2017, sec. 3.1): x (B, C, H, W) -> (B, K, C, H, W).
 
-    Guided Backprop times Grad-CAM (ReLU'd, at ``layer`` as in ``funcam.split``) upsampled bilinearly to
-    (H, W). Both explain the same class indices: those resolved from the guided forward's logits (a
-    ``classes`` callable is passed to both and scored on the same logits).
+    Guided Backprop times Grad-CAM (ReLU'd, at ``layer`` as in ``funcam.split``, or on a given
+    ``funcam.split(model, layer)``) upsampled bilinearly to (H, W). Both explain the same class indices: those
+    resolved from the guided forward's logits (a ``classes`` callable is passed to both and scored on the same
+    logits).
     """
     from funcam.cams import cam
     from funcam.postprocess import upsample
     from funcam.split import split
 
-    model = _guard.unwrap(model)
+    if isinstance(model, Split):
+        if layer is not None:
+            raise ValueError("give layer= to funcam.split, not to guided_gradcam, when it is given a Split")
+        sp, model = model, model.module
+    else:
+        model = _guard.unwrap(model)
+        sp = None
 
     def both() -> CAM:
         gb = _guided_cam(model, x, classes, top_k, chunk_size)
         same = classes if gb.classes is None else gb.classes
-        cams = cam(split(model, layer), x, same, chunk_size=chunk_size).maps
+        cams = cam(sp if sp is not None else split(model, layer), x, same, chunk_size=chunk_size).maps
         if isinstance(cams, tuple):
             raise ValueError(f"guided_gradcam takes one layer, got layer={layer!r}")
         return gb._replace(maps=gb.maps * upsample(cams, x.shape[-2:]).unsqueeze(2))

@@ -137,7 +137,7 @@ def block_attentions(model: nn.Module | Split, x: Tensor) -> list[Tensor]:
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
         return _guard.no_images(block_attentions(model, _guard.one_image(x, None)[0]))
     x = _guard.normal_tensor(x)
-    src = source(model, x)
+    src = _guard.run(_module(model), lambda: source(model, x))  # tensors made outside inference mode
     out, probs = _guard.run(src.module, lambda: src.run(x, None))
     _guard.check_output(_logits(out), tuple(probs))
     return probs
@@ -210,7 +210,7 @@ def _mixed(model: Any, x: Tensor, head_fusion: str, discard_ratio: float,
         mats, out, src = _mixed(model, _guard.one_image(x, None)[0], head_fusion, discard_ratio, start_block)
         return _guard.no_images(mats), _guard.no_images(out) if isinstance(out, Tensor) else out, src
     x = _guard.normal_tensor(x)
-    src = source(model, x)
+    src = _guard.run(_module(model), lambda: source(model, x))  # tensors made outside inference mode
     _check_rollout_args(head_fusion, discard_ratio, start_block, len(src.shapes(1)))
     out, probs = _guard.run(src.module, lambda: src.run(x, None))
     _guard.check_output(_logits(out), tuple(probs))
@@ -261,7 +261,7 @@ def _relevance(model: Any, x: Tensor, classes: Any, top_k: int | None, chunk_siz
         return _guard.no_images(_relevance(model, x1, classes1, top_k, chunk_size, True, step)) if return_cam \
             else _relevance(model, x1, classes1, top_k, chunk_size, False, step)[:0]
     x = _guard.normal_tensor(x)
-    src = source(model, x)
+    src = _guard.run(_module(model), lambda: source(model, x))  # tensors made outside inference mode
     b = x.shape[0]
     gh, gw = src.grid
     deltas = tuple(x.new_zeros(s) for s in src.shapes(b))

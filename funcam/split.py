@@ -138,10 +138,12 @@ def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str |
     if token_cut is not None:
         raise ValueError(f"split: token_cut={token_cut!r} applies to timm ViT and Swin models only, "
                          f"got a {type(model).__name__}")
-    if hasattr(model, "forward_features") and hasattr(model, "forward_head"):
-        layout = timm_cuts.features_layout(model)
+    if hasattr(model, "forward_features") and hasattr(model, "forward_head") and isinstance(
+            getattr(model, "num_features", None), int):
+        # inside a compiled region the shape probe cannot run: timm's split, its layout read at every call
+        layout = "NCHW" if torch.compiler.is_compiling() else timm_cuts.features_layout(model)
         if layout is not None:
-            extract, head, layers = timm_cuts.features_split(model, layout)
+            extract, head, layers = timm_cuts.features_split(model)
             return Split(extract, head, in_chans, layers, _pooled_head(model) if layout == "NCHW" else None)
     return _graph_split(model, None, example, in_chans)
 

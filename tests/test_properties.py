@@ -160,10 +160,21 @@ def call(entry: tuple[str, str], m: torch.nn.Module, x: torch.Tensor, **kw) -> f
     if kind == "explain":
         return explain(m, x, method=name, **kw)
     if kind == "explain_layers":
-        return explain(m, x, method=name, layer=["layer3", "layer4"], **kw)
+        return explain(layers_split(m), x, method=name, **kw)
     fn = {"guided_backprop": funcam.guided_backprop, "guided_gradcam": funcam.guided_gradcam,
           "chefer_relevance": funcam.chefer_relevance, "grad_rollout": funcam.grad_rollout}[kind]
     return fn(m, x, return_cam=True, **kw)
+
+
+_LAYER_SPLITS: dict = {}
+
+
+def layers_split(m: torch.nn.Module) -> funcam.Split:
+    """The two-layer split of ``m``, built once per model: its graph is captured once per input size, and a split
+    rebuilt for every drawn example would capture again each time."""
+    if id(m) not in _LAYER_SPLITS:
+        _LAYER_SPLITS[id(m)] = (m, funcam.split(m, ["layer3", "layer4"]))
+    return _LAYER_SPLITS[id(m)][1]
 
 
 def tail(key: str, entry: tuple[str, str], h: int, w: int) -> tuple[int, ...]:

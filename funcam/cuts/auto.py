@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from funcam.cuts.capture import capture, example_batch, first_output
+from funcam.cuts.capture import capture, first_output
 from funcam.cuts.graph import Cut, cut_graph, default_cut, find, name_of, probe
 from funcam.cuts.layout import propagate
 from funcam.split import Features
@@ -77,7 +77,7 @@ class GraphCut:
                     if not calls_attention(self.model, x):
                         raise no_attention_error(self.model)
                     cap = capture(self.model, x)
-                    ex = example_batch(x.detach())
+                    ex = probe_input(x)
                     roles = propagate(cap.graph, cap.x, cap.bsym)
                     a = self._entries[key] = graph_attention(cap, roles, self.model, ex)
         return a
@@ -94,10 +94,18 @@ class GraphCut:
         return self._entries[key].head(Features(feats.maps, tuple(ctx), feats.chained))
 
 
+def probe_input(x: Tensor) -> Tensor:
+    """Two random images shaped like ``x`` to probe and check a capture with: the caller's own images may be
+    degenerate (the blank image of a dry run, the zero image standing in for an empty batch) and make a gradient
+    vanish that is not structurally zero."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((2,) + tuple(x.shape[1:]), generator=g, dtype=torch.float64).to(x.device, x.dtype)
+
+
 def build_entry(model: nn.Module, x: Tensor, names: Sequence[str] | None) -> Entry:
     """Capture, cut and check ``model`` for inputs shaped like ``x`` (see the module docstring)."""
     cap = capture(model, x)
-    ex = example_batch(x.detach())
+    ex = probe_input(x)
     pr = probe(cap, ex, model)
     if names is None:
         try:

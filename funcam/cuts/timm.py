@@ -8,6 +8,7 @@ pytorch-grad-cam's ViT recipe use the same feature; holding the residual fixed k
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable
 
@@ -225,8 +226,10 @@ def _cat(prefix: Tensor, patches: Tensor) -> Tensor:
 # --- which timm routes apply: checked on the model's own blocks, not on class names ----------------------------------
 
 def _probe_tokens(c: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(*shape, c, generator=g, dtype=torch.float64).to(dtype=like.dtype, device=like.device)
+    """A fixed, irregular probe input (B, ..., C) in ``like``'s dtype and device."""
+    n = math.prod(shape) * c
+    t = torch.arange(n, dtype=torch.float64).mul(0.7).sin().mul(torch.arange(n, dtype=torch.float64).mul(1.3).cos())
+    return t.reshape(*shape, c).mul(2).to(dtype=like.dtype, device=like.device)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -242,8 +245,10 @@ def vit_blocks_ok(model: nn.Module) -> bool:
     blk = model.blocks[-1]
     if any(not hasattr(blk, p) for p in _VIT_BLOCK_PARTS) or not is_plain_attention(blk.attn):
         return False
-    if any(m.training for m in blk.modules()):
-        return True  # dropout would make the comparison random; the parts and the attention were checked
+    if any(m.training for m in blk.modules()) or torch.compiler.is_compiling():
+        # dropout would make the comparison random, and a compiled region cannot branch on it: the parts and the
+        # attention were checked
+        return True
     p = next(blk.parameters(), None)
     if p is None:
         return False
@@ -265,7 +270,7 @@ def swin_blocks_ok(model: nn.Module) -> bool:
     blk = model.layers[-1].blocks[-1]
     if not all(hasattr(blk, a) for a in ("norm1", "_attn", "drop_path1", "norm2", "mlp", "drop_path2")):
         return False
-    if any(m.training for m in blk.modules()):
+    if any(m.training for m in blk.modules()) or torch.compiler.is_compiling():
         return False  # no random comparison: the graph route is exact for either form
     res = getattr(blk, "input_resolution", None) or getattr(blk, "window_size", None)
     p = next(blk.parameters(), None)
@@ -287,7 +292,7 @@ def features_layout(model: nn.Module) -> str | None:
     """'NCHW' or 'NHWC' when ``forward_features`` returns a 4-D map whose channel axis is ``num_features``, else
     None (tokens, an ambiguous shape, or a forward that the probe cannot run).
 
-    The probe runs ``forward_features`` once on one small random image (64x64, under no_grad; the buffers of a
+    The probe runs ``forward_features`` once on one small blank image (64x64, under no_grad; the buffers of a
     training-mode model are restored). The channel axis is the one of size ``num_features`` (timm's width of
     ``forward_features``); when both or neither of axes 1 and 3 have it, the layout is left to the graph route.
     """
@@ -296,7 +301,7 @@ def features_layout(model: nn.Module) -> str | None:
     chans = getattr(model, "in_chans", None) or _first_conv_channels(model)
     if not isinstance(c, int) or p is None or not isinstance(chans, int):
         return None
-    x = torch.randn(1, chans, 64, 64, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    x = p.new_zeros((1, chans, 64, 64))  # only the output's shape is read
     saved = [(b, b.detach().clone()) for m in model.modules() if m.training for b in m.buffers(recurse=False)]
     try:
         with torch.no_grad(), warnings.catch_warnings():
@@ -308,14 +313,14 @@ def features_layout(model: nn.Module) -> str | None:
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+    return _layout(shape, c)
+
+
+def _layout(shape: tuple[int, ...], c: int) -> str | None:
     if len(shape) != 4:
         return None
     first, last = shape[1] == c, shape[3] == c
-    if first and not last:
-        return "NCHW"
-    if last and not first:
-        return "NHWC"
-    return None
+    return "NCHW" if first and not last else "NHWC" if last and not first else None
 
 
 def _first_conv_channels(model: nn.Module) -> int | None:
@@ -325,16 +330,30 @@ def _first_conv_channels(model: nn.Module) -> int | None:
     return None
 
 
-def features_split(model: nn.Module, layout: str) -> tuple[Callable, Callable, tuple[str]]:
-    """timm's own ``forward_features`` / ``forward_head``; a channels-last feature becomes ``(B, C, h, w)``."""
-    if layout == "NCHW":
-        return model.forward_features, model.forward_head, ("forward_features",)
+def features_split(model: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
+    """timm's own ``forward_features`` / ``forward_head``; a channels-last feature becomes ``(B, C, h, w)``.
 
-    def extract(x: Tensor) -> Features:
-        """x (B, C, H, W) -> Features(maps=(forward_features (B, h, w, C) as (B, C, h, w),))."""
-        return Features((rearrange(model.forward_features(x), "b h w c -> b c h w"),))
+    The layout is read from each output's shape (the axis of size ``num_features`` is the channel axis), so the
+    split also works when built inside a compiled region, where ``features_layout``'s probe cannot run.
+    """
+    c = int(model.num_features)
 
-    def head(feats: Features) -> Tensor:
-        return model.forward_head(rearrange(feats.maps[0], "b c h w -> b h w c"))
+    def extract(x: Tensor) -> Tensor | Features:
+        """x (B, C, H, W) -> forward_features (B, C, h, w), or Features(maps=((B, C, h, w),), context=('NHWC',))
+        for a channels-last feature (B, h, w, C)."""
+        y = model.forward_features(x)
+        layout = _layout(tuple(y.shape), c)
+        if layout == "NCHW":
+            return y
+        if layout == "NHWC":
+            return Features((rearrange(y, "b h w c -> b c h w"),), ("NHWC",))
+        raise ValueError(f"split: forward_features of {type(model).__name__} returned shape {tuple(y.shape)}, not a "
+                         f"feature map with {c} channels; build this split outside torch.compile, where funcam "
+                         f"can cut the model's graph instead")
+
+    def head(feats: Tensor | Features) -> Tensor:
+        if isinstance(feats, Features):
+            return model.forward_head(rearrange(feats.maps[0], "b c h w -> b h w c"))
+        return model.forward_head(feats)
 
     return extract, head, ("forward_features",)
