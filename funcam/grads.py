@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from funcam import _guard
 from funcam._guard import check_input
@@ -167,12 +168,25 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     def per_class_maps(ct: Tensor) -> tuple[Tensor, ...]:
         return tuple(per_class(g, a) for g, a in zip(vjp_fn(ct), maps))
 
-    per = torch.func.vmap(per_class_maps, chunk_size=chunk_size)(cot)  # each (K, B, C) or (K, B, h, w)
+    if chunk_size is not None and chunk_size < k and _keeps_graph(maps):
+        # Differentiable maps (grad mode on): each chunk's per-class backward would stay in the autograd graph
+        # until the maps die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and maps
+        # and recomputes its backward when the maps are differentiated, so max_memory bounds this case too.
+        parts = [checkpoint(torch.func.vmap(per_class_maps), ct, use_reentrant=False)
+                 for ct in cot.split(chunk_size)]
+        per = tuple(torch.cat(p, dim=0) for p in zip(*parts))
+    else:
+        per = torch.func.vmap(per_class_maps, chunk_size=chunk_size)(cot)  # each (K, B, C) or (K, B, h, w)
     if weights is not None:
         result = tuple(channel_sum(w.movedim(0, 1), a) for w, a in zip(per, maps))
     else:
         result = tuple(p.movedim(0, 1) for p in per)
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
+
+
+def _keeps_graph(maps: tuple[Tensor, ...]) -> bool:
+    """Whether the maps will carry an autograd graph (grad mode on, and x or the parameters require grad)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(m.requires_grad for m in maps)
 
 
 def logits_of(out: Any) -> Tensor:

@@ -196,8 +196,11 @@ def test_untraceable_model_is_a_clear_error():
                 return self.c(x).mean(dim=(2, 3))
             return x.mean(dim=(2, 3))
 
+    x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match="could not capture Branchy"):
-        funcam.split(Branchy(), "c")
+        funcam.gradcam(funcam.split(Branchy(), "c"), x, [0])  # one named cut: captured on first use
+    with pytest.raises(ValueError, match="could not capture Branchy"):
+        funcam.split(Branchy(), "c", example=x)
     # and the tracer_leaves escape hatch does not help a branch in forward itself: still a clear error
     with pytest.raises(ValueError, match="could not trace"):
         funcam.split(Branchy(), "c", tracer_leaves=(nn.Conv2d,))

@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from funcam.cuts.capture import capture, first_output
+from funcam.cuts.capture import CaptureError, capture, first_output
 from funcam.cuts.graph import Cut, cut_graph, default_cut, find, name_of, probe
 from funcam.cuts.layout import propagate
 from funcam.split import Features
@@ -103,8 +103,21 @@ def probe_input(x: Tensor) -> Tensor:
 
 
 def build_entry(model: nn.Module, x: Tensor, names: Sequence[str] | None) -> Entry:
-    """Capture, cut and check ``model`` for inputs shaped like ``x`` (see the module docstring)."""
-    cap = capture(model, x)
+    """Capture, cut and check ``model`` for inputs shaped like ``x`` (see the module docstring). A named cut of a
+    model that ``torch.export`` cannot capture falls back to ``torch.fx`` (feature maps assumed NCHW, as FX
+    cannot tell), and fails with the capture's error when FX cannot trace it either."""
+    try:
+        cap = capture(model, x)
+    except CaptureError as e:
+        if names is None:
+            raise
+        from funcam.cuts.fx import fx_split
+
+        try:
+            extract, head, ordered = fx_split(model, list(names))
+        except ValueError:
+            raise e from None
+        return Entry(extract, head, ordered)
     ex = probe_input(x)
     pr = probe(cap, ex, model)
     if names is None:

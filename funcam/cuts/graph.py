@@ -358,6 +358,8 @@ def default_cut(cap: Captured, pr: Probe) -> fx.Node:
     """The default cut node (see the module docstring), or ValueError when the graph has none."""
     order = {n: i for i, n in enumerate(cap.graph.nodes)}
     ok = [n for n in pr.reaching if n in pr.learned]
+    # a 1x1 grid (a pooled vector kept 4-D, VGG's 7x7 "fully connected" conv) is no map, where larger ones exist
+    ok = [n for n in ok if pr.layouts[n].grid[0] * pr.layouts[n].grid[1] > 1] or ok
     if not ok:
         raise ValueError("no value inside the model is both on the input's grid and reached by the gradient of its "
                          "output at grid positions (pass layer='NAME' to cut after a submodule)")
