@@ -139,7 +139,8 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     maps = feats.maps
     if (split.pooled is not None and pooled_reduce is not None and len(maps) == 1 and not feats.context
             and maps[0].ndim == 4):
-        return _pooled_maps(split.pooled, maps[0], classes, score_fn, pooled_reduce, top_k, chunk_size, max_memory)
+        return _pooled_maps(split.pooled, maps[0], classes, score_fn, pooled_reduce, top_k, chunk_size, max_memory,
+                            split.layers, split.module)
     # A chained head recomputes maps[1:] from maps[0]; feeding them detached keeps outer autograd from
     # counting their dependence on x and the parameters twice (``.detach`` stops every level).
     primals = (maps[0],) + tuple(m.detach() for m in maps[1:]) if feats.chained else maps
@@ -166,7 +167,10 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     per_class = weights if weights is not None else reduce
 
     def per_class_maps(ct: Tensor) -> tuple[Tensor, ...]:
-        return tuple(per_class(g, a) for g, a in zip(vjp_fn(ct), maps))
+        grads = vjp_fn(ct)
+        # and the gradient's largest magnitude: an exactly zero gradient for every class is an error, not a map
+        return tuple(per_class(g, a) for g, a in zip(grads, maps)) + (
+            torch.stack([g.detach().abs().amax() for g in grads]).amax(),)
 
     if chunk_size is not None and chunk_size < k and _keeps_graph(maps):
         # Differentiable maps (grad mode on): each chunk's per-class backward would stay in the autograd graph
@@ -177,6 +181,8 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
         per = tuple(torch.cat(p, dim=0) for p in zip(*parts))
     else:
         per = torch.func.vmap(per_class_maps, chunk_size=chunk_size)(cot)  # each (K, B, C) or (K, B, h, w)
+    *per, reached = per
+    _guard.check_reached(reached, split.layers, split.module)
     if weights is not None:
         result = tuple(channel_sum(w.movedim(0, 1), a) for w, a in zip(per, maps))
     else:
@@ -269,7 +275,8 @@ def _one_hot(idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
 
 
 def _pooled_maps(pooled: Any, a: Tensor, classes: Any, score_fn: Any, pooled_reduce: Reduce,
-                 top_k: int | None, chunk_size: int | None, max_memory: int | None) -> CAM:
+                 top_k: int | None, chunk_size: int | None, max_memory: int | None, layers: Any = (),
+                 module: Any = None) -> CAM:
     """The exact fast path for heads that start with global average pooling (``funcam.split.Pooled``).
 
     With z = mean_hw A (B, C), d logit_k / dA = (d logit_k / dz) / (h w) at every position. For class
@@ -306,7 +313,10 @@ def _pooled_maps(pooled: Any, a: Tensor, classes: Any, score_fn: Any, pooled_red
     # then the chunk's maps from one batched product, so only one chunk's temporaries exist at once.
     step = k if chunk_size is None else chunk_size
     parts = []
+    reached = []
     for ct in cot.split(step, dim=0):
         (gz,) = torch.func.vmap(vjp_fn, chunk_size=step)(ct)
+        reached.append(gz.detach().abs().amax())
         parts.append(pooled_reduce(gz.movedim(0, 1) / (h * w), a))
+    _guard.check_reached(torch.stack(reached), layers, module)
     return CAM(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), picked, logits)

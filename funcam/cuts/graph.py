@@ -10,10 +10,10 @@ Two graphs are built over the model's own tensors:
   ``r + (m - m.detach())`` (value r, gradient at that cut), as in a multi-layer backward pass.
 
 The default cut (``default_cut``) is the last value on the input's grid whose gradient from the model's first
-output is non-zero at grid positions and that reaches the output through a layer with parameters (so a dense
-output's own upsampling is not a feature). When that value sits inside a module whose outputs no longer reach
-the output at grid positions (the last attention of a CLS-pooled transformer: after it only the CLS row
-matters), the cut moves to that module's input: the feature before the last token mixing.
+output is non-zero at grid positions and that reaches the output through a layer with parameters or a pooling
+(so a dense output's own upsampling is not a feature). When that value sits inside an attention module whose
+outputs no longer reach the output at grid positions (the last attention of a CLS-pooled transformer: after it
+only the CLS row matters), the cut moves to that module's input: the feature before the last token mixing.
 """
 from __future__ import annotations
 
@@ -272,7 +272,8 @@ class Probe(NamedTuple):
 
     roles: axis roles of every node (``funcam.cuts.layout``); layouts: node -> Layout for the values on the grid;
     reaching: the grid values whose gradient from the first output is non-zero at some grid position;
-    learned: nodes from which the first output is reached through an op reading the model's parameters.
+    learned: nodes from which the first output is reached through a layer with parameters or an op that leaves
+        the grid (``_informative``).
     output: the model's output at the example input (from the graph).
     """
 
@@ -323,7 +324,7 @@ def probe(cap: Captured, x: Tensor, model: nn.Module) -> Probe:
             if bool(torch.any(gmap != 0)):
                 reaching.add(c)
     main_node = _first_output_node(cap)
-    return Probe(roles, layouts, reaching, _learned(cap, main_node), out)
+    return Probe(roles, layouts, reaching, _informative(cap, roles, main_node), out)
 
 
 def _first_output_node(cap: Captured) -> fx.Node:
@@ -331,19 +332,29 @@ def _first_output_node(cap: Captured) -> fx.Node:
     return leaves[0]
 
 
-def _learned(cap: Captured, out: fx.Node) -> set[fx.Node]:
-    """Nodes from which ``out`` is reached through at least one op that reads one of the model's tensors."""
+def _informative(cap: Captured, roles: dict, out: fx.Node) -> set[fx.Node]:
+    """Nodes from which ``out`` is reached through a layer with parameters or an op that leaves the grid
+    (pooling, flattening positions into features): everything but a dense output's own parameter-free tail
+    (the upsampling of a segmentation model's logits), which is no feature."""
     up = ancestors([out])
-    learned: set[fx.Node] = set()
+    info: set[fx.Node] = set()
     for n in reversed(list(cap.graph.nodes)):
         if n not in up or n.op != "call_function":
             continue
         for u in n.users:
-            if u in up and (u in learned or any(a.name in cap.tensors and a.op == "placeholder"
-                                                for a in u.all_input_nodes)):
-                learned.add(n)
+            if u in up and (u in info or not _on_grid(u, roles) or any(
+                    a.name in cap.tensors and a.op == "placeholder" for a in u.all_input_nodes)):
+                info.add(n)
                 break
-    return learned
+    return info
+
+
+def _on_grid(n: fx.Node, roles: dict) -> bool:
+    """Whether ``n``'s value has an axis of more than one grid position."""
+    r, val = roles.get(n), n.meta.get("val")
+    return isinstance(val, Tensor) and isinstance(r, list) and any(
+        isinstance(role, tuple) and role[0] in ("h", "w", "t") and not (isinstance(size, int) and size == 1)
+        for role, size in zip(r, val.shape))
 
 
 def _attends(cap: Captured, key: str) -> bool:
