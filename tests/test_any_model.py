@@ -335,7 +335,11 @@ def hook_oracle(model: nn.Module, x: Tensor, layer: str, to_map: Callable[[Tenso
     seen: list = []
     handle = model.get_submodule(layer).register_forward_hook(lambda mod, inp, out: seen.append(out))
     try:
-        s = score(model(x))
+        if create_graph:  # attention written out (AttentionTaps, below): the fused kernel has no double backward
+            with AttentionTaps():
+                s = score(model(x))
+        else:
+            s = score(model(x))
     finally:
         handle.remove()
     assert len(seen) == 1, f"{layer} ran {len(seen)} times"
