@@ -28,7 +28,6 @@ Tolerances (float64): |funcam - oracle| <= 1e-9 * max|oracle| (observed below 1e
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -458,7 +457,7 @@ def test_hiera_is_refused():
     ("hf_vit", "vit.layers.0.layernorm_after", tokens(1, 4, 4)),
     ("hf_dinov2", "dinov2.encoder.layer.0.norm1", tokens(1, 4, 4)),
     ("tv_vit", "encoder.layers.encoder_layer_0", tokens(1, 4, 4)),  # issue 15: crashed in the FX head
-    ("tv_maxvit", "blocks.0", nchw),  # issue 15: crashed in the FX head
+    pytest.param("tv_maxvit", "blocks.0", nchw, marks=pytest.mark.slow),  # issue 15: crashed in the FX head
     ("timm_eva02", "blocks.0", tokens(1, 4, 8)),
     ("timm_mambaout", "stages.3", nhwc),
 ])
@@ -551,7 +550,8 @@ def test_channels_last_feature_with_as_many_channels_as_positions():
         assert_maps(maps, rule("gradcam", g, a))
 
 
-@pytest.mark.parametrize("name,size2", [("tv_resnet18", (96, 64)), ("tv_swin", (64, 32)), ("timm_twins", (64, 96))])
+@pytest.mark.parametrize("name,size2", [("tv_resnet18", (96, 64)), ("tv_swin", (64, 32)),
+                                        pytest.param("timm_twins", (64, 96), marks=pytest.mark.slow)])
 def test_second_input_size_is_captured_and_correct(zoo, name, size2):
     """A graph-route split meets a new input size: captured again for it, same cut, maps equal the hook oracle."""
     model, _, sp = zoo[name]
@@ -615,22 +615,6 @@ def test_segmentation_score_callable_equals_loop_oracle(segmentation):
         assert got.classes is None and isinstance(got.logits, dict)
 
 
-def _embedder(route: str) -> nn.Module:
-    if route == "timm_features":
-        return timm.create_model("resnet18", pretrained=False, num_classes=0)  # (B, 512) pooled features
-    m = torchvision.models.resnet18()
-    m.fc = nn.Identity()
-    return m
-
-
-REFS = torch.randn(4, 512, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-
-
-def similarity(emb: Tensor) -> Tensor:
-    """(B, D) embeddings -> (B, 4) cosine similarities to the reference embeddings (CLIP-style prompts as classes)."""
-    return F.normalize(emb, dim=1) @ F.normalize(REFS, dim=1).T
-
-
 @pytest.mark.slow
 def test_deeplabv3_score_callable_equals_hook_oracle():
     """torchvision DeepLabV3: cut before the final 1x1 classifier conv; "class c inside the mask" as scores."""
@@ -647,6 +631,22 @@ def test_deeplabv3_score_callable_equals_hook_oracle():
     a, g = hook_oracle(model, x, "classifier.3", nchw, score)
     for method in ("gradcam", "gradcampp", "hirescam"):
         assert_maps(funcam.cam(sp, x, score, method=method, relu=False).maps, rule(method, g, a))
+
+
+def _embedder(route: str) -> nn.Module:
+    if route == "timm_features":
+        return timm.create_model("resnet18", pretrained=False, num_classes=0)  # (B, 512) pooled features
+    m = torchvision.models.resnet18()
+    m.fc = nn.Identity()
+    return m
+
+
+REFS = torch.randn(4, 512, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def similarity(emb: Tensor) -> Tensor:
+    """(B, D) embeddings -> (B, 4) cosine similarities to the reference embeddings (CLIP-style prompts as classes)."""
+    return F.normalize(emb, dim=1) @ F.normalize(REFS, dim=1).T
 
 
 @pytest.mark.parametrize("route", ["timm_features", "graph"])
@@ -827,7 +827,8 @@ def test_grad_rollout_and_chefer_equal_loop_oracle(zoo, oracle_attn, name):
 @pytest.mark.parametrize("name,match", [
     ("tv_resnet18", "ResNet has no self-attention over its patch tokens"),
     ("tv_swin", "SwinTransformer has no self-attention over its patch tokens"),  # windows only
-    ("timm_swinv2", "SwinTransformerV2 has no self-attention over its patch tokens"),
+    pytest.param("timm_swinv2", "SwinTransformerV2 has no self-attention over its patch tokens",
+                 marks=pytest.mark.slow),
 ])
 def test_rollout_refuses_models_without_global_attention(zoo, name, match):
     model, x, sp = zoo[name]
@@ -842,6 +843,7 @@ def _hf_swin(size: int) -> tuple[nn.Module, Tensor]:
                     depths=[1, 1], num_heads=[1, 2], window_size=4), (size, size))
 
 
+@pytest.mark.slow
 def test_rollout_refuses_hf_swin_windows():
     """64 px: both stages attend in 4x4 windows (4 windows in the last stage): no global attention, a clear error."""
     model, x = _hf_swin(64)
