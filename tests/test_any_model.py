@@ -89,7 +89,7 @@ class Family(NamedTuple):
     layout: str  # for the record: NCHW, NHWC, tokens p=.. gh x gw
     to_map: Callable[[Tensor], Tensor]  # the cut's value -> (B, C, h, w), written from knowledge of the family
     slow: bool = False
-    xfail: str | None = None  # the library fails on this family (every check of it is expected to fail)
+    xfail: str | None = None  # set when the library fails on this family (every check of it is expected to fail)
 
 
 def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
@@ -203,9 +203,7 @@ FAMILIES: dict[str, Family] = {
                         (32, 32), ("dinov2",), "tokens p=1 4x4", tokens(1, 4, 4)),
     "hf_swin": Family(_hf("SwinForImageClassification", "SwinConfig", image_size=32, patch_size=4, embed_dim=16,
                           depths=[1, 1], num_heads=[1, 2], window_size=4), (32, 32),
-                      ("swin.layernorm",), "tokens p=0 4x4", tokens(0, 4, 4),
-                      xfail="no default cut: the token pooling nn.AdaptiveAvgPool1d after swin.layernorm has no "
-                            "axis-role rule, so split() refuses the model"),
+                      ("swin.layernorm",), "tokens p=0 4x4", tokens(0, 4, 4)),
     "hf_convnext": Family(_hf("ConvNextForImageClassification", "ConvNextConfig", num_stages=2, hidden_sizes=[8, 16],
                               depths=[1, 1]), (64, 64), ("convnext.encoder",), "NCHW 8x8", nchw),
     "hf_resnet": Family(_hf("ResNetForImageClassification", "ResNetConfig", embedding_size=8, hidden_sizes=[8, 16],
@@ -435,7 +433,7 @@ def test_grids_follow_non_square_inputs(zoo):
 
 
 def test_hf_swin_named_cut(zoo):
-    """With layer= the Hugging Face Swin works (its default cut is refused, see the xfail above)."""
+    """With layer= the Hugging Face Swin gives the same cut as its default."""
     fam = FAMILIES["hf_swin"]
     model, x = make(fam.build, fam.size)
     sp = funcam.split(model, "swin.layernorm", example=x)
@@ -504,9 +502,6 @@ def test_chained_named_cuts_hf_vit():
         assert_maps(got, rule("gradcam", g, to_map(seen[n].detach())))
 
 
-@pytest.mark.xfail(strict=True, reason="timm SwinV2 at timm's initial weights (post-norm gammas 0) passes the Swin v1 "
-                                       "pre-norm probe: cut at layers.1.blocks.0.norm2, maps exactly 0 without an "
-                                       "error, and once the weights change head(extract(x)) is ~15% off model(x)")
 def test_swinv2_at_timm_init_weights_is_not_cut_as_swin_v1():
     build = FAMILIES["timm_swinv2"].build
     torch.manual_seed(0)
@@ -520,8 +515,6 @@ def test_swinv2_at_timm_init_weights_is_not_cut_as_swin_v1():
     assert_maps(funcam.gradcam(sp, x, CLASSES, relu=False), rule("gradcam", g, a))
 
 
-@pytest.mark.xfail(strict=True, reason="timm's forward_features route is not checked on first use: a zero classifier "
-                                       "gives all-zero maps silently (the graph route raises a clear error)")
 def test_zero_gradient_is_an_error_on_every_route():
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     for route in ("graph", "timm_features"):
@@ -534,9 +527,6 @@ def test_zero_gradient_is_an_error_on_every_route():
             funcam.gradcam(funcam.split(model, example=x) if route == "graph" else funcam.split(model), x, [0, 1])
 
 
-@pytest.mark.xfail(strict=True, reason="an NHWC forward_features whose grid equals its channel count (B, 8, 8, 8) is "
-                                       "refused at call time with a message blaming torch.compile, though the split "
-                                       "probed the layout (NHWC) when it was made")
 def test_channels_last_feature_with_as_many_channels_as_positions():
     model, x = make(_timm("mambaout_femto", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8)), (256, 256))
     sp = funcam.split(model)
@@ -657,7 +647,7 @@ def test_embedding_similarity_equals_loop_oracle(route):
         sp = funcam.split(model)
         assert sp.layers == ("forward_features",) and sp.pooled is not None  # the average-pool fast path
     else:
-        sp = funcam.split(model, "layer4", example=x)  # the default cut: see the xfail below
+        sp = funcam.split(model, "layer4", example=x)  # the default cut (test_embedding_default_cut_is_the_last_stage)
     a, g = cut_oracle(sp, x, similarity)
     for method in ("gradcam", "gradcampp", "hirescam"):
         got = funcam.cam(sp, x, similarity, method=method, relu=False)
@@ -667,9 +657,6 @@ def test_embedding_similarity_equals_loop_oracle(route):
     assert_maps(funcam.gradcam(sp, x, similarity, relu=False), rule("gradcam", hg, ha))
 
 
-@pytest.mark.xfail(strict=True, reason="default cut of a model with a parameter-free head (resnet18, fc=Identity: "
-                                       "an embedding) is layer4.1.conv2, inside the last block before bn2 and the "
-                                       "residual add, not layer4")
 def test_embedding_default_cut_is_the_last_stage():
     model, x = make(lambda: _embedder("graph"), (64, 64))
     sp = funcam.split(model, example=x)
@@ -851,10 +838,6 @@ def test_rollout_refuses_hf_swin_windows():
         funcam.attention_rollout(model, x)
 
 
-@pytest.mark.xfail(strict=True, reason="HF Swin whose last stage is one window: grad_rollout / chefer_relevance crash "
-                                       "with a RuntimeError (the windowed stage's fused sdpa, whose attn_mask depends on "
-                                       "parameters, stays fused in the relevance graph); attention_rollout silently "
-                                       "rolls out the last stage only")
 def test_relevance_hf_swin_one_window_last_stage_is_not_a_crash():
     """32 px: stage 0 attends in four 4x4 windows, stage 1's 4x4 grid is one window. Relevance must be computed or
     refused with a clear ValueError, never a RuntimeError from the kernel."""
@@ -867,8 +850,6 @@ def test_relevance_hf_swin_one_window_last_stage_is_not_a_crash():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="CaiT grad_rollout: the untapped class-attention sdpa stays fused in the "
-                                       "relevance graph, so the vmapped vjp warns (no batching rule) and loops")
 def test_grad_rollout_cait_no_warning(zoo):
     _, x, sp = zoo["timm_cait"]
     maps = funcam.grad_rollout(sp, x, CLASSES)  # pytest turns the UserWarning into an error
@@ -910,8 +891,6 @@ def test_compiled_token_and_channels_last_graph_routes(zoo, name):
     torch._dynamo.reset()
 
 
-@pytest.mark.xfail(strict=True, reason="torchvision's StochasticDepth (attribute p, not drop_prob) is not seen as "
-                                       "random in training mode: no TrainingModeWarning, maps differ call to call")
 def test_training_mode_stochastic_depth_warns():
     torch.manual_seed(0)
     model = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2],
@@ -923,8 +902,6 @@ def test_training_mode_stochastic_depth_warns():
         funcam.gradcam(sp, x, [1])
 
 
-@pytest.mark.xfail(strict=True, reason="a model in training mode (batch norm) is captured on first use and its default "
-                                       "cut is never named: split(model, example=x).layers stays ()")
 def test_training_mode_default_cut_is_named():
     fam = FAMILIES["tv_resnet18"]
     model, x = make(fam.build, fam.size)

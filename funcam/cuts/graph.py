@@ -333,20 +333,34 @@ def _first_output_node(cap: Captured) -> fx.Node:
 
 
 def _informative(cap: Captured, roles: dict, out: fx.Node) -> set[fx.Node]:
-    """Nodes from which ``out`` is reached through a layer with parameters or an op that leaves the grid
-    (pooling, flattening positions into features): everything but a dense output's own parameter-free tail
-    (the upsampling of a segmentation model's logits), which is no feature."""
+    """Nodes whose value is a feature of the output: reached through a layer with parameters, or - for an output
+    without one after the grid (an embedding pooled from the last stage) - through an op that leaves the grid,
+    unless the value is itself the output of a per-position projection that nothing learned follows (the logits
+    map of a segmentation model or of VOLO's token-labelling head: a class score per position, not a feature)."""
     up = ancestors([out])
-    info: set[fx.Node] = set()
+
+    def reads_params(u: fx.Node) -> bool:
+        return any(a.name in cap.tensors and a.op == "placeholder" for a in u.all_input_nodes)
+
+    learned: set[fx.Node] = set()
+    leaves: set[fx.Node] = set()
     for n in reversed(list(cap.graph.nodes)):
         if n not in up or n.op != "call_function":
             continue
-        for u in n.users:
-            if u in up and (u in info or not _on_grid(u, roles) or any(
-                    a.name in cap.tensors and a.op == "placeholder" for a in u.all_input_nodes)):
-                info.add(n)
-                break
-    return info
+        users = [u for u in n.users if u in up]
+        if any(u in learned or reads_params(u) for u in users):
+            learned.add(n)
+        if any(u in leaves or not _on_grid(u, roles) for u in users):
+            leaves.add(n)
+    projection = {n for n in leaves - learned if _projects(n, cap)}
+    return learned | (leaves - projection)
+
+
+def _projects(n: fx.Node, cap: Captured) -> bool:
+    """Whether ``n`` is a linear map of features by the model's weights (linear, conv, a matmul with a weight)."""
+    name = getattr(n.target, "__name__", "").split(".")[0]
+    return name in ("linear", "conv2d", "convolution", "conv1d", "addmm", "matmul", "mm", "bmm", "einsum") and any(
+        a.name in cap.tensors and a.op == "placeholder" for a in n.all_input_nodes)
 
 
 def _on_grid(n: fx.Node, roles: dict) -> bool:
