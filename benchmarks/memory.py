@@ -4,6 +4,7 @@
     python benchmarks/memory.py --quick            # a smoke run on resnet18 at 64 px (about 20 s)
     python benchmarks/memory.py --malloc mmap      # reproducible live-tensor peaks (times not meaningful)
     python -m benchmarks.memory --only fast-gradcam-nograd,general-gradcam-64MiB --repeats 1
+    python benchmarks/memory.py --only general-gradcampp-defaults --general-batch 16 --general-k 1000  # grad mode
 
 Every configuration runs in its own Python process, so that no allocator cache or autograd graph of an
 earlier one is counted: build the model (timm, random weights), run one forward under ``torch.no_grad()``
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="glibc: the allocator as users run it (default); mmap: MALLOC_MMAP_THRESHOLD_=64 KiB, so "
                         "peaks are those of live tensors and reproducible, but times are not meaningful")
     p.add_argument("--json", default="benchmarks/memory.json")
+    p.add_argument("--general-batch", type=int, default=8, help="B of the general path's configurations")
+    p.add_argument("--general-k", type=int, default=100, help="K of the general path's configurations")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
@@ -258,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         a.model, a.repeats = "resnet18", 1
         sizes = {"fast": {"batch": 4, "size": 64, "k": 10}, "general": {"batch": 2, "size": 64, "k": 10}}
     else:
-        sizes = {"fast": {"batch": 32, "size": 224, "k": 1000}, "general": {"batch": 8, "size": 224, "k": 100}}
+        sizes = {"fast": {"batch": 32, "size": 224, "k": 1000},
+                 "general": {"batch": a.general_batch, "size": 224, "k": a.general_k}}
     sizes["fast"]["title"], sizes["general"]["title"] = "Average-pool fast path", "General vjp path (pooled=None)"
     todo = configs(a.methods.split(","))
     only = set(a.only.split(",")) - {""} or (set(QUICK) if a.quick else set(todo))

@@ -95,6 +95,32 @@ def check_output(logits: Tensor, maps: Any) -> None:
                     f"(dtype {t.dtype}); float16 overflows above 65504: run the model in float32 or bfloat16")
 
 
+def zero_weights_hint(model: nn.Module | None) -> str:
+    """A sentence naming the model's all-zero weight tensors (matrices and kernels first: an all-zero bias is
+    usual), for errors about a gradient that is exactly zero; empty when there are none."""
+    if not isinstance(model, nn.Module):
+        return ""
+    zero = [(p.ndim < 2, n) for n, p in model.named_parameters() if p.numel() > 1 and not bool(p.detach().any())]
+    if not zero:
+        return ""
+    names = [n for _, n in sorted(zero)]
+    return (f". {len(names)} parameter tensors are all zero ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}):"
+            f" libraries zero-initialise some layers (classifier heads, layer scales, post-norms), so an untrained "
+            f"model can have no gradient at all; load trained weights")
+
+
+def check_reached(amax: Tensor, layers: Any, module: nn.Module | None) -> None:
+    """Raise when the gradient of every explained score w.r.t. the features is exactly zero (``amax``: its
+    largest absolute value per class): every map would be zero, and a zero map must not pass for an answer."""
+    if torch.compiler.is_compiling() or amax.numel() == 0 or bool((amax != 0).any()):
+        return
+    where = f" at {list(layers)}" if layers else ""
+    raise ValueError(f"the gradient of every requested score w.r.t. the features{where} is exactly zero, so every "
+                     f"map would be zero: the output does not depend on the features there (a cut after the last "
+                     f"token mixing of a CLS-pooled transformer, a score that ignores the model), or the weights "
+                     f"after the cut are zero{zero_weights_hint(module)}")
+
+
 def _first(items: list[int], n: int = 8) -> str:
     return str(items[:n])[:-1] + (", ...]" if len(items) > n else "]")
 
@@ -106,7 +132,10 @@ def _random_in_training(m: nn.Module) -> bool:
     if getattr(m, "track_running_stats", False) is True:
         return True
     p = getattr(m, "drop_prob", None)  # timm's DropPath / DropBlock
-    return isinstance(p, (int, float)) and p > 0
+    if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+        return True
+    p = getattr(m, "p", None)  # torchvision's StochasticDepth, other dropout-like modules with a drop rate p
+    return isinstance(p, float) and p > 0 and next(m.parameters(recurse=False), None) is None
 
 
 # ids of the modules whose guard is active in this thread / task: an entry point built on others (Guided

@@ -11,6 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from funcam import _guard
 from funcam._guard import check_input
@@ -138,7 +139,8 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     maps = feats.maps
     if (split.pooled is not None and pooled_reduce is not None and len(maps) == 1 and not feats.context
             and maps[0].ndim == 4):
-        return _pooled_maps(split.pooled, maps[0], classes, score_fn, pooled_reduce, top_k, chunk_size, max_memory)
+        return _pooled_maps(split.pooled, maps[0], classes, score_fn, pooled_reduce, top_k, chunk_size, max_memory,
+                            split.layers, split.module)
     # A chained head recomputes maps[1:] from maps[0]; feeding them detached keeps outer autograd from
     # counting their dependence on x and the parameters twice (``.detach`` stops every level).
     primals = (maps[0],) + tuple(m.detach() for m in maps[1:]) if feats.chained else maps
@@ -165,14 +167,32 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     per_class = weights if weights is not None else reduce
 
     def per_class_maps(ct: Tensor) -> tuple[Tensor, ...]:
-        return tuple(per_class(g, a) for g, a in zip(vjp_fn(ct), maps))
+        grads = vjp_fn(ct)
+        # and the gradient's largest magnitude: an exactly zero gradient for every class is an error, not a map
+        return tuple(per_class(g, a) for g, a in zip(grads, maps)) + (
+            torch.stack([g.detach().abs().amax() for g in grads]).amax(),)
 
-    per = torch.func.vmap(per_class_maps, chunk_size=chunk_size)(cot)  # each (K, B, C) or (K, B, h, w)
+    if chunk_size is not None and chunk_size < k and _keeps_graph(maps):
+        # Differentiable maps (grad mode on): each chunk's per-class backward would stay in the autograd graph
+        # until the maps die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and maps
+        # and recomputes its backward when the maps are differentiated, so max_memory bounds this case too.
+        parts = [checkpoint(torch.func.vmap(per_class_maps), ct, use_reentrant=False)
+                 for ct in cot.split(chunk_size)]
+        per = tuple(torch.cat(p, dim=0) for p in zip(*parts))
+    else:
+        per = torch.func.vmap(per_class_maps, chunk_size=chunk_size)(cot)  # each (K, B, C) or (K, B, h, w)
+    *per, reached = per
+    _guard.check_reached(reached, split.layers, split.module)
     if weights is not None:
         result = tuple(channel_sum(w.movedim(0, 1), a) for w, a in zip(per, maps))
     else:
         result = tuple(p.movedim(0, 1) for p in per)
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
+
+
+def _keeps_graph(maps: tuple[Tensor, ...]) -> bool:
+    """Whether the maps will carry an autograd graph (grad mode on, and x or the parameters require grad)."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(m.requires_grad for m in maps)
 
 
 def logits_of(out: Any) -> Tensor:
@@ -255,7 +275,8 @@ def _one_hot(idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
 
 
 def _pooled_maps(pooled: Any, a: Tensor, classes: Any, score_fn: Any, pooled_reduce: Reduce,
-                 top_k: int | None, chunk_size: int | None, max_memory: int | None) -> CAM:
+                 top_k: int | None, chunk_size: int | None, max_memory: int | None, layers: Any = (),
+                 module: Any = None) -> CAM:
     """The exact fast path for heads that start with global average pooling (``funcam.split.Pooled``).
 
     With z = mean_hw A (B, C), d logit_k / dA = (d logit_k / dz) / (h w) at every position. For class
@@ -292,7 +313,10 @@ def _pooled_maps(pooled: Any, a: Tensor, classes: Any, score_fn: Any, pooled_red
     # then the chunk's maps from one batched product, so only one chunk's temporaries exist at once.
     step = k if chunk_size is None else chunk_size
     parts = []
+    reached = []
     for ct in cot.split(step, dim=0):
         (gz,) = torch.func.vmap(vjp_fn, chunk_size=step)(ct)
+        reached.append(gz.detach().abs().amax())
         parts.append(pooled_reduce(gz.movedim(0, 1) / (h * w), a))
+    _guard.check_reached(torch.stack(reached), layers, module)
     return CAM(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), picked, logits)

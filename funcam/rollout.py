@@ -137,8 +137,11 @@ def block_attentions(model: nn.Module | Split, x: Tensor) -> list[Tensor]:
     if x.shape[0] == 0 and not torch.compiler.is_compiling():
         return _guard.no_images(block_attentions(model, _guard.one_image(x, None)[0]))
     x = _guard.normal_tensor(x)
-    src = _guard.run(_module(model), lambda: source(model, x))  # tensors made outside inference mode
-    out, probs = _guard.run(src.module, lambda: src.run(x, None))
+
+    def run() -> tuple[Any, list[Tensor]]:
+        return source(model, x).run(x, None)
+
+    out, probs = _guard.run(_module(model), run)
     _guard.check_output(_logits(out), tuple(probs))
     return probs
 
@@ -210,9 +213,13 @@ def _mixed(model: Any, x: Tensor, head_fusion: str, discard_ratio: float,
         mats, out, src = _mixed(model, _guard.one_image(x, None)[0], head_fusion, discard_ratio, start_block)
         return _guard.no_images(mats), _guard.no_images(out) if isinstance(out, Tensor) else out, src
     x = _guard.normal_tensor(x)
-    src = _guard.run(_module(model), lambda: source(model, x))  # tensors made outside inference mode
-    _check_rollout_args(head_fusion, discard_ratio, start_block, len(src.shapes(1)))
-    out, probs = _guard.run(src.module, lambda: src.run(x, None))
+
+    def run() -> tuple[Source, Any, list[Tensor]]:  # one guard: one training-mode warning, tensors made
+        src = source(model, x)                        # outside inference mode
+        _check_rollout_args(head_fusion, discard_ratio, start_block, len(src.shapes(1)))
+        return (src,) + tuple(src.run(x, None))
+
+    src, out, probs = _guard.run(_module(model), run)
     _guard.check_output(_logits(out), tuple(probs))
     mats = [mix_identity(discard_lowest(fuse_heads(p, head_fusion), discard_ratio)) for p in probs[start_block:]]
     return mats, out, src
@@ -261,7 +268,12 @@ def _relevance(model: Any, x: Tensor, classes: Any, top_k: int | None, chunk_siz
         return _guard.no_images(_relevance(model, x1, classes1, top_k, chunk_size, True, step)) if return_cam \
             else _relevance(model, x1, classes1, top_k, chunk_size, False, step)[:0]
     x = _guard.normal_tensor(x)
-    src = _guard.run(_module(model), lambda: source(model, x))  # tensors made outside inference mode
+    return _guard.run(_module(model), lambda: _relevance_maps(model, x, classes, top_k, chunk_size, return_cam, step))
+
+
+def _relevance_maps(model: Any, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
+                    return_cam: bool, step: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor | CAM:
+    src = source(model, x)
     b = x.shape[0]
     gh, gw = src.grid
     deltas = tuple(x.new_zeros(s) for s in src.shapes(b))

@@ -6,6 +6,7 @@ model: the callables close over the user's modules and call them (or their FX gr
 from __future__ import annotations
 
 import difflib
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
@@ -141,9 +142,10 @@ def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str |
     if hasattr(model, "forward_features") and hasattr(model, "forward_head") and isinstance(
             getattr(model, "num_features", None), int):
         # inside a compiled region the shape probe cannot run: timm's split, its layout read at every call
-        layout = "NCHW" if torch.compiler.is_compiling() else timm_cuts.features_layout(model)
+        compiling = torch.compiler.is_compiling()
+        layout = "NCHW" if compiling else timm_cuts.features_layout(model)
         if layout is not None:
-            extract, head, layers = timm_cuts.features_split(model)
+            extract, head, layers = timm_cuts.features_split(model, None if compiling else layout)
             return Split(extract, head, in_chans, layers, _pooled_head(model) if layout == "NCHW" else None)
     return _graph_split(model, None, example, in_chans)
 
@@ -178,17 +180,18 @@ def _layer_split(model: nn.Module, names: list[str], leaves: tuple, example: Ten
 
 def _graph_split(model: nn.Module, names: list[str] | None, example: Tensor | None, in_chans: int | None) -> Split:
     """The graph route. Captured now at ``example``, or - for the default cut, whose name ``layers`` must give - at
-    the model's configured size; a single named cut without an example is captured on first use (its name is known).
-    A training-mode model is always captured on first use (under the entry point's training-mode handling)."""
+    the model's configured size; a single named cut without an example is captured on first use (its name is
+    known)."""
     from funcam.cuts.auto import GraphCut
 
     gc = GraphCut(model, names)
-    training = any(_guard._random_in_training(m) for m in model.modules() if m.training)
     # several names need the graph now: their maps come in graph order, which ``layers`` reports
-    if training or (names is not None and len(names) == 1 and example is None):
-        return Split(gc.extract, gc.head, in_chans, tuple(names or ()), graph=gc)
+    if names is not None and len(names) == 1 and example is None:
+        return Split(gc.extract, gc.head, in_chans, tuple(names), graph=gc)
     x = example if example is not None else default_example(model, in_chans)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # a training-mode model is captured as it is (batch statistics, dropout); the entry points warn
+        warnings.simplefilter("ignore", _guard.TrainingModeWarning)
         _, entry = _guard.run(model, lambda: gc.entry(x))
     return Split(gc.extract, gc.head, in_chans, entry.layers, graph=gc)
 

@@ -129,8 +129,9 @@ def _esc(text: str) -> str:
 
 
 VIT = ["--model", "vit_tiny_patch16_224", "--random-weights"]
-NOT_VIT = ("model must be a timm VisionTransformer \\(ViT, DeiT, registers\\) with attention blocks; got "
-           "EfficientNet, which has no transformer blocks to roll out")
+NOT_VIT = ("EfficientNet has no self-attention over its patch tokens that funcam can find "
+           "\\(F.scaled_dot_product_attention, nn.MultiheadAttention or a softmax over tokens\\): attention "
+           "rollout and relevance need one; use funcam.gradcam")
 BAD = [  # (arguments after the image, the single stderr line after "funcam: error: ", as a regex)
     (["--device", "cuda"], _esc("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() "
                                 "is False); use --device cpu")) if not torch.cuda.is_available() else

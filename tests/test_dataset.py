@@ -326,9 +326,10 @@ def test_typos_are_refused_before_anything_is_written(data, tmp_path):
              (["--classes", "-1"], "--classes: class index -1 is out of range; the model has 10 classes (0..9)"),
              (["--top-k", "11"], "--top-k must be between 1 and 10 (the number of classes), got 11"),
              (["--layer", "nope"], "--layer: split: unknown layer 'nope'; nearest valid names: ['bn1.drop']"),
-             (["--method", "chefer"], "--method chefer: model must be a timm VisionTransformer (ViT, DeiT, registers) "
-                                      "with attention blocks; got MobileNetV3, which has no transformer blocks to "
-                                      "roll out"),
+             (["--method", "chefer"], "--method chefer: MobileNetV3 has no self-attention over its patch tokens "
+                                      "that funcam can find (F.scaled_dot_product_attention, nn.MultiheadAttention "
+                                      "or a softmax over tokens): attention rollout and relevance need one; use "
+                                      "funcam.gradcam"),
              (["--num-classes", "0"], "argument --num-classes: expected a positive integer, got '0'")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: CUDA is not available on this machine "

@@ -92,8 +92,8 @@ def test_cls_vit_norm2_gradient_is_exactly_zero_and_detected():
 
     hand = funcam.Split(extract, head)
     torch.testing.assert_close(head(extract(x)), model(x))
-    raw = funcam.gradcam(hand, x, [0, 1, 2], relu=False)
-    assert torch.count_nonzero(raw) == 0
+    with pytest.raises(ValueError, match="gradient of every requested score .* is exactly zero"):
+        funcam.gradcam(hand, x, [0, 1, 2], relu=False)  # every map would be zero: an error, not a map
     with pytest.raises(ValueError, match="token_cut='norm1'"):
         funcam.check_split(hand, x, model)
     with pytest.raises(ValueError, match="token_cut='norm1'"):
@@ -196,8 +196,11 @@ def test_untraceable_model_is_a_clear_error():
                 return self.c(x).mean(dim=(2, 3))
             return x.mean(dim=(2, 3))
 
+    x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match="could not capture Branchy"):
-        funcam.split(Branchy(), "c")
+        funcam.gradcam(funcam.split(Branchy(), "c"), x, [0])  # one named cut: captured on first use
+    with pytest.raises(ValueError, match="could not capture Branchy"):
+        funcam.split(Branchy(), "c", example=x)
     # and the tracer_leaves escape hatch does not help a branch in forward itself: still a clear error
     with pytest.raises(ValueError, match="could not trace"):
         funcam.split(Branchy(), "c", tracer_leaves=(nn.Conv2d,))

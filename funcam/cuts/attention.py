@@ -171,6 +171,25 @@ def no_attention_error(model: nn.Module) -> ValueError:
                       f"attention rollout and relevance need one; use funcam.gradcam")
 
 
+def _other_attention(node: fx.Node, roles: dict) -> bool:
+    """An attention (sdpa, or a softmax over its last axis) whose keys are not channels and not a token sequence
+    on the grid: window attention (Swin), attention over positions the layout analysis lost."""
+    if node.op != "call_function":
+        return False
+    if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        keys = roles.get(node.args[1])
+        axis = keys[-2] if isinstance(keys, list) and len(keys) >= 2 else ("?",)
+    elif getattr(node.target, "__name__", "").split(".")[0] in ("softmax", "_softmax"):
+        r = roles.get(node.args[0])
+        val = node.args[0].meta.get("val")
+        if not isinstance(r, list) or val is None or val.ndim < 3:
+            return False
+        axis = r[node.args[1] % len(r)]
+    else:
+        return False
+    return axis[0] not in ("c", "t")
+
+
 def graph_attention(cap: Any, roles: dict, model: nn.Module, ex: Tensor) -> GraphAttention:
     """``GraphAttention`` for a captured graph (``funcam.cuts.capture``) with its axis roles
     (``funcam.cuts.layout.propagate``), checked at the example input ``ex``: every ``F.scaled_dot_product_attention`` (timm's fused attention,
@@ -181,6 +200,11 @@ def graph_attention(cap: Any, roles: dict, model: nn.Module, ex: Tensor) -> Grap
     found = [(n,) + kind for n in cap.graph.nodes if (kind := _token_attention(n, roles)) is not None]
     if not found:
         raise no_attention_error(model)
+    windowed = [n for n in cap.graph.nodes if _other_attention(n, roles) and n not in {f[0] for f in found}]
+    if windowed:
+        raise ValueError(f"{type(model).__name__} also attends within windows or over sequences funcam cannot place "
+                         f"on the patch grid ({windowed[0].name}); rollout multiplies attention matrices over one "
+                         f"sequence of tokens, so it does not apply: use funcam.gradcam")
     roles = {r for _, _, r in found}
     if len(roles) != 1:
         raise ValueError(f"the attentions of {type(model).__name__} run over {len(roles)} different token sequences "
@@ -207,6 +231,8 @@ def graph_attention(cap: Any, roles: dict, model: nn.Module, ex: Tensor) -> Grap
             probs.append(g.call_function(operator.getitem, (both, 1)))
             continue
         new = copy_node(g, n, env, cap)
+        if new.target is torch.ops.aten.scaled_dot_product_attention.default:
+            new.target = explicit_sdpa  # class attention and the like: untapped, but vmap needs it unfused
         if n in at:
             new = g.call_function(operator.add, (new, deltas[at[n]]))
             probs.append(new)

@@ -19,9 +19,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from funcam.cuts.capture import capture, first_output
+from funcam.cuts.capture import CaptureError, capture, first_output
 from funcam.cuts.graph import Cut, cut_graph, default_cut, find, name_of, probe
 from funcam.cuts.layout import propagate
+from funcam import _guard
 from funcam.split import Features
 
 
@@ -103,15 +104,28 @@ def probe_input(x: Tensor) -> Tensor:
 
 
 def build_entry(model: nn.Module, x: Tensor, names: Sequence[str] | None) -> Entry:
-    """Capture, cut and check ``model`` for inputs shaped like ``x`` (see the module docstring)."""
-    cap = capture(model, x)
+    """Capture, cut and check ``model`` for inputs shaped like ``x`` (see the module docstring). A named cut of a
+    model that ``torch.export`` cannot capture falls back to ``torch.fx`` (feature maps assumed NCHW, as FX
+    cannot tell), and fails with the capture's error when FX cannot trace it either."""
+    try:
+        cap = capture(model, x)
+    except CaptureError as e:
+        if names is None:
+            raise
+        from funcam.cuts.fx import fx_split
+
+        try:
+            extract, head, ordered = fx_split(model, list(names))
+        except ValueError:
+            raise e from None
+        return Entry(extract, head, ordered)
     ex = probe_input(x)
     pr = probe(cap, ex, model)
     if names is None:
         try:
             nodes = [default_cut(cap, pr)]
         except ValueError as e:
-            raise ValueError(f"split: no default cut for {type(model).__name__}: {e}{_zero_hint(model)}") from None
+            raise ValueError(f"split: no default cut for {type(model).__name__}: {e}{_guard.zero_weights_hint(model)}") from None
     else:
         module_names = [n for n, _ in model.named_modules() if n]
         found = {find(cap, name, module_names): name for name in names}
@@ -157,19 +171,10 @@ def _check(model: nn.Module, ex: Tensor, extract: Callable, head: Callable, pr: 
                 f"split: the gradient of the model's output w.r.t. {name!r} is exactly zero at every grid position, "
                 f"so every map would be zero: the output no longer depends on the positions there (e.g. after the "
                 f"last attention of a CLS-pooled transformer only the CLS token matters; cut before it), or the "
-                f"weights after it are zero{_zero_hint(model)}")
+                f"weights after it are zero{_guard.zero_weights_hint(model)}")
         h, w = ex.shape[-2:]
         gh, gw = lay.grid
         sh, sw = h / gh, w / gw
         if max(sh, sw) > 2 * min(sh, sw) and min(gh, gw) > 1:
             raise ValueError(f"split: the map at {name!r} has a {gh}x{gw} grid for a {h}x{w} input: its axes do not "
                              f"follow the input's; pass another layer=")
-
-
-def _zero_hint(model: nn.Module) -> str:
-    zero = [n for n, p in model.named_parameters() if p.numel() > 1 and not bool(p.detach().any())]
-    if not zero:
-        return ""
-    return (f". {len(zero)} parameter tensors are all zero ({', '.join(zero[:3])}{', ...' if len(zero) > 3 else ''}): "
-            f"libraries zero-initialise some layers (classifier heads, layer scales), so an untrained model can have "
-            f"no gradient at all; load trained weights")

@@ -10,10 +10,10 @@ Two graphs are built over the model's own tensors:
   ``r + (m - m.detach())`` (value r, gradient at that cut), as in a multi-layer backward pass.
 
 The default cut (``default_cut``) is the last value on the input's grid whose gradient from the model's first
-output is non-zero at grid positions and that reaches the output through a layer with parameters (so a dense
-output's own upsampling is not a feature). When that value sits inside a module whose outputs no longer reach
-the output at grid positions (the last attention of a CLS-pooled transformer: after it only the CLS row
-matters), the cut moves to that module's input: the feature before the last token mixing.
+output is non-zero at grid positions and that reaches the output through a layer with parameters or a pooling
+(so a dense output's own upsampling is not a feature). When that value sits inside an attention module whose
+outputs no longer reach the output at grid positions (the last attention of a CLS-pooled transformer: after it
+only the CLS row matters), the cut moves to that module's input: the feature before the last token mixing.
 """
 from __future__ import annotations
 
@@ -272,7 +272,8 @@ class Probe(NamedTuple):
 
     roles: axis roles of every node (``funcam.cuts.layout``); layouts: node -> Layout for the values on the grid;
     reaching: the grid values whose gradient from the first output is non-zero at some grid position;
-    learned: nodes from which the first output is reached through an op reading the model's parameters.
+    learned: nodes from which the first output is reached through a layer with parameters or an op that leaves
+        the grid (``_informative``).
     output: the model's output at the example input (from the graph).
     """
 
@@ -323,7 +324,7 @@ def probe(cap: Captured, x: Tensor, model: nn.Module) -> Probe:
             if bool(torch.any(gmap != 0)):
                 reaching.add(c)
     main_node = _first_output_node(cap)
-    return Probe(roles, layouts, reaching, _learned(cap, main_node), out)
+    return Probe(roles, layouts, reaching, _informative(cap, roles, main_node), out)
 
 
 def _first_output_node(cap: Captured) -> fx.Node:
@@ -331,19 +332,43 @@ def _first_output_node(cap: Captured) -> fx.Node:
     return leaves[0]
 
 
-def _learned(cap: Captured, out: fx.Node) -> set[fx.Node]:
-    """Nodes from which ``out`` is reached through at least one op that reads one of the model's tensors."""
+def _informative(cap: Captured, roles: dict, out: fx.Node) -> set[fx.Node]:
+    """Nodes whose value is a feature of the output: reached through a layer with parameters, or - for an output
+    without one after the grid (an embedding pooled from the last stage) - through an op that leaves the grid,
+    unless the value is itself the output of a per-position projection that nothing learned follows (the logits
+    map of a segmentation model or of VOLO's token-labelling head: a class score per position, not a feature)."""
     up = ancestors([out])
+
+    def reads_params(u: fx.Node) -> bool:
+        return any(a.name in cap.tensors and a.op == "placeholder" for a in u.all_input_nodes)
+
     learned: set[fx.Node] = set()
+    leaves: set[fx.Node] = set()
     for n in reversed(list(cap.graph.nodes)):
         if n not in up or n.op != "call_function":
             continue
-        for u in n.users:
-            if u in up and (u in learned or any(a.name in cap.tensors and a.op == "placeholder"
-                                                for a in u.all_input_nodes)):
-                learned.add(n)
-                break
-    return learned
+        users = [u for u in n.users if u in up]
+        if any(u in learned or reads_params(u) for u in users):
+            learned.add(n)
+        if any(u in leaves or not _on_grid(u, roles) for u in users):
+            leaves.add(n)
+    projection = {n for n in leaves - learned if _projects(n, cap)}
+    return learned | (leaves - projection)
+
+
+def _projects(n: fx.Node, cap: Captured) -> bool:
+    """Whether ``n`` is a linear map of features by the model's weights (linear, conv, a matmul with a weight)."""
+    name = getattr(n.target, "__name__", "").split(".")[0]
+    return name in ("linear", "conv2d", "convolution", "conv1d", "addmm", "matmul", "mm", "bmm", "einsum") and any(
+        a.name in cap.tensors and a.op == "placeholder" for a in n.all_input_nodes)
+
+
+def _on_grid(n: fx.Node, roles: dict) -> bool:
+    """Whether ``n``'s value has an axis of more than one grid position."""
+    r, val = roles.get(n), n.meta.get("val")
+    return isinstance(val, Tensor) and isinstance(r, list) and any(
+        isinstance(role, tuple) and role[0] in ("h", "w", "t") and not (isinstance(size, int) and size == 1)
+        for role, size in zip(r, val.shape))
 
 
 def _attends(cap: Captured, key: str) -> bool:
@@ -358,6 +383,8 @@ def default_cut(cap: Captured, pr: Probe) -> fx.Node:
     """The default cut node (see the module docstring), or ValueError when the graph has none."""
     order = {n: i for i, n in enumerate(cap.graph.nodes)}
     ok = [n for n in pr.reaching if n in pr.learned]
+    # a 1x1 grid (a pooled vector kept 4-D, VGG's 7x7 "fully connected" conv) is no map, where larger ones exist
+    ok = [n for n in ok if pr.layouts[n].grid[0] * pr.layouts[n].grid[1] > 1] or ok
     if not ok:
         raise ValueError("no value inside the model is both on the input's grid and reached by the gradient of its "
                          "output at grid positions (pass layer='NAME' to cut after a submodule)")

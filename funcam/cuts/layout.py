@@ -115,14 +115,14 @@ def _broadcast(node: fx.Node, env: dict, bsym: Any) -> Roles:
     out = node.meta["val"]
     nd = out.ndim
     cols: list[list[Role]] = [[] for _ in range(nd)]
+    ones: list[list[Role]] = [[] for _ in range(nd)]  # operands broadcast along the axis (size 1)
     for a in _tensor_args(node):
         r, v = env.get(a), a.meta.get("val")
         if not isinstance(r, list) or not r or not isinstance(r[0], tuple) or v is None:
             continue
         for i, (role, size) in enumerate(zip(r[::-1], v.shape[::-1])):
-            if not (isinstance(size, int) and size == 1):
-                cols[nd - 1 - i].append(role)
-    return [merge(c) if c else C for c in cols]
+            (ones if isinstance(size, int) and size == 1 else cols)[nd - 1 - i].append(role)
+    return [merge(c) if c else merge(o) if o else C for c, o in zip(cols, ones)]
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -544,7 +544,8 @@ _RULES: dict[str, Callable] = {
     "baddbmm": _rule_baddbmm,
     "einsum": _rule_einsum,
     **dict.fromkeys(["conv2d", "convolution", "conv1d", "_convolution", "conv_transpose2d"], _rule_conv),
-    **dict.fromkeys(["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "pad",
+    **dict.fromkeys(["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "pad", "avg_pool1d",
+                     "max_pool1d", "adaptive_avg_pool1d", "adaptive_max_pool1d",
                      "constant_pad_nd", "reflection_pad2d", "replication_pad2d", "upsample_bilinear2d",
                      "upsample_nearest2d", "upsample_bicubic2d", "_upsample_bicubic2d_aa",
                      "_upsample_bilinear2d_aa", "max_pool2d_with_indices"], _rule_spatial),
@@ -640,12 +641,9 @@ def _holds_batch(role: Role) -> bool:
 
 
 def _with_batch(roles: Roles, val: torch.Tensor, bsym: Any) -> Roles:
-    """Axes whose size is exactly the batch symbol are the batch; axes that multiply it mix the batch in; a
-    size-1 axis is no grid (a pooled 1x1, a single token)."""
+    """Axes whose size is exactly the batch symbol are the batch; axes that multiply it mix the batch in."""
     if len(roles) != val.ndim:
         return [U] * val.ndim
-    roles = [C if isinstance(s, int) and s == 1 and r[0] in ("h", "w", "t", "s") else r
-             for r, s in zip(roles, val.shape)]
     if bsym is None:
         return roles
     out = []

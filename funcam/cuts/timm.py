@@ -261,7 +261,11 @@ def vit_blocks_ok(model: nn.Module) -> bool:
             return False
         t1 = t + blk.drop_path1(blk.ls1(attend(blk.attn, blk.norm1(t))))
         got = t1 + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t1))))
-    return _same(want, got)
+        u1 = t + blk.drop_path1(blk.ls1(blk.norm1(attend(blk.attn, t))))
+        post = u1 + blk.drop_path2(blk.ls2(blk.norm2(blk.mlp(u1))))
+    # the pre-norm form, and not also the post-norm one: weights that make both forms equal (zero-initialised
+    # layer scales or norms) cannot tell them apart, and the graph route is exact for either
+    return _same(want, got) and not _same(want, post)
 
 
 def swin_blocks_ok(model: nn.Module) -> bool:
@@ -285,7 +289,10 @@ def swin_blocks_ok(model: nn.Module) -> bool:
         b, h, w, c = t.shape
         t1 = (t + blk.drop_path1(blk._attn(blk.norm1(t)))).reshape(b, h * w, c)
         got = (t1 + blk.drop_path2(blk.mlp(blk.norm2(t1)))).reshape(b, h, w, c)
-    return _same(want, got)
+        u1 = (t + blk.drop_path1(blk.norm1(blk._attn(t)))).reshape(b, h * w, c)
+        post = (u1 + blk.drop_path2(blk.norm2(blk.mlp(u1)))).reshape(b, h, w, c)
+    # pre-norm and not also post-norm: SwinV2's zero-initialised post-norms make the two forms equal
+    return _same(want, got) and not _same(want, post)
 
 
 def features_layout(model: nn.Module) -> str | None:
@@ -330,11 +337,12 @@ def _first_conv_channels(model: nn.Module) -> int | None:
     return None
 
 
-def features_split(model: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
+def features_split(model: nn.Module, layout: str | None) -> tuple[Callable, Callable, tuple[str]]:
     """timm's own ``forward_features`` / ``forward_head``; a channels-last feature becomes ``(B, C, h, w)``.
 
-    The layout is read from each output's shape (the axis of size ``num_features`` is the channel axis), so the
-    split also works when built inside a compiled region, where ``features_layout``'s probe cannot run.
+    layout: what ``features_layout`` found at split time, used where an output's shape does not tell (a grid as
+    wide as the channels); None inside a compiled region, where the probe cannot run and each output's shape
+    decides (the axis of size ``num_features`` is the channel axis).
     """
     c = int(model.num_features)
 
@@ -342,14 +350,17 @@ def features_split(model: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
         """x (B, C, H, W) -> forward_features (B, C, h, w), or Features(maps=((B, C, h, w),), context=('NHWC',))
         for a channels-last feature (B, h, w, C)."""
         y = model.forward_features(x)
-        layout = _layout(tuple(y.shape), c)
-        if layout == "NCHW":
+        found = _layout(tuple(y.shape), c) if y.ndim == 4 else None
+        if found is None and y.ndim == 4 and y.shape[1] == y.shape[3] == c:
+            found = layout  # both axes have the channels' width: the split-time probe's answer
+        if found == "NCHW":
             return y
-        if layout == "NHWC":
+        if found == "NHWC":
             return Features((rearrange(y, "b h w c -> b c h w"),), ("NHWC",))
-        raise ValueError(f"split: forward_features of {type(model).__name__} returned shape {tuple(y.shape)}, not a "
-                         f"feature map with {c} channels; build this split outside torch.compile, where funcam "
-                         f"can cut the model's graph instead")
+        raise ValueError(f"split: forward_features of {type(model).__name__} returned shape {tuple(y.shape)}, "
+                         f"not a feature map with {c} channels whose channel axis funcam can tell"
+                         + ("; build this split outside torch.compile, where funcam can cut the model's graph"
+                            if layout is None else ""))
 
     def head(feats: Tensor | Features) -> Tensor:
         if isinstance(feats, Features):
