@@ -169,11 +169,6 @@ def test_embedding_similarity_equals_the_loop(embedders, route, method):
     assert_matches_loop(split, x, similarity, method)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library: the graph route's default cut needs a parameterised op after the cut (cuts/graph.py default_cut, "
-    "pr.learned), so for a head without parameters (timm num_classes=0: global pool, Identity) it falls back into "
-    "the last block: 'net.layer4.0' at timm's zero-initialised last BN, 'net.layer4.1.conv2' (pre-BN, the skip "
-    "held constant) with non-zero weights, instead of 'net.layer4'"))
 def test_embedding_routes_agree(embedders):
     """The fast path (timm's pooled head) and the graph route cut the same feature, the last stage's output."""
     splits, x, refs = embedders

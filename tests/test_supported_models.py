@@ -1,7 +1,8 @@
-"""The rows of ``benchmarks/supported_models.md`` that are not "ok", reduced to tiny models and pinned as strict xfails.
+"""Rows of ``benchmarks/supported_models.md`` that were not "ok", reduced to tiny models: regression tests for the
+fixed ones, strict xfails for the open ones.
 
 Each test states the behaviour funcam promises (a correct map or a clear error, never a silently wrong one); when
-the library is fixed the test passes, the strict xfail fails, and the marker goes. Tiny random-weight models with
+the library is fixed a strict xfail passes, fails as XPASS, and its marker goes. Tiny random-weight models with
 all-zero parameters filled with noise, as in the benchmark.
 """
 from __future__ import annotations
@@ -38,10 +39,6 @@ def tiny_tv_swin(v2: bool = False) -> SwinTransformer:
     return model
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "funcam/cuts/attention.py: a window attention whose window is padded past the stage's grid (torchvision swin_t "
-    "and timm davit_tiny at 64 px) is read as one token sequence on a 7x7 grid: relevance returns 7x7 maps for a "
-    "4x4 last feature, mixing padding tokens in, instead of the grid or a refusal"))
 def test_padded_window_relevance_is_on_the_feature_grid_or_refused(x):
     model = tiny_tv_swin()
     split = funcam.split(model, example=x)
@@ -70,11 +67,6 @@ def test_guided_backprop_is_not_the_plain_gradient_of_a_gelu_network(x):
     assert (guided[:, 0] - plain).abs().max() > 1e-5 * plain.abs().max()
 
 
-@pytest.mark.xfail(strict=True, raises=UserWarning, reason=(
-    "funcam/cuts/attention.py graph_attention: attention nodes that are not tapped (CaiT's class attention, "
-    "CrossViT's cross attention) stay F.scaled_dot_product_attention, and the vmapped vjp over them hits torch's "
-    "batching fallback: 'UserWarning: There is a performance drop because we have not yet implemented the batching "
-    "rule for aten::_scaled_dot_product_flash_attention_for_cpu_backward' (an error under -W error)"))
 def test_relevance_of_a_class_attention_model_warns_nothing(x):
     torch.manual_seed(0)
     model = timm.models.cait.Cait(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, depth_token_only=1,
@@ -85,10 +77,6 @@ def test_relevance_of_a_class_attention_model_warns_nothing(x):
     assert maps.shape == (2, 2, 4, 4)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "funcam/cuts/layout.py: the axis roles are lost through adaptive_avg_pool1d over the token axis (Hugging Face "
-    "Swin's pooler), so default_cut refuses: 'after swin.layernorm the model rearranges its positions in a way "
-    "funcam cannot follow (adaptive_avg_pool1d, shape (s99, 32, 1))'; layer='swin.layernorm' works"))
 def test_hf_swin_default_cut(x):
     model = hf_model("swin")(32).eval()
     fill_zeros(model)
