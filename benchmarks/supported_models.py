@@ -347,7 +347,7 @@ def _refusal(e: BaseException) -> str:
                           ("needs ReLU activations", "n/a (no ReLU)")):
         if needle in text:
             return short
-    return f"refused: {one_line(e, 120)}"
+    return f"refused: {one_line(e)}"
 
 
 def _relevance(split: funcam.Split, x: Tensor, classes: Any, grid: tuple) -> str:
@@ -389,8 +389,9 @@ LEGEND = """\
   route, (graph): the captured-graph route (`funcam.cuts`).
 * Grad-CAM vs oracle: max |funcam - loop| / max |loop| for K=3 classes, the loop being one `torch.autograd.grad`
   per class on the same split; `head(extract(x)) == model(x)` and maps not all zero are checked too (status).
-* relevance: `funcam.chefer_relevance`, "ok (N attentions)" with the number of attention layers rolled out (for
-  windowed models, only those whose window covers the whole last grid); its map must be on Grad-CAM's grid.
+* relevance: `funcam.chefer_relevance`, "ok (N attentions)" with the number of attention layers rolled out; its map
+  must be on Grad-CAM's grid. Window attention, pooling stages and several branches are refused (rollout multiplies
+  attention matrices over one token sequence).
 * guided: `funcam.guided_backprop`; "= plain gradient" when the guided rule changed nothing (the ReLUs funcam saw
   are not on the input's path).
 """

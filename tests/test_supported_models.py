@@ -84,3 +84,19 @@ def test_hf_swin_default_cut(x):
     assert split.layers == ("swin.layernorm",)
     named = funcam.split(model, layer="swin.layernorm", example=x)
     assert torch.allclose(funcam.gradcam(split, x, [0, 1]), funcam.gradcam(named, x, [0, 1]))
+
+
+@pytest.mark.xfail(strict=True, raises=UserWarning, reason=(
+    "funcam/guided.py: the guided forward keeps F.scaled_dot_product_attention, and the vjp vmapped over the K "
+    "classes hits torch's batching fallback: 'UserWarning: There is a performance drop because we have not yet "
+    "implemented the batching rule for aten::_scaled_dot_product_flash_attention_for_cpu_backward' (timm VOLO in "
+    "benchmarks/supported_models.py; relevance already unfuses its attentions)"))
+def test_guided_backprop_of_a_relu_transformer_warns_nothing(x):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                              act_layer=torch.nn.ReLU).eval()
+    with torch.no_grad():
+        grads = funcam.guided_backprop(model, x, [0, 1])  # pytest turns warnings into errors
+    assert grads.shape == (2, 2, 3, 32, 32)
