@@ -51,3 +51,27 @@ def test_memory_per_configuration_benchmark_smoke(tmp_path):
     assert data["meta"]["sizes"]["fast"] == {"batch": 4, "size": 64, "k": 10, "title": "Average-pool fast path",
                                              "model": "resnet18"}
     assert "| gradcam | funcam.explain.explain (runs under no_grad) |" in proc.stdout
+
+
+def test_supported_models_rows_smoke():
+    """benchmarks/supported_models.py on two of its rows, in this process: a timm CNN (timm's route) and a tiny
+    Hugging Face ViT (the graph route, relevance), each against its autograd oracle; then the Markdown row."""
+    import torch
+
+    from benchmarks import supported_models as sm
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = {r.id: sm.run_row(r, 300) for r in sm.ROWS if r.id in ("timm-resnet", "hf-vit")}
+    finally:
+        torch.set_num_threads(n)
+    cnn, vit = rows["timm-resnet"], rows["hf-vit"]
+    assert (cnn["status"], cnn["cut"], cnn["layout"], cnn["guided"]) == ("ok", "forward_features", "NCHW 2x2 (timm)",
+                                                                         "ok")
+    assert (vit["status"], vit["cut"], vit["layout"], vit["relevance"]) == (
+        "ok", "vit.layers.1.layernorm_before", "tokens 1+4x4 (graph)", "ok (2 attentions)")
+    assert max(cnn["gradcam_error"], vit["gradcam_error"]) <= sm.TOL
+    table = sm.markdown([cnn, vit])
+    assert "| ViT | transformers `ViTForImageClassification` (tiny config) @ 32px | `vit.layers.1.layernorm_before` |" \
+           in table

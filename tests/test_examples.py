@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ["quickstart", "many_classes", "train_with_cam_loss", "vit_and_multilayer", "compiled", "vit_rollout", "signed_maps",
-            "multilayer_fusion"]
+            "multilayer_fusion", "segmentation", "embedding_similarity"]
 
 
 def test_every_example_is_listed():
