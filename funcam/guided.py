@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from funcam import _guard
+from funcam.cuts.attention import explicit_sdpa
 from funcam.grads import CAM, check_input, class_vjp
 from funcam.split import Split
 
@@ -60,28 +61,33 @@ _RELU6 = (F.relu6,)
 
 
 class _GuidedReLUMode(TorchFunctionMode):
-    """Routes ReLU-family calls through ``_GuidedClamp``; counts them (``seen``) to detect ReLU-free models."""
+    """Routes ReLU-family calls through ``_GuidedClamp``; counts those on the input's path (``seen``) to detect
+    models without a guided rule; computes fused attention explicitly (its CPU backward has no vmap rule)."""
 
     seen = 0  # dynamo models no attributes of a mode: counted in eager only (see ``_count``)
 
-    def _count(self) -> None:
-        if not torch.compiler.is_compiling():
+    def _count(self, t: Tensor) -> None:
+        # only a ReLU of something that depends on the input counts: inside the vjp, exactly those tensors require
+        # grad (a ReLU in SwinV2's position-bias MLP sees a constant table, and guiding it changes nothing)
+        if not torch.compiler.is_compiling() and t.requires_grad:
             self.seen += 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELU:
-            self._count()
+            self._count(args[0])
             return _GuidedClamp.apply(args[0], 0.0, None)
         if func in _RELU6:
-            self._count()
+            self._count(args[0])
             return _GuidedClamp.apply(args[0], 0.0, 6.0)
         if func is F.hardtanh:
             lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
             hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
             if lo == 0:
-                self._count()
+                self._count(args[0])
                 return _GuidedClamp.apply(args[0], 0.0, float(hi))
+        if func is F.scaled_dot_product_attention:
+            return explicit_sdpa(*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -80,12 +80,13 @@ class Source(NamedTuple):
     """Where a model's attention probabilities come from, for one input size.
 
     run(x, deltas) -> (the model's output, [probs (B, heads, N, N) per attention layer]); deltas: zero taps shaped
-    like the probabilities (``shapes(B)``), or None. readout: (N,) weights of the rows the output reads.
-    prefix, grid: the token axis (prefix tokens, then a gh x gw grid). module: the model (for the guard).
+    like the probabilities (``taps(x)``), or None. layers: how many. readout: (N,) weights of the rows the output
+    reads. prefix, grid: the token axis (prefix tokens, then a gh x gw grid). module: the model (for the guard).
     """
 
     run: Callable[[Tensor, Any], tuple[Any, list[Tensor]]]
-    shapes: Callable[[int], list[tuple[int, ...]]]
+    taps: Callable[[Tensor], tuple[Tensor, ...]]
+    layers: int
     readout: Tensor
     prefix: int
     grid: tuple[int, int]
@@ -105,7 +106,8 @@ def source(model_or_split: Any, x: Tensor) -> Source:
 
         graph = GraphCut(model, None)
     ga = _guard.run(model, lambda: graph.attention(x))
-    return Source(ga.run, ga.shapes, ga.readout.to(device=x.device, dtype=x.dtype), ga.prefix, ga.grid, model)
+    return Source(ga.run, ga.taps, len(ga.names), ga.readout.to(device=x.device, dtype=x.dtype), ga.prefix, ga.grid,
+                  model)
 
 
 def _is_plain_vit(model: nn.Module) -> bool:
@@ -126,8 +128,9 @@ def _timm_source(model: nn.Module, x: Tensor) -> Source:
     else:
         readout = (idx == 0).to(x.dtype)
     heads = [blk.attn.num_heads for blk in model.blocks]
-    return Source(lambda inp, d: _run(model, inp, d), lambda b: [(b, h, n, n) for h in heads], readout, npre,
-                  (gh, gw), model)
+    return Source(lambda inp, d: _run(model, inp, d), lambda inp: tuple(inp.new_zeros(inp.shape[0], h, n, n)
+                                                                        for h in heads),
+                  len(heads), readout, npre, (gh, gw), model)
 
 
 def block_attentions(model: nn.Module | Split, x: Tensor) -> list[Tensor]:
@@ -216,12 +219,13 @@ def _mixed(model: Any, x: Tensor, head_fusion: str, discard_ratio: float,
 
     def run() -> tuple[Source, Any, list[Tensor]]:  # one guard: one training-mode warning, tensors made
         src = source(model, x)                        # outside inference mode
-        _check_rollout_args(head_fusion, discard_ratio, start_block, len(src.shapes(1)))
+        _check_rollout_args(head_fusion, discard_ratio, start_block, src.layers)
         return (src,) + tuple(src.run(x, None))
 
     src, out, probs = _guard.run(_module(model), run)
     _guard.check_output(_logits(out), tuple(probs))
-    mats = [mix_identity(discard_lowest(fuse_heads(p, head_fusion), discard_ratio)) for p in probs[start_block:]]
+    mats = [mix_identity(discard_lowest(fuse_heads(p.to(x.dtype), head_fusion), discard_ratio))
+            for p in probs[start_block:]]
     return mats, out, src
 
 
@@ -276,12 +280,14 @@ def _relevance_maps(model: Any, x: Tensor, classes: Any, top_k: int | None, chun
     src = source(model, x)
     b = x.shape[0]
     gh, gw = src.grid
-    deltas = tuple(x.new_zeros(s) for s in src.shapes(b))
+    deltas = src.taps(x)
 
     def reduce(grads: tuple[Tensor, ...], probs: list[Tensor]) -> Tensor:
         row = src.readout.expand(b, 1, -1)  # (B, 1, N)
         for g, a in zip(reversed(grads), reversed(probs)):
-            row = step(row, g, a)  # blocks from the last to the first: row^T M_L ... M_1
+            # blocks from the last to the first: row^T M_L ... M_1 (in x's dtype: a model may keep its softmax
+            # in float32)
+            row = step(row, g.to(row.dtype), a.to(row.dtype))
         return _to_grid(src, row[:, 0])
 
     out = class_vjp(lambda *d: src.run(x, d), deltas, classes, reduce, top_k=top_k, chunk_size=chunk_size,

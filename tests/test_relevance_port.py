@@ -30,14 +30,7 @@ IMPLS = ("hf_sdpa", "hf_eager", "torchvision")
 # float64 tolerances, relative to the reference's scale: Hugging Face's eager attention computes its softmax in
 # float32 whatever the model's dtype (modeling_vit.eager_attention_forward), so it matches to float32 rounding only
 RTOL = {"hf_sdpa": 1e-9, "hf_eager": 1e-5, "torchvision": 1e-9}
-# library bug: the attention taps are made in the input's dtype, not the probabilities' (funcam/cuts/attention.py
-# graph_attention.run: inp.new_zeros), so a float64 model whose softmax runs in float32 fails the captured graph's
-# dtype assertion; the same implementation is compared in float32 below
-EAGER_F64 = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "funcam/cuts/attention.py: zero taps in x's dtype (float64) added to Hugging Face eager attention's float32 "
-    "softmax -> 'RuntimeError: Tensor dtype mismatch! Expected: Float, Got: double' from the graph's "
-    "_assert_tensor_metadata"))
-TAPPED = [pytest.param(i, marks=EAGER_F64) if i == "hf_eager" else i for i in IMPLS]
+TAPPED = IMPLS
 
 
 @pytest.fixture(scope="module", autouse=True)

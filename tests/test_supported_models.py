@@ -1,9 +1,7 @@
-"""Rows of ``benchmarks/supported_models.md`` that were not "ok", reduced to tiny models: regression tests for the
-fixed ones, strict xfails for the open ones.
+"""Rows of ``benchmarks/supported_models.md`` that were once not "ok", reduced to tiny models: regression tests.
 
-Each test states the behaviour funcam promises (a correct map or a clear error, never a silently wrong one); when
-the library is fixed a strict xfail passes, fails as XPASS, and its marker goes. Tiny random-weight models with
-all-zero parameters filled with noise, as in the benchmark.
+Each test states the behaviour funcam promises (a correct map or a clear error, never a silently wrong one). Tiny
+random-weight models with all-zero parameters filled with noise, as in the benchmark.
 """
 from __future__ import annotations
 
@@ -52,10 +50,6 @@ def test_padded_window_relevance_is_on_the_feature_grid_or_refused(x):
     assert maps.shape[-2:] == grid
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "funcam/guided.py: the guided rule is applied when any ReLU runs in the forward; Swin V2's only ReLU is in the "
-    "continuous position-bias MLP, which does not depend on x, so guided_backprop silently returns the plain "
-    "gradient (timm swinv2_*, torchvision swin_v2_t) instead of the documented ValueError"))
 def test_guided_backprop_is_not_the_plain_gradient_of_a_gelu_network(x):
     model = tiny_tv_swin(v2=True)
     try:
@@ -86,11 +80,6 @@ def test_hf_swin_default_cut(x):
     assert torch.allclose(funcam.gradcam(split, x, [0, 1]), funcam.gradcam(named, x, [0, 1]))
 
 
-@pytest.mark.xfail(strict=True, raises=UserWarning, reason=(
-    "funcam/guided.py: the guided forward keeps F.scaled_dot_product_attention, and the vjp vmapped over the K "
-    "classes hits torch's batching fallback: 'UserWarning: There is a performance drop because we have not yet "
-    "implemented the batching rule for aten::_scaled_dot_product_flash_attention_for_cpu_backward' (timm VOLO in "
-    "benchmarks/supported_models.py; relevance already unfuses its attentions)"))
 def test_guided_backprop_of_a_relu_transformer_warns_nothing(x):
     from timm.models.vision_transformer import VisionTransformer
 

@@ -108,7 +108,7 @@ class GraphAttention(NamedTuple):
     """The global self-attentions of a captured graph, each with a tap on its probabilities.
 
     run(x, deltas) -> (the model's output, [probs (B, heads, N, N) per attention, in forward order]);
-    deltas: zero tensors shaped like the probabilities (``shapes(b)``), or None.
+    deltas: zero tensors shaped like the probabilities (``taps(x)``), or None.
     prefix, grid: the token axis: ``prefix`` tokens, then a ``grid = (gh, gw)`` of patches, row-major.
     readout: (N,) weights of the token rows the output reads after the last attention (uniform over them: the
         CLS row of a CLS-pooled model, every patch row of an average-pooled one).
@@ -116,7 +116,7 @@ class GraphAttention(NamedTuple):
     """
 
     run: Callable[[Tensor, Any], tuple[Any, list[Tensor]]]
-    shapes: Callable[[int], list[tuple[int, ...]]]
+    taps: Callable[[Tensor], tuple[Tensor, ...]]
     prefix: int
     grid: tuple[int, int]
     readout: Tensor
@@ -198,9 +198,9 @@ def graph_attention(cap: Any, roles: dict, model: nn.Module, ex: Tensor) -> Grap
     from funcam.cuts.graph import _scopes
 
     found = [(n,) + kind for n in cap.graph.nodes if (kind := _token_attention(n, roles)) is not None]
-    if not found:
-        raise no_attention_error(model)
     windowed = [n for n in cap.graph.nodes if _other_attention(n, roles) and n not in {f[0] for f in found}]
+    if not found and not windowed:
+        raise no_attention_error(model)
     if windowed:
         raise ValueError(f"{type(model).__name__} also attends within windows or over sequences funcam cannot place "
                          f"on the patch grid ({windowed[0].name}); rollout multiplies attention matrices over one "
@@ -239,29 +239,30 @@ def graph_attention(cap: Any, roles: dict, model: nn.Module, ex: Tensor) -> Grap
         env[n] = new
     g.output((tuple(env[o] if isinstance(o, fx.Node) else o for o in cap.outputs), tuple(probs)))
     gm = build(cap, g, "attention")
-    metas = [(n.meta["val"].shape[:-1] + (n.args[1].meta["val"].shape[-2],)) if kind == "sdpa" else n.meta["val"].shape
-             for n, kind, _ in found]
+    # the probabilities' shapes (batch first) and dtypes: a model may compute its softmax in float32 whatever x's
+    metas = [((n.meta["val"].shape[:-1] + (n.args[1].meta["val"].shape[-2],)) if kind == "sdpa"
+              else n.meta["val"].shape, n.meta["val"].dtype) for n, kind, _ in found]
 
-    def shapes(b: int) -> list[tuple[int, ...]]:
-        return [(b,) + tuple(int(s) for s in m[1:]) for m in metas]
+    def taps(inp: Tensor) -> tuple[Tensor, ...]:
+        return tuple(inp.new_zeros((inp.shape[0],) + tuple(int(v) for v in shape[1:]),
+                                   dtype=dtype if dtype.is_floating_point else inp.dtype)
+                     for shape, dtype in metas)
 
     def run(inp: Tensor, ds: Any) -> tuple[Any, list[Tensor]]:
-        if ds is None:
-            ds = [inp.new_zeros(s) for s in shapes(inp.shape[0])]
-        outs, ps = gm.gm(*gm.fetch(model), inp, *ds)
+        outs, ps = gm.gm(*gm.fetch(model), inp, *(taps(inp) if ds is None else ds))
         return unflatten(cap, outs), list(ps)
 
     # the rows that reach the output after the last attention: the gradient at its probabilities is non-zero there
-    ds = [ex.new_zeros(s).requires_grad_(i == len(found) - 1) for i, s in enumerate(shapes(ex.shape[0]))]
+    ds = [d.requires_grad_(i == len(found) - 1) for i, d in enumerate(taps(ex))]
     with torch.enable_grad():
         out, _ = run(ex, ds)
         main = first_output(out)
         cot = torch.randn(main.shape, generator=torch.Generator().manual_seed(0), dtype=main.dtype).to(main.device)
         (gl,) = torch.autograd.grad(main, ds[-1], cot, allow_unused=True)
-    rows = (gl.abs().sum(dim=(0, 1, 3)) > 0) if gl is not None else torch.zeros(shapes(1)[-1][2], dtype=torch.bool)
+    rows = (gl.abs().sum(dim=(0, 1, 3)) > 0) if gl is not None else torch.zeros(ds[-1].shape[2], dtype=torch.bool)
     if not bool(rows.any()):
         raise ValueError(f"the output of {type(model).__name__} does not depend on its last attention (zero gradient "
                          f"at every token): untrained zero weights, or an attention funcam misread")
     readout = rows.to(ex.dtype) / rows.sum()
-    return GraphAttention(run, shapes, int(prefix), (int(gh), int(gw)), readout.detach(),
+    return GraphAttention(run, taps, int(prefix), (int(gh), int(gw)), readout.detach(),
                           tuple((_scopes(n)[-1][1] if _scopes(n) else n.name) for n, _, _ in found))
