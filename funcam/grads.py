@@ -176,7 +176,7 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
         # Differentiable maps (grad mode on): each chunk's per-class backward would stay in the autograd graph
         # until the maps die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and maps
         # and recomputes its backward when the maps are differentiated, so max_memory bounds this case too.
-        parts = [checkpoint(torch.func.vmap(per_class_maps), ct, use_reentrant=False)
+        parts = [checkpoint(torch.func.vmap(per_class_maps, chunk_size=chunk_size), ct, use_reentrant=False)
                  for ct in cot.split(chunk_size)]
         per = tuple(torch.cat(p, dim=0) for p in zip(*parts))
     else:
@@ -254,7 +254,13 @@ def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor
     if idx.shape[1] == 0:
         return CAM(empty(idx.shape[0]), picked, logits)
     cot = _one_hot(idx, out.shape[1], out.dtype)
-    per = torch.func.vmap(lambda ct: reduce(vjp_fn(ct), aux), chunk_size=chunk_size)(cot)  # (K, B, ...)
+    per_class = torch.func.vmap(lambda ct: reduce(vjp_fn(ct), aux), chunk_size=chunk_size)
+    if chunk_size is not None and chunk_size < cot.shape[0] and _keeps_graph(primals + (logits,)):
+        # differentiable maps: checkpoint each chunk, as the CAM path does, so K classes' backward graphs are not
+        # all kept at once
+        per = torch.cat([checkpoint(per_class, ct, use_reentrant=False) for ct in cot.split(chunk_size)])
+    else:
+        per = per_class(cot)  # (K, B, ...)
     return CAM(per.movedim(0, 1), picked, logits)
 
 

@@ -122,7 +122,7 @@ def guided_backprop(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: 
     vmapped over the K one-hot cotangents. ``model`` must be in eval mode and is not modified.
     Raises ValueError for a model whose forward calls no ReLU (see the module docstring).
     Call under ``torch.no_grad()`` unless the gradients themselves must be differentiated: with grad mode on
-    every class's backward stays alive (memory grows with K whatever ``chunk_size``).
+    they keep an autograd graph (each chunk of ``chunk_size`` classes checkpointed, so it does not grow with K).
     return_cam: return ``funcam.CAM(maps (B, K, C, H, W), classes (B, K), logits (B, num_classes))``.
     """
     out = _guided_cam(_guard.unwrap(model), x, classes, top_k, chunk_size)

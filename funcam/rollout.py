@@ -318,10 +318,9 @@ def grad_rollout(model: nn.Module | Split, x: Tensor, classes: Any = None, *, to
     ``funcam.cam``. One forward, one vjp, vmapped over the K one-hot cotangents.
     return_cam: return ``funcam.CAM(maps, classes (B, K), logits (B, num_classes))``.
 
-    The maps are differentiable w.r.t. the model's parameters when grad mode is on, which keeps every
-    class's backward alive (memory grows with K whatever ``chunk_size``); to explain only, call under
-    ``torch.no_grad()`` (the vjp still runs: it is a function transform) and memory stays bounded by
-    ``chunk_size``.
+    The maps are differentiable w.r.t. the model's parameters when grad mode is on (each chunk of ``chunk_size``
+    classes checkpointed, so the graph kept does not grow with K); to explain only, call under
+    ``torch.no_grad()`` (the vjp still runs: it is a function transform).
     """
     return _relevance(model, x, classes, top_k, chunk_size, return_cam, _grad_rollout_step)
 

@@ -195,6 +195,22 @@ def test_relevance_batch_equals_loop_and_top_k():
     assert empty.shape == (3, 0, 4, 4)
 
 
+def test_relevance_grad_mode_chunks_are_checkpointed_and_exact():
+    """Grad mode on, several chunks of classes (each checkpointed): maps and their gradients w.r.t. a parameter
+    equal one unchunked call."""
+    model, x = make_model("vit_tiny_patch16_224"), make_input("vit_tiny_patch16_224")
+    w = model.blocks[-1].attn.qkv.weight
+    one = chefer_relevance(model, x, [1, 4, 7], chunk_size=3)
+    many = chefer_relevance(model, x, [1, 4, 7], chunk_size=1)
+    assert many.requires_grad and torch.count_nonzero(one) > 0
+    torch.testing.assert_close(many, one, atol=1e-7, rtol=1e-5)
+    weights = torch.randn(one.shape, generator=torch.Generator().manual_seed(1))
+    (g_one,) = torch.autograd.grad((one * weights).sum(), w)
+    (g_many,) = torch.autograd.grad((many * weights).sum(), w)
+    assert torch.count_nonzero(g_one) > 0
+    torch.testing.assert_close(g_many, g_one, atol=1e-7, rtol=1e-4)
+
+
 def test_bad_input():
     vit, x = make_model("vit_tiny_patch16_224"), make_input("vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="ResNet has no self-attention over its patch tokens"):
