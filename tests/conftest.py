@@ -37,6 +37,15 @@ def make_input(name: str, batch: int = 2, seed: int = 0, dtype: torch.dtype = to
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast and avoids OpenMP's stalls when other processes hold the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request) -> str:
     return request.param

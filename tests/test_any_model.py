@@ -55,13 +55,7 @@ CLASSES = [0, 2, 4]  # K = 3 of 5
 TOL = 1e-9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and avoids OpenMP stalls on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -813,8 +807,8 @@ def test_grad_rollout_and_chefer_equal_loop_oracle(zoo, oracle_attn, name):
 
 @pytest.mark.parametrize("name,match", [
     ("tv_resnet18", "ResNet has no self-attention over its patch tokens"),
-    ("tv_swin", "SwinTransformer has no self-attention over its patch tokens"),  # windows only
-    pytest.param("timm_swinv2", "SwinTransformerV2 has no self-attention over its patch tokens",
+    ("tv_swin", "SwinTransformer also attends within windows"),  # windows only
+    pytest.param("timm_swinv2", "SwinTransformerV2 also attends within windows",
                  marks=pytest.mark.slow),
 ])
 def test_rollout_refuses_models_without_global_attention(zoo, name, match):
@@ -834,7 +828,7 @@ def _hf_swin(size: int) -> tuple[nn.Module, Tensor]:
 def test_rollout_refuses_hf_swin_windows():
     """64 px: both stages attend in 4x4 windows (4 windows in the last stage): no global attention, a clear error."""
     model, x = _hf_swin(64)
-    with pytest.raises(ValueError, match="SwinForImageClassification has no self-attention over its patch tokens"):
+    with pytest.raises(ValueError, match="SwinForImageClassification also attends within windows"):
         funcam.attention_rollout(model, x)
 
 

@@ -73,12 +73,7 @@ def budget(n: int) -> settings:
     return settings(max_examples=n) if CI else settings()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,13 +33,7 @@ RTOL = {"hf_sdpa": 1e-9, "hf_eager": 1e-5, "torchvision": 1e-9}
 TAPPED = IMPLS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP's stalls when other processes hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def timm_vit() -> VisionTransformer:

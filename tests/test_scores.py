@@ -25,13 +25,7 @@ B = 2
 LABELS = torch.tensor([1, 2, 3])  # K=3 segmentation labels explained
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP's stalls when other processes hold the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def loop_maps(split: funcam.Split, x: Tensor, score_fn, method: str) -> Tensor:

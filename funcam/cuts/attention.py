@@ -57,20 +57,7 @@ def explicit_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = No
     q (..., L, E), k (..., S, E), v (..., S, Ev) -> (..., L, Ev); the mask, causal flag, scale and grouped-query
     heads as in PyTorch's reference implementation.
     """
-    s = q.shape[-1] ** -0.5 if scale is None else scale
-    if enable_gqa and k.shape[-3] != q.shape[-3]:
-        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-        v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    scores = (q * s) @ k.transpose(-2, -1)
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = scores.softmax(dim=-1)
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
-    return probs @ v
+    return tapped_sdpa(q, k, v, None, attn_mask, dropout_p, is_causal, scale, enable_gqa)[0]
 
 
 def unfuse_attention(graph: fx.Graph) -> fx.Graph:
@@ -84,11 +71,12 @@ def unfuse_attention(graph: fx.Graph) -> fx.Graph:
 
 # --- attention found in a captured graph (any transformer) ---------------------------------------------------------
 
-def tapped_sdpa(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, attn_mask: Tensor | None = None,
+def tapped_sdpa(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, attn_mask: Tensor | None = None,
                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                 enable_gqa: bool = False) -> tuple[Tensor, Tensor]:
-    """``explicit_sdpa`` with a zero-valued tap ``delta`` added to its probabilities: returns ``(out, probs)``,
-    where the gradient w.r.t. ``delta`` is the gradient w.r.t. the attention probabilities (B, heads, L, S)."""
+    """``explicit_sdpa`` with a zero-valued tap ``delta`` (or None) added to its probabilities: returns
+    ``(out, probs)``; the gradient w.r.t. ``delta`` is the gradient w.r.t. the attention probabilities
+    (B, heads, L, S)."""
     s = q.shape[-1] ** -0.5 if scale is None else scale
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
@@ -99,7 +87,9 @@ def tapped_sdpa(q: Tensor, k: Tensor, v: Tensor, delta: Tensor, attn_mask: Tenso
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = scores.softmax(dim=-1) + delta
+    probs = scores.softmax(dim=-1)
+    if delta is not None:
+        probs = probs + delta
     out = (F.dropout(probs, dropout_p) if dropout_p > 0 else probs) @ v
     return out, probs
 

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from funcam.cuts.graph import ancestors
 from funcam.split import Features, suggest_names
 
 
@@ -94,17 +95,6 @@ def _find(gm: fx.GraphModule, model: nn.Module, name: str) -> fx.Node:
                      f"{suggest_names(model, name, [n.name for n in gm.graph.nodes])}")
 
 
-def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
 def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, ...] = ()
              ) -> tuple[Callable, Callable, tuple[str, ...]]:
     """``(extract, head, names in graph order)`` for cuts after ``names``."""
@@ -115,7 +105,7 @@ def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, .
     if len(cuts) != len(names):
         raise ValueError(f"split: layer names {names} name the same node more than once")
     first = cuts[0]
-    before = _ancestors([first])  # computed by extract; everything else is recomputed by head
+    before = ancestors([first])  # computed by extract; everything else is recomputed by head
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise ValueError(f"split: the model's forward takes {len(inputs)} inputs; funcam cuts models of one "
@@ -130,7 +120,7 @@ def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, .
     # extract graph: x -> (maps, context)
     g_ex = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    needed = _ancestors(cuts) | before
+    needed = ancestors(cuts) | before
     for n in gm.graph.nodes:
         if n in needed:
             env[n] = g_ex.node_copy(n, env.__getitem__)
