@@ -110,12 +110,12 @@ def _target_layer(model, name: str):
 
 def loop(model, sp, x, classes, method):
     """One forward and one autograd.grad per class (the tests' oracle)."""
-    rule = funcam.weights.RULES[method]
+    rule = funcam._src.core.rules.RULES[method]
 
     def run():
         out = []
         for k in classes.tolist():
-            feats, rebuild = funcam.grads.as_features(sp.extract(x))
+            feats, rebuild = funcam._src.core.engine.as_features(sp.extract(x))
             a = feats.maps[0].detach().requires_grad_()
             (g,) = torch.autograd.grad(sp.head(rebuild((a,)))[:, k].sum(), a)
             out.append(torch.relu(rule(g, a.detach())))
@@ -191,7 +191,7 @@ def funcam_compiled(sp, x, classes, method):
 
 
 def rollout_fn(model, x):
-    from funcam.rollout import attention_rollout
+    from funcam._src.core.rollout import attention_rollout
 
     return lambda: attention_rollout(model, x)
 

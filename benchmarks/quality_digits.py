@@ -20,9 +20,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import _digits  # noqa: E402
-from funcam.explain import explain  # noqa: E402
-from funcam.metrics import energy_in_box, pointing_game  # noqa: E402
-from funcam.postprocess import upsample  # noqa: E402
+from funcam._src.app.explain import explain  # noqa: E402
+from funcam.metrics import energy_in_box
+from funcam._src.core.metrics import pointing_game  # noqa: E402
+from funcam._src.core.postprocess import upsample  # noqa: E402
 
 CNN_METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "elementwise", "gradcam-max",
                "argmax-channel", "guided-gradcam")

@@ -19,11 +19,13 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from funcam.explain import explain  # noqa: E402
-from funcam.images import sample_images  # noqa: E402
-from funcam.metrics import confidence_change, deletion_insertion  # noqa: E402
-from funcam.models import load_model, preprocess  # noqa: E402
-from funcam.postprocess import upsample  # noqa: E402
+from funcam._src.app.explain import explain  # noqa: E402
+from funcam._src.app.images import sample_images  # noqa: E402
+from funcam.metrics import confidence_change
+from funcam._src.core.metrics import deletion_insertion  # noqa: E402
+from funcam.models import load_model
+from funcam._src.app.models import preprocess  # noqa: E402
+from funcam._src.core.postprocess import upsample  # noqa: E402
 
 METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "elementwise", "gradcam-max",
            "argmax-channel")

@@ -20,11 +20,13 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from funcam.explain import explain  # noqa: E402
-from funcam.images import sample_images  # noqa: E402
-from funcam.metrics import energy_in_box, pointing_game  # noqa: E402
-from funcam.models import load_model, preprocess, resize_crop  # noqa: E402
-from funcam.postprocess import upsample  # noqa: E402
+from funcam._src.app.explain import explain  # noqa: E402
+from funcam._src.app.images import sample_images  # noqa: E402
+from funcam.metrics import energy_in_box
+from funcam._src.core.metrics import pointing_game  # noqa: E402
+from funcam.models import load_model, preprocess
+from funcam._src.app.models import resize_crop  # noqa: E402
+from funcam._src.core.postprocess import upsample  # noqa: E402
 
 METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "elementwise", "gradcam-max",
            "argmax-channel")

@@ -36,7 +36,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import funcam  # noqa: E402
-from funcam.split import Features  # noqa: E402
+from funcam._src.core.split import Features  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = [0, 1, 2]  # K=3
@@ -226,9 +226,9 @@ def cut_layout(model: nn.Module, split: funcam.Split, x: Tensor, grid: tuple) ->
     gh, gw = grid
     name = split.layers[0] if split.layers else ""
     if split.graph is not None:
-        from funcam.cuts.auto import probe_input
-        from funcam.cuts.capture import capture
-        from funcam.cuts.graph import find, probe
+        from funcam._src.cuts.auto import probe_input
+        from funcam._src.cuts.capture import capture
+        from funcam._src.cuts.graph import find, probe
 
         cap = capture(model, x)
         lay = probe(cap, probe_input(x), model).layouts[find(cap, name, [n for n, _ in model.named_modules() if n])]

@@ -10,8 +10,8 @@ Run: python examples/vit_rollout.py   (CPU, random weights, a few seconds)
 import timm
 import torch
 
-from funcam.guided import guided_backprop, guided_gradcam
-from funcam.rollout import attention_rollout, chefer_relevance, grad_rollout, rollout_matrix
+from funcam._src.core.guided import guided_backprop, guided_gradcam
+from funcam._src.core.rollout import attention_rollout, chefer_relevance, grad_rollout, rollout_matrix
 
 torch.manual_seed(0)
 x = torch.rand(2, 3, 112, 112)

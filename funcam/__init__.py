@@ -6,7 +6,7 @@
 >>> maps.shape  # (B, K, h, w) at feature resolution
 torch.Size([2, 2, 2, 2])
 """
-from funcam.cams import (
+from funcam._src.core.cams import (
     METHODS,
     argmax_channel,
     cam,
@@ -19,15 +19,15 @@ from funcam.cams import (
     xgradcam,
 )
 from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
-from funcam.dataset import explain_dataset, load_maps
-from funcam._guard import TrainingModeWarning
-from funcam.grads import CAM
-from funcam.guided import guided_backprop, guided_gradcam
-from funcam.postprocess import fuse, normalize, upsample
-from funcam.rollout import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
-from funcam.split import Features, Split, check_split, split
+from funcam._src.app.dataset import explain_dataset, load_maps
+from funcam._src.guard import TrainingModeWarning
+from funcam._src.core.engine import CAM
+from funcam._src.core.guided import guided_backprop, guided_gradcam
+from funcam._src.core.postprocess import fuse, normalize, upsample
+from funcam._src.core.rollout import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
+from funcam._src.core.split import Features, Split, check_split, split
 
-__version__ = "0.1.0"
+from funcam._src.base import __version__
 
 __all__ = [
     "CAM",

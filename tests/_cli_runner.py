@@ -63,8 +63,8 @@ def serve() -> None:
     import tqdm  # noqa: F401
 
     import funcam.cli  # noqa: F401 - torch and the command line, imported once for every child
-    import funcam._cli_dataset  # noqa: F401
-    import funcam._cli_run  # noqa: F401
+    import funcam._src.cli.dataset  # noqa: F401
+    import funcam._src.cli.explain  # noqa: F401
 
     answers = sys.stdout
     for line in sys.stdin:

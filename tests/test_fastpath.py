@@ -11,9 +11,9 @@ import timm
 import torch
 
 import funcam
-from funcam.cuts.timm import _cat
-from funcam.cuts.attention import attend
-from funcam.split import Features
+from funcam._src.cuts.timm import _cat
+from funcam._src.cuts.attention import attend
+from funcam._src.core.split import Features
 from conftest import make_input, make_model
 
 POOLED = ["resnet18", "convnext_atto", "tf_efficientnet_lite0", "regnetx_002", "mobilenetv3_small_050", "densenet121"]
@@ -112,8 +112,8 @@ def test_automatic_chunks_equal_one_chunk(name):
     tiny = funcam.cam(sp, x, torch.arange(10), method="gradcampp", max_memory=1)  # one class per chunk
     assert torch.count_nonzero(whole.maps) > 0
     torch.testing.assert_close(tiny.maps, whole.maps, atol=1e-6, rtol=1e-5)
-    assert funcam.grads.auto_chunk_size(100, 10, 1000) is None
-    assert funcam.grads.auto_chunk_size(100, 10, 250) == 2
+    assert funcam._src.core.engine.auto_chunk_size(100, 10, 1000) is None
+    assert funcam._src.core.engine.auto_chunk_size(100, 10, 250) == 2
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, True, "1GB"])

@@ -458,7 +458,7 @@ def test_explain_with_no_readable_image_exits_2_and_writes_nothing(tmp_path, cap
 
 def test_explain_dir_records_the_corpus_in_errors_jsonl(tmp_path, capsys, checkpoint):
     from funcam.cli import main
-    from funcam.dataset import load_maps
+    from funcam._src.app.dataset import load_maps
 
     img = tmp_path / "img"
     files = corpus()
@@ -478,7 +478,7 @@ def test_explain_dir_records_the_corpus_in_errors_jsonl(tmp_path, capsys, checkp
     # the refusals are data (errors.jsonl) and each is named on stderr as it is met; exit 1: some unreadable
     assert code == 1 and cap.out == ""
     errors = {e["path"]: e["error"] for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())}
-    from funcam.images import printable
+    from funcam._src.app.images import printable
 
     assert sorted(cap.err.splitlines()) == sorted(f"funcam: error: {printable(p)}: {r}" for p, r in errors.items())
     decodable = {n for n in picked if _decodes(img / n)}
@@ -522,7 +522,7 @@ def test_explain_dir_list_file_problems(tmp_path, capsys, checkpoint):
 
 
 def test_list_images_survives_symlink_loops(tmp_path):
-    from funcam.dataset import list_images
+    from funcam._src.app.dataset import list_images
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.png").write_bytes(b"")

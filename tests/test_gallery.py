@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from funcam.gallery import Figure, Legend, Section, render_gallery, write_gallery
+from funcam._src.app.gallery import Figure, Legend, Section, render_gallery, write_gallery
 
 
 def test_legend_is_a_gradient_of_the_given_colours_with_escaped_labels():
@@ -24,7 +24,7 @@ def test_legend_is_a_gradient_of_the_given_colours_with_escaped_labels():
 def test_the_demo_legend_is_jet_as_colorize_draws_it():
     import torch
 
-    from funcam._cli_run import legend_of
+    from funcam._src.cli.explain import legend_of
     from funcam.render import colorize
 
     legend = legend_of("jet")

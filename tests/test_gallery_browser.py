@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from funcam.gallery import Figure, Section, write_gallery
+from funcam._src.app.gallery import Figure, Section, write_gallery
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium: apt-get install chromium")

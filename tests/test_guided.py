@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcam
 from conftest import make_input, make_model
-from funcam.guided import guided_backprop, guided_gradcam
+from funcam._src.core.guided import guided_backprop, guided_gradcam
 
 CLASSES = torch.tensor([[1, 5, 7], [7, 0, 2], [3, 3, 9]])  # (B, K) per image, a repeated class included
 

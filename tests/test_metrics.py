@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from funcam.metrics import (boxes_to_masks, confidence_change, deletion_insertion, energy_in_box, impute,
-                            pointing_game, road)
+from funcam.metrics import boxes_to_masks, confidence_change, deletion_insertion, energy_in_box, impute, pointing_game, road
 
 
 def tiny_model(c: int = 3, n: int = 5) -> nn.Module:

@@ -165,7 +165,7 @@ def test_pretrained_offline_fails_within_seconds(tmp_path, monkeypatch):
 
     from huggingface_hub import constants
 
-    import funcam._hub as hub
+    import funcam._src.app.hub as hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache

@@ -307,7 +307,7 @@ def test_split_matches_model(family: Family) -> None:
     dtype = torch.float64
     model, x = family.model[dtype], family.x[dtype]
     sp = family.split(dtype)
-    feats, _ = funcam.grads.as_features(sp.extract(x))
+    feats, _ = funcam._src.core.engine.as_features(sp.extract(x))
     with torch.no_grad():
         ref = model(x)
         logits = sp.head(sp.extract(x))

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from funcam.render import CMAPS, colorbar, colorize, colormap_table, gradient_image, grid, legend_labels, overlay, \
+from funcam.render import CMAPS, colorbar, colorize, colormap_table, gradient_image, grid, legend_labels, overlay
+from funcam._src.app.render import \
     save_png, to_uint8
 
 mpl = pytest.importorskip("matplotlib")

@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import make_input, make_model
-from funcam.rollout import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
+from funcam._src.core.rollout import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
 
 VITS = ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"]
 NPRE = {"vit_tiny_patch16_224": 1, "deit_tiny_distilled_patch16_224": 2, "vit_small_patch14_reg4_dinov2": 5}

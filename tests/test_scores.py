@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import funcam
-from funcam.split import Features
+from funcam._src.core.split import Features
 
 B = 2
 LABELS = torch.tensor([1, 2, 3])  # K=3 segmentation labels explained

@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from funcam import _shards
-from funcam._shards import DatasetError, FORMATS
+from funcam._src.app import shards as _shards
+from funcam._src.app.shards import DatasetError, FORMATS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".avif")
 
@@ -86,8 +86,8 @@ class _Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from funcam.images import ImageError, limit_aspect, read_image
-        from funcam.models import preprocess
+        from funcam._src.app.images import ImageError, limit_aspect, read_image
+        from funcam._src.app.models import preprocess
 
         path = os.path.join(self.root, self.paths[i])
         try:
@@ -155,7 +155,7 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
     same ``out`` raises ``DatasetError`` naming the process that holds it.
     Listed paths are normalised (``./x.png`` is ``x.png``) and each is explained once.
     """
-    from funcam.explain import check_method, default_method, explain, validate
+    from funcam._src.app.explain import check_method, default_method, explain, validate
 
     t0 = time.perf_counter()
     if format not in FORMATS:
@@ -225,7 +225,7 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
         opts = dict(method=method, classes=classes, top_k=None if classes is not None else (top_k or 1),
                     chunk_size=chunk_size or (64 if len(classes or ()) > 64 or (top_k or 1) > 64 else None))
         # split once: a graph-route model is captured once per input size, not once per batch
-        from funcam.split import split
+        from funcam._src.core.split import split
 
         target = split(model, layer)
         from tqdm import tqdm
@@ -282,7 +282,7 @@ def _prepare(out: str, paths: list[str], settings: dict, world: int) -> dict:
     find the shards still to do."""
     import hashlib
 
-    import funcam
+    from funcam._src.base import __version__
 
     # surrogateescape: a file name that is not UTF-8 hashes as its bytes (a valid one as before)
     joined = "\n".join(paths).encode("utf-8", "surrogateescape")
@@ -296,7 +296,7 @@ def _prepare(out: str, paths: list[str], settings: dict, world: int) -> dict:
     with open(os.path.join(out, "runs.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world,
                             "shards_done_before": len(done), "shards": len(sizes),
-                            "funcam": funcam.__version__, "torch": torch.__version__}) + "\n")
+                            "funcam": __version__, "torch": torch.__version__}) + "\n")
     return {"paths": paths, "settings": settings, "hash": shash, "sizes": sizes,
             "pending": [s for s in range(len(sizes)) if s not in done]}
 
@@ -309,8 +309,8 @@ def _finish(out, s, fmt, rows, errors, paths, shash, config, rank, method, model
     else:
         maps, cls, logits = torch.zeros(0, 0, 0, 0, dtype=torch.float16), torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 0)
     if config is not None and rows:
-        from funcam._overlay import write_overlays
-        from funcam.models import class_names
+        from funcam._src.app.overlay import write_overlays
+        from funcam._src.app.models import class_names
 
         write_overlays(out, [paths[i] for i in idx], torch.cat([r[1] for r in rows]), maps, cls, logits, config,
                        method, class_names(model))

@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from funcam import _guard
-from funcam.cuts.attention import explicit_sdpa
-from funcam.grads import CAM, check_input, class_vjp
-from funcam.split import Split
+from funcam._src import guard as _guard
+from funcam._src.cuts.attention import explicit_sdpa
+from funcam._src.core.engine import CAM, check_input, class_vjp
+from funcam._src.core.split import Split
 
 
 class _GuidedClamp(torch.autograd.Function):
@@ -106,7 +106,7 @@ def _guided_cam(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, ch
         if not torch.compiler.is_compiling() and not mode.seen:
             raise ValueError(f"guided backprop needs ReLU activations, but the forward of {type(model).__name__} "
                              f"called none (GELU/SiLU models have no guided rule); use funcam.gradcam or, for "
-                             f"ViTs, funcam.rollout.chefer_relevance")
+                             f"ViTs, funcam._src.core.rollout.chefer_relevance")
         return logits, ()
 
     return class_vjp(forward, (x,), classes, lambda grads, _: grads[0], top_k=top_k, chunk_size=chunk_size,
@@ -139,9 +139,9 @@ def guided_gradcam(model: nn.Module | Split, x: Tensor, classes: Any = None, *, 
     resolved from the guided forward's logits (a ``classes`` callable is passed to both and scored on the same
     logits).
     """
-    from funcam.cams import cam
-    from funcam.postprocess import upsample
-    from funcam.split import split
+    from funcam._src.core.cams import cam
+    from funcam._src.core.postprocess import upsample
+    from funcam._src.core.split import split
 
     if isinstance(model, Split):
         if layer is not None:

@@ -16,7 +16,15 @@ import urllib.parse
 
 from torch import nn
 
-from funcam.models import ModelError, _why as why
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or loaded; the message says why and what to do."""
+
+
+def why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 HUB_TIMEOUT = 3.0  # seconds to wait for the weights' host before treating the machine as offline

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from funcam._files import TMP_MARK, atomic_write, write_bytes
+from funcam._src.app.files import TMP_MARK, atomic_write, write_bytes
 
 FORMATS = ("safetensors", "npz")
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(safetensors|npz)$")

@@ -19,11 +19,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from funcam.cuts.capture import CaptureError, capture, first_output
-from funcam.cuts.graph import Cut, cut_graph, default_cut, find, name_of, probe
-from funcam.cuts.layout import propagate
-from funcam import _guard
-from funcam.split import Features
+from funcam._src.cuts.capture import CaptureError, capture
+from funcam._src.cuts.graph import Cut, cut_graph, default_cut, find, name_of, probe
+from funcam._src.cuts.layout import propagate
+from funcam._src import guard as _guard
+from funcam._src.base import Features
 
 
 class Entry(NamedTuple):
@@ -63,7 +63,7 @@ class GraphCut:
         return key, e
 
     def attention(self, x: Tensor) -> Any:
-        """The model's attentions with taps (``funcam.cuts.attention.GraphAttention``) for x's signature."""
+        """The model's attentions with taps (``funcam._src.cuts.attention.GraphAttention``) for x's signature."""
         key = ("attention",) + signature(self.model, x)
         a = self._entries.get(key)
         if a is None:
@@ -73,7 +73,7 @@ class GraphCut:
             with self._lock:
                 a = self._entries.get(key)
                 if a is None:
-                    from funcam.cuts.attention import calls_attention, graph_attention, no_attention_error
+                    from funcam._src.cuts.attention import calls_attention, graph_attention, no_attention_error
 
                     if not calls_attention(self.model, x):
                         raise no_attention_error(self.model)
@@ -112,7 +112,7 @@ def build_entry(model: nn.Module, x: Tensor, names: Sequence[str] | None) -> Ent
     except CaptureError as e:
         if names is None:
             raise
-        from funcam.cuts.fx import fx_split
+        from funcam._src.cuts.fx import fx_split
 
         try:
             extract, head, ordered = fx_split(model, list(names))

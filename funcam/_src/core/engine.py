@@ -7,42 +7,16 @@ each class's gradient into a map inside the vmap, so the caller gets ``(B, K, h,
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from funcam import _guard
-from funcam._guard import check_input
-from funcam.split import Features, Split
-from funcam.weights import channel_sum
-
-Reduce = Callable[[Tensor, Tensor], Tensor]  # (g (B, C, h, w), A (B, C, h, w)) -> map (B, h, w)
-
-
-class CAM(NamedTuple):
-    """maps: ``(B, K, h, w)`` raw maps at feature resolution (a tuple of them for a multi-layer split);
-    classes: ``(B, K)`` class indices explained (None when ``classes`` was a score callable);
-    logits: ``(B, num_classes)`` from the same forward (a model whose output is not logits - a dict, an
-    embedding - reports its output here as it is)."""
-
-    maps: Any
-    classes: Tensor | None
-    logits: Tensor
-
-
-def as_features(feats: Any) -> tuple[Features, Callable[[tuple], Any]]:
-    """Normalise what ``extract`` returned to ``Features`` and a function putting new maps back in place."""
-    if isinstance(feats, Features):
-        return feats, lambda maps: Features(tuple(maps), feats.context, feats.chained)
-    if isinstance(feats, Tensor):
-        return Features((feats,)), lambda maps: maps[0]
-    if isinstance(feats, (tuple, list)) and feats and all(isinstance(f, Tensor) for f in feats):
-        kind = type(feats)
-        return Features(tuple(feats)), lambda maps: kind(maps)
-    raise TypeError(f"extract must return a Tensor, a tuple of Tensors or funcam.Features, got {type(feats).__name__}")
-
+from funcam._src import guard as _guard
+from funcam._src.guard import check_input
+from funcam._src.base import CAM, Reduce, Split, as_features
+from funcam._src.core.rules import channel_sum
 
 def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
     """Class indices ``(B, K)`` from ``classes`` ((K,), (B, K), int, list) or the top-k of ``logits (B, N)``."""

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from funcam.cli import METHOD_TITLES, UsageError, _device, _layers, cannot_write, check_fit, check_out, \
+from funcam._src.cli.main import METHOD_TITLES, UsageError, _device, _layers, cannot_write, check_fit, check_out, \
     class_names, load_from_args, methods_from_args, parse_classes, safe_stem, weights_from_args, weights_note
-from funcam.gallery import Figure, Legend, Section, write_gallery
-from funcam.grads import CAM
-from funcam.images import ImageError, limit_aspect, printable, probe_image, read_image
-from funcam.models import ModelError, Preprocess, preprocess, unnormalize
-from funcam.render import colormap_table, gradient_image, grid, legend_labels, overlay, save_png
+from funcam._src.app.gallery import Figure, Legend, Section, write_gallery
+from funcam._src.core.engine import CAM
+from funcam._src.app.images import ImageError, limit_aspect, printable, probe_image, read_image
+from funcam._src.app.models import ModelError, Preprocess, preprocess, unnormalize
+from funcam._src.app.render import colormap_table, gradient_image, grid, legend_labels, overlay, save_png
 
 GUIDED = ("guided-gradcam", "guided-backprop")
 
@@ -50,7 +50,7 @@ class Result(NamedTuple):
 
 def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool) -> Callable[..., Result]:
     import funcam
-    from funcam.explain import explain
+    from funcam._src.app.explain import explain
 
     sp = funcam.split(model, layer)  # once: a graph-route model is captured once per input size, not per batch
     if method in GUIDED:
@@ -84,7 +84,7 @@ def _inside(out: str, name: str) -> str:
 
 
 def _save_npz(path: str, arrays: dict) -> None:
-    from funcam._files import write_bytes
+    from funcam._src.app.files import write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -256,8 +256,8 @@ def explain_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from funcam.images import SAMPLES, sample_images
-    from funcam.models import load_model
+    from funcam._src.app.images import SAMPLES, sample_images
+    from funcam._src.app.models import load_model
 
     out, cmap, relu = _output_options(args)
     device = _device(args.device)

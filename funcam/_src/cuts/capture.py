@@ -150,6 +150,16 @@ def copy_node(graph: fx.Graph, node: fx.Node, env: dict, cap: Captured) -> fx.No
     return new
 
 
+def _scopes(node: fx.Node) -> list[tuple[str, str, str]]:
+    """(call key, module path, class name) of the modules ``node`` runs inside, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for key, (path, cls) in stack.items():
+        if path:
+            out.append((key, path, cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))))
+    return out
+
+
 def _first_non_tensor(graph: fx.Graph) -> fx.Node:
     """The first node that is not one of the model's tensors: new tensor placeholders go before it."""
     for n in graph.nodes:

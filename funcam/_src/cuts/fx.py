@@ -14,14 +14,22 @@ GraphModules reference the user's modules, nothing is copied or changed):
 """
 from __future__ import annotations
 
+import difflib
+
 from typing import Callable, Sequence
 
-import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from funcam.cuts.graph import ancestors
-from funcam.split import Features, suggest_names
+from funcam._src.cuts.graph import ancestors
+from funcam._src.base import Features
+
+
+def suggest_names(model: nn.Module, name: str, extra: Sequence[str] = ()) -> list[str]:
+    """Submodule (and extra node) names nearest to ``name``, for error messages."""
+    names = [n for n, _ in model.named_modules() if n] + list(extra)
+    close = difflib.get_close_matches(name, names, n=8, cutoff=0.5)
+    return close or names[-8:]
 
 
 def _tap(r: Tensor, m: Tensor) -> Tensor:

@@ -3,11 +3,11 @@
 Where the attention probabilities come from:
 
 * timm Vision Transformers with pre-norm blocks and plain softmax attention: every block's probabilities are
-  recomputed from the block's own parameters (``funcam.cuts.attention.attention_probs``).
+  recomputed from the block's own parameters (``funcam._src.cuts.attention.attention_probs``).
 * any other model (timm's BEiT, EVA, DeiT3, CaiT's self-attention blocks, torchvision ``vit_b_16``, Hugging Face
   ViT / DeiT / Dinov2, ...): the model's graph is captured (``funcam.cuts``) and every attention over its patch
   tokens - ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, an explicit softmax - is computed
-  explicitly with a zero-valued tap on its probabilities (``funcam.cuts.attention.graph_attention``).
+  explicitly with a zero-valued tap on its probabilities (``funcam._src.cuts.attention.graph_attention``).
   Pass ``funcam.split(model)`` instead of the model to reuse its captured graph across calls.
 
 Order of the product. Block ``l`` mixes tokens as ``x_l = A_l x_{l-1}`` (rows of ``A_l`` are the queries), so
@@ -29,11 +29,11 @@ import torch
 from einops import rearrange, reduce as ereduce
 from torch import Tensor, nn
 
-from funcam.cuts.timm import _grid, check_size, is_vit
-from funcam.cuts.attention import attention_output, attention_probs, is_plain_attention
-from funcam import _guard
-from funcam.grads import CAM, check_input, class_vjp
-from funcam.split import Split
+from funcam._src.cuts.timm import _grid, check_size, is_vit
+from funcam._src.cuts.attention import attention_output, attention_probs, is_plain_attention
+from funcam._src import guard as _guard
+from funcam._src.core.engine import CAM, check_input, class_vjp
+from funcam._src.core.split import Split
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -102,7 +102,7 @@ def source(model_or_split: Any, x: Tensor) -> Source:
     if _is_plain_vit(model):
         return _timm_source(model, x)
     if graph is None:
-        from funcam.cuts.auto import GraphCut
+        from funcam._src.cuts.auto import GraphCut
 
         graph = GraphCut(model, None)
     ga = _guard.run(model, lambda: graph.attention(x))
@@ -155,7 +155,7 @@ def _module(model_or_split: Any) -> nn.Module | None:
 
 
 def _logits(out: Any) -> Any:
-    from funcam.grads import logits_or_output
+    from funcam._src.core.engine import logits_or_output
 
     return logits_or_output(out)
 

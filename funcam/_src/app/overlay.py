@@ -65,7 +65,7 @@ def overlay_tiles(x: Tensor, maps: Tensor, config, *, guided: bool) -> Tensor:
     or, for the guided methods, drawn as a gradient image (``funcam.render.gradient_image``)."""
     import torch.nn.functional as F
 
-    from funcam.render import gradient_image, overlay, to_uint8
+    from funcam._src.app.render import gradient_image, overlay, to_uint8
 
     crops = to_uint8(x, mean=config.mean, std=config.std)
     if guided:
@@ -80,9 +80,9 @@ def write_overlays(out: str, paths: list[str], x: Tensor, maps: Tensor, classes:
                    method: str, names: list[str] | None) -> None:
     """The overlays of a batch of images (see the module docstring), each written atomically; ``names``: class
     names by index (None: shown as ``class N``)."""
-    from funcam._files import atomic_write
-    from funcam.explain import GUIDED_METHODS, METHOD_TITLES
-    from funcam.render import grid, legend_labels
+    from funcam._src.app.files import atomic_write
+    from funcam._src.app.explain import GUIDED_METHODS, METHOD_TITLES
+    from funcam._src.app.render import grid
 
     guided = method in GUIDED_METHODS
     tiles = overlay_tiles(x, maps, config, guided=guided)

@@ -26,10 +26,10 @@ import torch.fx as fx
 from einops import rearrange
 from torch import Tensor, nn
 
-from funcam.cuts.attention import unfuse_attention
-from funcam.cuts.capture import Captured, build, copy_node, first_output, unflatten
-from funcam.cuts.layout import Layout, layout_of, propagate
-from funcam.split import Features
+from funcam._src.cuts.attention import unfuse_attention
+from funcam._src.cuts.capture import Captured, _scopes, build, copy_node, first_output, unflatten
+from funcam._src.cuts.layout import Layout, layout_of, propagate
+from funcam._src.base import Features
 
 
 class Cut(NamedTuple):
@@ -192,16 +192,6 @@ def cut_graph(cap: Captured, cut: Cut, model: nn.Module) -> tuple[Callable[[Tens
 
 
 # --- names -------------------------------------------------------------------------------------------------------------
-
-def _scopes(node: fx.Node) -> list[tuple[str, str, str]]:
-    """(call key, module path, class name) of the modules ``node`` runs inside, outermost first."""
-    stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for key, (path, cls) in stack.items():
-        if path:
-            out.append((key, path, cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))))
-    return out
-
 
 def _in_scope(node: fx.Node, key: str) -> bool:
     return key in (node.meta.get("nn_module_stack") or {})

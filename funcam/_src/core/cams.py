@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from funcam.grads import CAM, class_maps
-from funcam.split import Split, split as make_split
-from funcam.weights import CHANNEL_WEIGHTS, POOLED_RULES, RULES
+from funcam._src.core.engine import CAM, class_maps
+from funcam._src.core.split import Split, split as make_split
+from funcam._src.core.rules import CHANNEL_WEIGHTS, POOLED_RULES, RULES
 
 METHODS = tuple(RULES)
 

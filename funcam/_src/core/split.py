@@ -5,72 +5,17 @@ model: the callables close over the user's modules and call them (or their FX gr
 """
 from __future__ import annotations
 
-import difflib
 import warnings
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from funcam import _guard
+from funcam._src import guard as _guard
+
+from funcam._src.base import Features, Pooled, Split
 
 __all__ = ["Features", "Pooled", "Split", "split", "check_split"]
-
-
-class Features(NamedTuple):
-    """What ``extract`` returns when the head needs more than the maps.
-
-    maps: tuple of ``(B, C_i, h_i, w_i)`` tensors, the feature maps the CAMs are computed on.
-    context: tensors the head needs but that are not explained (a ViT's residual stream and prefix tokens,
-        values that skip over an FX cut); they are held constant when differentiating.
-    chained: True when the head recomputes ``maps[1:]`` from ``maps[0]`` (several cut points on one path).
-        The head then uses ``maps[i]`` for ``i >= 1`` only as a zero-valued tap for its gradient, so the
-        gradient at an earlier map is the total derivative through the later ones.
-    """
-
-    maps: tuple
-    context: tuple = ()
-    chained: bool = False
-
-
-class Pooled(NamedTuple):
-    """A head that starts with global average pooling, as a function of the pooled feature.
-
-    ``head(A) == classifier(pre_logits(A.mean((2, 3))))`` for every ``A (B, C, h, w)``, so the gradient of
-    any logit w.r.t. ``A`` is constant over space, ``d logit / dA = (d logit / dz) / (h w)``: CAMs then need
-    only ``(B, C)`` gradients, and the gradient of a logit at the classifier's input is its weight row.
-
-    pre_logits: ``z (B, C) -> (B, D)``; classifier: the final ``nn.Linear`` (``(N, D)`` weight), or None
-    when ``pre_logits`` already returns logits ``(B, N)``.
-    """
-
-    pre_logits: Callable[[Tensor], Tensor]
-    classifier: nn.Module | None = None
-
-
-class Split(NamedTuple):
-    """A model as two pure callables.
-
-    extract: ``x (B, in_chans, H, W) -> Tensor | tuple[Tensor, ...] | Features``.
-    head: takes exactly what ``extract`` returned, gives logits ``(B, num_classes)``.
-    in_chans: input channels, checked before the forward when known.
-    layers: where the model was cut, one name per feature map in the order of ``Features.maps``
-        (e.g. ``("layer3", "layer4")``, ``("blocks.11.norm1",)``, ``("forward_features",)``).
-    pooled: the head as a function of the spatially averaged feature when it starts with global average
-        pooling (``Pooled``), else None; it enables the exact fast path for many classes.
-    module: the model the split was cut from, or None: funcam checks ``x``'s dtype against its parameters
-        and handles its training mode (a warning; batch-norm statistics restored after each call).
-    graph: the captured graphs of a graph-route split (``funcam.cuts.auto.GraphCut``), reused by the attention
-        relevance functions; None otherwise.
-    """
-
-    extract: Callable[[Tensor], Any]
-    head: Callable[[Any], Tensor]
-    in_chans: int | None = None
-    layers: tuple[str, ...] = ()
-    pooled: Pooled | None = None
-    module: nn.Module | None = None
-    graph: Any = None
 
 
 def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_cut: str | None = None,
@@ -118,7 +63,7 @@ def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_c
 
 def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str | None,
            tracer_leaves: Sequence[type], example: Tensor | None) -> Split:
-    from funcam.cuts import timm as timm_cuts
+    from funcam._src.cuts import timm as timm_cuts
 
     if token_cut not in (None, "norm1", "norm2"):
         raise ValueError(f"split: token_cut must be None, 'norm1' or 'norm2', got {token_cut!r}")
@@ -153,12 +98,12 @@ def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str |
 def _layer_split(model: nn.Module, names: list[str], leaves: tuple, example: Tensor | None,
                  in_chans: int | None) -> Split:
     """Cut after named values: submodule paths through the captured graph, FX node names through torch.fx."""
-    from funcam.cuts.capture import CaptureError
+    from funcam._src.cuts.capture import CaptureError
 
     modules = {n for n, _ in model.named_modules() if n}
     if leaves or not all(n in modules for n in names):
         # FX node names (``layer4_1_relu_1``), or FX's tracer asked for by tracer_leaves
-        from funcam.cuts.fx import fx_split
+        from funcam._src.cuts.fx import fx_split
 
         try:
             extract, head, ordered = fx_split(model, names, tracer_leaves=leaves)
@@ -169,7 +114,7 @@ def _layer_split(model: nn.Module, names: list[str], leaves: tuple, example: Ten
     try:
         return _graph_split(model, names, example, in_chans)
     except CaptureError as e:
-        from funcam.cuts.fx import fx_split
+        from funcam._src.cuts.fx import fx_split
 
         try:
             extract, head, ordered = fx_split(model, names, tracer_leaves=leaves)
@@ -182,7 +127,7 @@ def _graph_split(model: nn.Module, names: list[str] | None, example: Tensor | No
     """The graph route. Captured now at ``example``, or - for the default cut, whose name ``layers`` must give - at
     the model's configured size; a single named cut without an example is captured on first use (its name is
     known)."""
-    from funcam.cuts.auto import GraphCut
+    from funcam._src.cuts.auto import GraphCut
 
     gc = GraphCut(model, names)
     # several names need the graph now: their maps come in graph order, which ``layers`` reports
@@ -225,9 +170,9 @@ def check_split(split: Split, x: Tensor, model: nn.Module | None = None, *, atol
 
 
 def _check_split(split: Split, x: Tensor, model: nn.Module | None, atol: float) -> None:
-    from funcam.grads import as_features
+    from funcam._src.base import as_features
 
-    from funcam.cuts.capture import first_output
+    from funcam._src.cuts.capture import first_output
 
     feats = split.extract(x)
     fs, rebuild = as_features(feats)
@@ -282,13 +227,6 @@ def _pooled_head(model: nn.Module) -> Pooled | None:
     except Exception:  # noqa: BLE001 - any head that does not take a pooled map keeps the general path
         return None
     return Pooled(pre_logits, clf) if ok else None
-
-
-def suggest_names(model: nn.Module, name: str, extra: Sequence[str] = ()) -> list[str]:
-    """Submodule (and extra node) names nearest to ``name``, for error messages."""
-    names = [n for n, _ in model.named_modules() if n] + list(extra)
-    close = difflib.get_close_matches(name, names, n=8, cutoff=0.5)
-    return close or names[-8:]
 
 
 def _in_chans(model: nn.Module) -> int | None:

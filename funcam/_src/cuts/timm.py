@@ -16,8 +16,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from funcam.cuts.attention import attend, is_plain_attention
-from funcam.split import Features
+from funcam._src.cuts.attention import attend, is_plain_attention
+from funcam._src.base import Features
 
 _VIT_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 

@@ -115,7 +115,7 @@ class GraphAttention(NamedTuple):
 
 def _token_attention(node: fx.Node, roles: dict) -> tuple[str, Any] | None:
     """('sdpa' | 'softmax', token role) when ``node`` is an attention over one token sequence, else None."""
-    from funcam.cuts.layout import B, C
+    from funcam._src.cuts.layout import B, C
 
     if node.op != "call_function":
         return None
@@ -182,10 +182,9 @@ def _other_attention(node: fx.Node, roles: dict) -> bool:
 
 def graph_attention(cap: Any, roles: dict, model: nn.Module, ex: Tensor) -> GraphAttention:
     """``GraphAttention`` for a captured graph (``funcam.cuts.capture``) with its axis roles
-    (``funcam.cuts.layout.propagate``), checked at the example input ``ex``: every ``F.scaled_dot_product_attention`` (timm's fused attention,
+    (``funcam._src.cuts.layout.propagate``), checked at the example input ``ex``: every ``F.scaled_dot_product_attention`` (timm's fused attention,
     ``nn.MultiheadAttention``, Hugging Face's sdpa attention) and every explicit softmax over a token axis."""
-    from funcam.cuts.capture import build, copy_node, first_output, unflatten
-    from funcam.cuts.graph import _scopes
+    from funcam._src.cuts.capture import _scopes, build, copy_node, first_output, unflatten
 
     found = [(n,) + kind for n in cap.graph.nodes if (kind := _token_attention(n, roles)) is not None]
     windowed = [n for n in cap.graph.nodes if _other_attention(n, roles) and n not in {f[0] for f in found}]

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from funcam.cli import UsageError, add_weights_arguments, cannot_write, check_fit, check_out, load_from_args, \
+from funcam._src.cli.main import UsageError, add_weights_arguments, cannot_write, check_fit, check_out, load_from_args, \
     methods_from_args, parse_classes, positive, weights_from_args, weights_note, _device, _layers
 
 
@@ -66,7 +66,7 @@ def _read_list(path: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from funcam.dataset import DatasetError, explain_dataset
+    from funcam._src.app.dataset import DatasetError, explain_dataset
 
     rank0 = os.environ.get("RANK", "0") == "0"
     # --- checks that need no model
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"funcam: warning: {note}", file=sys.stderr)
 
     def on_error(path: str, reason: str) -> None:
-        from funcam.images import printable
+        from funcam._src.app.images import printable
 
         print(f"funcam: error: {printable(path)}: {reason}", file=sys.stderr, flush=True)
 
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from funcam.cli import main as cli_main
+    from funcam._src.cli.main import main as cli_main
 
     return cli_main(["explain-dir", *(sys.argv[1:] if argv is None else argv)])
 
