@@ -110,7 +110,7 @@ def _target_layer(model, name: str):
 
 def loop(model, sp, x, classes, method):
     """One forward and one autograd.grad per class (the tests' oracle)."""
-    rule = funcam._src.core.rules.RULES[method]
+    rule = funcam._src.core.methods.TABLE[method].rule
 
     def run():
         out = []
@@ -191,7 +191,7 @@ def funcam_compiled(sp, x, classes, method):
 
 
 def rollout_fn(model, x):
-    from funcam._src.core.rollout import attention_rollout
+    from funcam import attention_rollout
 
     return lambda: attention_rollout(model, x)
 

@@ -10,8 +10,8 @@ Run: python examples/vit_rollout.py   (CPU, random weights, a few seconds)
 import timm
 import torch
 
-from funcam._src.core.guided import guided_backprop, guided_gradcam
-from funcam._src.core.rollout import attention_rollout, chefer_relevance, grad_rollout, rollout_matrix
+import funcam
+from funcam import attention_rollout, chefer_relevance, grad_rollout, guided_backprop, guided_gradcam, rollout_matrix
 
 torch.manual_seed(0)
 x = torch.rand(2, 3, 112, 112)
@@ -19,12 +19,12 @@ classes = torch.tensor([1, 4, 7])  # K=3 classes for both images
 
 vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10, img_size=112).eval()
 maps = attention_rollout(vit, x, head_fusion="max", discard_ratio=0.9)
-print(f"rollout {tuple(maps.shape)} (7x7 patch grid; CLS and distillation tokens are not pixels)")
+print(f"rollout {tuple(maps.shape)} (one class-agnostic map on the 7x7 patch grid; CLS and distillation tokens are not pixels)")
 r = rollout_matrix(vit, x, head_fusion="max", discard_ratio=0.9)  # (B, N, N), rows sum to 1
 assert torch.allclose(r.sum(-1), torch.ones(2, 51), atol=1e-5)
-assert torch.allclose(maps, r[:, 0, 2:].reshape(2, 7, 7), atol=1e-6)
+assert torch.allclose(maps, r[:, 0, 2:].reshape(2, 1, 7, 7), atol=1e-6)
 
-out = chefer_relevance(vit, x, classes, return_cam=True)  # CAM(maps (B, K, h, w), classes, logits)
+out = funcam.cam(vit, x, classes, method="chefer")  # CAM(maps (B, K, h, w), classes, logits)
 g = grad_rollout(vit, x, classes)
 print(f"chefer {tuple(out.maps.shape)}, grad rollout {tuple(g.shape)}, logits {tuple(out.logits.shape)}")
 assert out.maps.shape == g.shape == (2, 3, 7, 7)

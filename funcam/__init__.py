@@ -10,10 +10,14 @@ from funcam._src.core.cams import (
     METHODS,
     argmax_channel,
     cam,
+    chefer_relevance,
     elementwise,
+    grad_rollout,
     gradcam,
     gradcam_max,
     gradcampp,
+    guided_backprop,
+    guided_gradcam,
     hirescam,
     layercam,
     xgradcam,
@@ -21,11 +25,10 @@ from funcam._src.core.cams import (
 from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
 from funcam._src.app.dataset import explain_dataset, load_maps
 from funcam._src.guard import TrainingModeWarning
-from funcam._src.core.engine import CAM
-from funcam._src.core.guided import guided_backprop, guided_gradcam
 from funcam._src.core.postprocess import fuse, normalize, upsample
-from funcam._src.core.rollout import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
-from funcam._src.core.split import Features, Split, check_split, split
+from funcam._src.core.rollout import attention_rollout, block_attentions, rollout_matrix
+from funcam._src.base import CAM, Features, Split
+from funcam._src.core.split import check_split, split
 
 from funcam._src.base import __version__
 

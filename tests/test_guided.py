@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcam
 from conftest import make_input, make_model
-from funcam._src.core.guided import guided_backprop, guided_gradcam
+from funcam import guided_backprop, guided_gradcam
 
 CLASSES = torch.tensor([[1, 5, 7], [7, 0, 2], [3, 3, 9]])  # (B, K) per image, a repeated class included
 
@@ -76,7 +76,7 @@ def test_equals_captum_and_pytorch_grad_cam(name):
 
 def test_batch_equals_loop_and_top_k():
     model, x = make_model("resnet18"), make_input("resnet18", batch=3)
-    out = guided_backprop(model, x, top_k=2, chunk_size=1, return_cam=True)
+    out = funcam.cam(model, x, top_k=2, chunk_size=1, method="guided_backprop")
     torch.testing.assert_close(out.logits, model(x))
     assert torch.equal(out.classes, model(x).topk(2).indices)
     loop = torch.cat([guided_backprop(model, x[i:i + 1], out.classes[i:i + 1]) for i in range(3)])
@@ -136,7 +136,7 @@ def test_relu_free_model_raises():
 
 def test_guided_gradcam_is_product():
     model, x = make_model("resnet18"), make_input("resnet18", batch=3)
-    out = guided_gradcam(model, x, top_k=2, return_cam=True)
+    out = funcam.cam(funcam.split(model), x, top_k=2, method="guided_gradcam")
     gb = guided_backprop(model, x, out.classes)
     cam = funcam.upsample(funcam.gradcam(funcam.split(model), x, out.classes), (64, 64))
     want = gb * cam.unsqueeze(2)

@@ -156,9 +156,9 @@ def call(entry: tuple[str, str], m: torch.nn.Module, x: torch.Tensor, **kw) -> f
         return explain(m, x, method=name, **kw)
     if kind == "explain_layers":
         return explain(layers_split(m), x, method=name, **kw)
-    fn = {"guided_backprop": funcam.guided_backprop, "guided_gradcam": funcam.guided_gradcam,
-          "chefer_relevance": funcam.chefer_relevance, "grad_rollout": funcam.grad_rollout}[kind]
-    return fn(m, x, return_cam=True, **kw)
+    method = {"guided_backprop": "guided_backprop", "guided_gradcam": "guided_gradcam",
+              "chefer_relevance": "chefer", "grad_rollout": "grad_rollout"}[kind]
+    return funcam.cam(m, x, method=method, **kw)
 
 
 _LAYER_SPLITS: dict = {}
@@ -547,8 +547,7 @@ def test_vit_relevance_matches_autograd_reference(data):
     x, xc = make_x(data, "vit", b, torch.float64)
     rule = data.draw(st.sampled_from(["chefer", "grad_rollout"]), label="rule")
     kw = data.draw(class_args(b, allow_empty=False), label="classes")
-    fn = funcam.chefer_relevance if rule == "chefer" else funcam.grad_rollout
-    out = fn(m, x, return_cam=True, **kw)
+    out = funcam.cam(m, x, method=rule, **kw)
     gh, gw = map_size("vit", x.shape[2], x.shape[3])
     ref = ref_relevance(m, xc, out.classes, rule)[..., 1:].reshape(b, -1, gh, gw)
     assert ref.flatten(2).std(dim=-1).min() > 0, "constant reference maps: a weak comparison"

@@ -8,7 +8,8 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import make_input, make_model
-from funcam._src.core.rollout import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
+import funcam
+from funcam import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
 
 VITS = ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"]
 NPRE = {"vit_tiny_patch16_224": 1, "deit_tiny_distilled_patch16_224": 2, "vit_small_patch14_reg4_dinov2": 5}
@@ -101,10 +102,11 @@ def test_block_attentions_rebuild_block_outputs(name):
 def test_rollout_equals_slow_reference(name, head_fusion, discard_ratio):
     model, x = peaky(name), make_input(name, batch=3)
     got = attention_rollout(model, x, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    assert got.shape == (3, 1, *model.patch_embed.grid_size)  # one class-agnostic map per image
+    got = got[:, 0]
     with torch.no_grad():
         _, attns = hand_forward(model, x)
     want = ref_rollout(attns, head_fusion, discard_ratio, 0, NPRE[name], got.shape[-2:])
-    assert got.shape == (3, *model.patch_embed.grid_size)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     if "reg4" in name and discard_ratio and head_fusion != "min":
         # the CLS row keeps only prefix columns once 90% of the entries are dropped (registers take the
@@ -119,24 +121,24 @@ def test_rollout_equals_slow_reference(name, head_fusion, discard_ratio):
 @pytest.mark.parametrize("name", VITS)
 def test_rollout_start_block_batch_and_rows(name):
     model, x = peaky(name), make_input(name, batch=3, seed=1)
-    got = attention_rollout(model, x, head_fusion="max", discard_ratio=0.5, start_block=5)
+    got = attention_rollout(model, x, head_fusion="max", discard_ratio=0.5, start_block=5)[:, 0]
     with torch.no_grad():
         _, attns = hand_forward(model, x)
     torch.testing.assert_close(got, ref_rollout(attns, "max", 0.5, 5, NPRE[name], got.shape[-2:]),
                                atol=1e-6, rtol=1e-4)
-    loop = torch.cat([attention_rollout(model, x[i:i + 1], head_fusion="max", discard_ratio=0.5, start_block=5)
+    loop = torch.cat([attention_rollout(model, x[i:i + 1], head_fusion="max", discard_ratio=0.5, start_block=5)[:, 0]
                       for i in range(3)])
     torch.testing.assert_close(got, loop, atol=1e-7, rtol=1e-5)
     r = rollout_matrix(model, x, head_fusion="min", discard_ratio=0.9)
     torch.testing.assert_close(r.sum(-1), torch.ones(r.shape[:2]), atol=1e-5, rtol=0)
     # the map is the rolled-out matrix's CLS row at the patch columns
-    torch.testing.assert_close(attention_rollout(model, x, head_fusion="min", discard_ratio=0.9),
+    torch.testing.assert_close(attention_rollout(model, x, head_fusion="min", discard_ratio=0.9)[:, 0],
                                r[:, 0, NPRE[name]:].reshape(got.shape), atol=1e-7, rtol=1e-5)
 
 
 def test_avg_pooled_non_square_grid_reads_mean_patch_row():
     model, x = peaky("vit_tiny_patch16_224-avg"), make_input("vit_tiny_patch16_224-avg")
-    got = attention_rollout(model, x)
+    got = attention_rollout(model, x)[:, 0]
     assert got.shape == (2, 3, 5)
     r = rollout_matrix(model, x)
     torch.testing.assert_close(got, r[:, 1:, 1:].mean(1).reshape(2, 3, 5), atol=1e-7, rtol=1e-5)
@@ -172,8 +174,7 @@ def ref_relevance(model, x, classes, rule):
 def test_relevance_equals_autograd_loop(name, rule):
     model, x = peaky(name, torch.float64), make_input(name, batch=2, dtype=torch.float64)
     classes = torch.tensor([[1, 4, 7], [7, 0, 3]])
-    fn = grad_rollout if rule == "grad_rollout" else chefer_relevance
-    got = fn(model, x, classes, chunk_size=2, return_cam=True)
+    got = funcam.cam(model, x, classes, chunk_size=2, method=rule)
     assert torch.equal(got.classes, classes)
     torch.testing.assert_close(got.logits, model(x))
     full = ref_relevance(model, x, classes, rule)
@@ -185,7 +186,7 @@ def test_relevance_equals_autograd_loop(name, rule):
 
 def test_relevance_batch_equals_loop_and_top_k():
     model, x = peaky("deit_tiny_distilled_patch16_224"), make_input("deit_tiny_distilled_patch16_224", batch=3)
-    out = chefer_relevance(model, x, top_k=2, return_cam=True)
+    out = funcam.cam(model, x, top_k=2, method="chefer")
     torch.testing.assert_close(out.classes, model(x).topk(2).indices, rtol=0, atol=0)
     loop = torch.cat([chefer_relevance(model, x[i:i + 1], out.classes[i:i + 1]) for i in range(3)])
     torch.testing.assert_close(out.maps, loop, atol=1e-7, rtol=1e-5)
@@ -287,7 +288,7 @@ def test_rollout_points_at_the_digit_on_a_trained_vit():
     model = timm.models.VisionTransformer(img_size=size, patch_size=4, embed_dim=64, depth=2, num_heads=4,
                                          mlp_ratio=2, num_classes=10, global_pool="avg")
     with torch.no_grad():
-        untrained = hit_rate(attention_rollout(model.eval(), x_test))
+        untrained = hit_rate(attention_rollout(model.eval(), x_test)[:, 0])
     steps = 1200
     opt = torch.optim.AdamW(model.train().parameters(), lr=2e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
@@ -302,7 +303,7 @@ def test_rollout_points_at_the_digit_on_a_trained_vit():
     model.eval()
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-        rollout = hit_rate(attention_rollout(model, x_test))
+        rollout = hit_rate(attention_rollout(model, x_test)[:, 0])
         chance = hit_rate(torch.rand(500, 8, 8, generator=torch.Generator().manual_seed(2)))
         own = y_test.unsqueeze(1)
         grad, chefer = (hit_rate(f(model, x_test, own)[:, 0]) for f in (grad_rollout, chefer_relevance))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import threading
 import warnings
 from typing import Any, Callable, Iterator
@@ -81,18 +82,31 @@ def check_input(x: Any, in_chans: int | None = None, module: nn.Module | None = 
                          f"the maps of a non-finite input are undefined")
 
 
-def check_output(logits: Tensor, maps: Any) -> None:
-    """Raise FloatingPointError naming the images whose logits or maps (B, K, ...) are not finite."""
+def check_output(out: Any) -> None:
+    """Raise FloatingPointError naming the images whose logits or maps (B, K, ...) are not finite.
+
+    out: what an entry point returns: a ``CAM`` (its logits and maps), a tensor or a tuple / list of them."""
     if torch.compiler.is_compiling():
         return
-    for what, t in [("logits", logits)] + [("maps", m) for m in (maps if isinstance(maps, tuple) else (maps,))]:
-        if isinstance(t, Tensor) and t.numel() and t.ndim >= 1 and t.is_floating_point():
+    for what, t in _named_tensors(out, "maps"):
+        if t.numel() and t.ndim >= 1 and t.is_floating_point():
             bad = ~torch.isfinite(t.detach())
             if bool(bad.any()):
                 images = bad.reshape(t.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
                 raise FloatingPointError(
                     f"the model produced non-finite {what} for images {_first(images)} from a finite x "
                     f"(dtype {t.dtype}); float16 overflows above 65504: run the model in float32 or bfloat16")
+
+
+def _named_tensors(out: Any, what: str) -> Iterator[tuple[str, Tensor]]:
+    if isinstance(out, Tensor):
+        yield what, out
+    elif hasattr(out, "_fields") and "logits" in out._fields and "maps" in out._fields:  # CAM
+        yield from _named_tensors(out.logits, "logits")
+        yield from _named_tensors(out.maps, "maps")
+    elif isinstance(out, (tuple, list)):
+        for o in out:
+            yield from _named_tensors(o, what)
 
 
 def zero_weights_hint(model: nn.Module | None) -> str:
@@ -263,14 +277,51 @@ def run(module: nn.Module | None, fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-def guarded(fn: Callable) -> Callable:
-    """Decorate a public ``fn(model, x, ...)``: ``run(model, ...)`` with an inference-mode ``x`` made normal."""
+def _module_of(target: Any) -> nn.Module | None:
+    """The model behind an entry point's first argument: a ``Split``'s module, a model (DataParallel unwrapped)."""
+    target = getattr(target, "module", None) if hasattr(target, "extract") else unwrap(target)
+    return target if isinstance(target, nn.Module) else None
 
-    @functools.wraps(fn)
-    def wrapper(model: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():
-            return fn(model, x, *args, **kwargs)
-        return run(model if isinstance(model, nn.Module) else None,
-                   lambda: fn(model, normal_tensor(x), *args, **kwargs))
 
-    return wrapper
+def entry(*, in_chans: Callable[[Any], int | None] = lambda target: None, checks: bool = True,
+          empty_batch: bool = True) -> Callable[[Callable], Callable]:
+    """Decorate a public entry point ``fn(model_or_split, x, ...)`` with everything this module promises.
+
+    In this order: ``x`` checked (``check_input``, with ``in_chans(model_or_split)`` channels); an empty batch
+    (B = 0) run as one zero image (with ``classes`` of shape (1, K) when it was (0, K)) and cut back to zero
+    images; inference-mode ``x`` and ``classes`` made normal tensors; the call run under the training-mode /
+    inference-mode handling (``run``) for the model behind the first argument; its result checked for
+    non-finite logits and maps (``check_output``). ``checks=False`` keeps only the normal tensors and the
+    model handling (for functions with checks of their own, e.g. the metrics); ``empty_batch=False`` calls
+    ``fn`` with B = 0 as it is. Under ``torch.compile`` the call goes straight to ``fn``.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        takes_classes = "classes" in sig.parameters
+
+        @functools.wraps(fn)
+        def wrapper(target: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+            if torch.compiler.is_compiling():
+                return fn(target, x, *args, **kwargs)
+            module = _module_of(target)
+            if checks:
+                check_input(x, in_chans(target), module)
+            bound = sig.bind(target, x, *args, **kwargs)
+            if checks and empty_batch and x.shape[0] == 0:
+                x1, classes1 = one_image(x, bound.arguments.get("classes"))
+                if takes_classes:
+                    bound.arguments["classes"] = classes1
+                bound.arguments[list(sig.parameters)[1]] = x1
+                return no_images(wrapper(*bound.args, **bound.kwargs))
+            bound.arguments[list(sig.parameters)[1]] = normal_tensor(x)
+            if takes_classes:
+                bound.arguments["classes"] = normal_tensor(bound.arguments.get("classes"))
+            out = run(module, lambda: fn(*bound.args, **bound.kwargs))
+            if checks:
+                check_output(out)
+            return out
+
+        return wrapper
+
+    return decorate

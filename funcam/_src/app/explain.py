@@ -7,44 +7,36 @@ class-agnostic attention rollout repeated over the K requested classes.
 """
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from funcam._src.core.cams import METHODS as CAM_METHODS, cam
-from funcam._src.core.engine import CAM, class_indices
-from funcam._src.core.split import Split, split as make_split
+from funcam._src.base import CAM, Split
+from funcam._src.core import methods
+from funcam._src.core.cams import cam
+from funcam._src.core.postprocess import fuse
+from funcam._src.core.split import split as make_split
+from funcam._src.cuts.timm import is_vit
 
-# CLI spelling (dashes) -> internal name; every funcam method.
-ATTENTION_METHODS = ("rollout", "grad-rollout", "chefer")
-GUIDED_METHODS = ("guided-gradcam", "guided-backprop")
-METHOD_NAMES = tuple(m.replace("_", "-") for m in CAM_METHODS) + ATTENTION_METHODS + GUIDED_METHODS
-# how captions, grid rows and overlays name each method
-METHOD_TITLES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "xgradcam": "XGrad-CAM", "hirescam": "HiResCAM",
-                 "layercam": "LayerCAM", "elementwise": "Element-wise Grad-CAM", "gradcam-max": "Grad-CAM (max)",
-                 "argmax-channel": "argmax channel", "rollout": "attention rollout", "grad-rollout": "grad rollout",
-                 "chefer": "Chefer relevance", "guided-gradcam": "Guided Grad-CAM", "guided-backprop": "Guided Backprop"}
+# The command line's spelling of every method, how captions name them, and the guided ones: all from the one
+# table (funcam._src.core.methods).
+METHOD_NAMES = tuple(methods.cli_name(n) for n in methods.TABLE)
+METHOD_TITLES = {methods.cli_name(n): m.title for n, m in methods.TABLE.items()}
+GUIDED_METHODS = tuple(methods.cli_name(n) for n, m in methods.TABLE.items() if m.kind == "guided")
 
 
 def default_method(model: nn.Module) -> str:
     """The method funcam recommends for ``model``: the Chefer et al. 2021 relevance rule for ViTs (it is
     class-specific where token Grad-CAM and plain rollout are not; see the README's quality table),
     Grad-CAM otherwise."""
-    from funcam._src.cuts.timm import is_vit
-
     return "chefer" if is_vit(model) else "gradcam"
 
 
 def check_method(method: str) -> str:
-    """Normalise ``method`` (``gradcam_max`` or ``gradcam-max``) or raise naming the valid ones."""
-    name = str(method).replace("_", "-")
-    if name not in METHOD_NAMES:
-        near = difflib.get_close_matches(name, METHOD_NAMES, n=1)
-        raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}; got {method!r}"
-                         + (f" (did you mean {near[0]!r}?)" if near else ""))
-    return name
+    """Normalise ``method`` (``gradcam_max`` or ``gradcam-max``) to the command line's spelling, or raise naming
+    the valid ones."""
+    return methods.cli_name(methods.get(method, spell=methods.cli_name).name)
 
 
 def validate(model: nn.Module, size: int | tuple[int, int], *, method: str | None = None,
@@ -82,41 +74,16 @@ def _explain(target: nn.Module | Split, x: Tensor, method: str | None, classes: 
     if isinstance(target, Split):
         if layer is not None:
             raise ValueError("give layer= to funcam.split, not to explain, when explain is given a Split")
-        model, sp = target.module, target
+        model = target.module
     else:
-        model, sp = target, None
-    name = check_method(method or default_method(model))
-    if name.replace("-", "_") in CAM_METHODS:
-        sp = sp if sp is not None else make_split(model, layer)
-        out = cam(sp, x, classes, method=name.replace("-", "_"), top_k=top_k, relu=relu, chunk_size=chunk_size)
-        if isinstance(out.maps, tuple):
-            from funcam._src.core.postprocess import fuse
-
-            out = out._replace(maps=fuse(out.maps, normalize_each=True))
-        return out
-    if name == "rollout":
-        from funcam._src.core.rollout import rollout_with_logits
-
-        if callable(classes) and top_k is not None:
-            raise ValueError("top_k does not apply when classes is a callable")
-        m, logits = rollout_with_logits(target, x)  # logits and attentions from one forward
-        # class-agnostic: the classes (or a score callable's K columns) only say how often to repeat the map
-        score_fn = classes if callable(classes) else None
-        idx, picked = class_indices(score_fn(logits) if score_fn else logits, logits, classes, score_fn, top_k,
-                                    x.shape[0])
-        return CAM(m.unsqueeze(1).expand(-1, idx.shape[1], -1, -1), picked, logits)
-    if name in ("grad-rollout", "chefer"):
-        from funcam._src.core import rollout
-
-        fn = rollout.grad_rollout if name == "grad-rollout" else rollout.chefer_relevance
-        return fn(target, x, classes, top_k=top_k, chunk_size=chunk_size, return_cam=True)
-    from funcam._src.core import guided
-
-    if name == "guided-backprop":
-        out = guided.guided_backprop(model, x, classes, top_k=top_k, chunk_size=chunk_size, return_cam=True)
-    else:
-        out = guided.guided_gradcam(target, x, classes, top_k=top_k, layer=layer, chunk_size=chunk_size,
-                                    return_cam=True)
-    # (B, K, 3, H, W) -> (B, K, H, W): the strongest absolute response over colour channels.
-    return out._replace(maps=out.maps.abs().amax(dim=2))
-
+        model = target
+    m = methods.get(check_method(method or default_method(model)))
+    if not isinstance(target, Split) and (m.kind == "cam" or m.name == "guided_gradcam"):
+        target = make_split(model, layer)
+    out = cam(target, x, classes, method=m.name, top_k=top_k, relu=relu, chunk_size=chunk_size)
+    if isinstance(out.maps, tuple):
+        out = out._replace(maps=fuse(out.maps, normalize_each=True))
+    if m.kind == "guided":
+        # (B, K, 3, H, W) -> (B, K, H, W): the strongest absolute response over colour channels.
+        out = out._replace(maps=out.maps.abs().amax(dim=2))
+    return out

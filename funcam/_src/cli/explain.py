@@ -56,10 +56,8 @@ def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool)
     if method in GUIDED:
         def fn(x: Tensor, classes, top_k) -> Result:
             with torch.no_grad():
-                if method == "guided-backprop":
-                    out = funcam.guided_backprop(model, x, classes, top_k=top_k, return_cam=True)
-                else:
-                    out = funcam.guided_gradcam(sp, x, classes, top_k=top_k, return_cam=True)
+                out = funcam.cam(model if method == "guided-backprop" else sp, x, classes,
+                                 method=method.replace("-", "_"), top_k=top_k)
             # the npz keeps explain()'s map: the strongest absolute response over the colour channels
             return Result(out._replace(maps=out.maps.abs().amax(dim=2)), out.maps)
     else:

@@ -1,73 +1,184 @@
-"""Public CAM functions: ``(split, x (B, C, H, W), classes) -> maps (B, K, h, w)`` at feature resolution."""
+"""The public map functions: ``funcam.cam`` for every method of ``methods.TABLE``, and one typed shortcut per
+method. Shapes: ``x (B, C, H, W)`` in; maps ``(B, K, h, w)`` at feature (or token-grid) resolution out, or
+``(B, K, C, H, W)`` input gradients for the guided methods. ``cam`` returns ``CAM(maps, classes, logits)``; every
+shortcut returns the maps alone.
+"""
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from funcam._src.core.engine import CAM, class_maps
-from funcam._src.core.split import Split, split as make_split
-from funcam._src.core.rules import CHANNEL_WEIGHTS, POOLED_RULES, RULES
+from funcam._src import guard as _guard
+from funcam._src.base import CAM, Split
+from funcam._src.core import methods
+from funcam._src.core.engine import class_maps
+from funcam._src.core.guided import guided_backprop_cam, guided_gradcam_cam
+from funcam._src.core.rollout import relevance, rollout_cam
+from funcam._src.core.split import in_chans_of, split as make_split
 
-METHODS = tuple(RULES)
+METHODS = methods.CAM_METHODS
 
 
+@_guard.entry(in_chans=in_chans_of)
 def cam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, method: str = "gradcam",
         top_k: int | None = None, relu: bool = True, chunk_size: int | None = None,
         max_memory: int | None = None) -> CAM:
-    """Class activation maps for B images x K classes from one forward and one vmapped vjp.
+    """Maps for B images x K classes with any funcam method, from one forward and one vmapped vjp.
 
-    model_or_split: a ``funcam.Split`` (or a model, split with ``funcam.split(model)``'s default rule).
+    model_or_split: a ``funcam.Split`` (or a model, split with ``funcam.split(model)``'s default rule; a split
+        built once and reused saves the graph capture of models without timm's split).
     x: ``(B, C, H, W)`` input.
-    classes: which logits to explain:
+    classes: which scores to explain:
         ``None`` (the ``top_k`` predicted classes, default 1); an int or list of ints; a LongTensor ``(K,)``
-        shared by the batch or ``(B, K)`` per image; or a callable ``logits (B, N) -> scores (B, K)``
-        (softmax probability, a margin, ...), each score explained as one "class".
-    method: one of ``funcam.METHODS``: gradcam, gradcam_max, gradcampp, xgradcam, hirescam, elementwise,
-        layercam, argmax_channel.
-    relu: apply ReLU at feature resolution (before any upsampling); ``False`` gives signed maps.
+        shared by the batch or ``(B, K)`` per image; or a callable ``output -> scores (B, K)`` (softmax
+        probability, a margin, a mask's mean of a segmentation output, similarity of an embedding ...), each
+        score explained as one "class".
+    method: a name of ``funcam._src.core.methods.TABLE`` (dashes or underscores): the CAM methods of
+        ``funcam.METHODS`` (gradcam, gradcam_max, gradcampp, xgradcam, hirescam, elementwise, layercam,
+        argmax_channel), the transformer methods rollout, grad_rollout and chefer, or guided_backprop and
+        guided_gradcam.
+    relu: CAM methods: ReLU at feature resolution (before any upsampling); ``False`` gives signed maps.
     chunk_size: classes per vmapped chunk, bounding memory to about ``chunk_size`` gradients at once;
-        None chooses it from ``max_memory``.
+        None chooses it from ``max_memory`` (CAM methods) or runs all classes at once.
     max_memory: bytes of per-class tensors allowed at once when ``chunk_size`` is None (default 128 MiB): the
         general path's (B, C, h, w) gradients, or the average-pool fast path's (B, C) gradients with the
         rule's temporaries; a bound on what funcam adds, not on the model's own forward.
 
-    Returns ``CAM(maps (B, K, h, w), classes (B, K) or None, logits (B, N))``; for a multi-layer split,
-    ``maps`` is a tuple of ``(B, K, h_i, w_i)`` (fuse them with ``funcam.fuse``).
+    Returns ``CAM(maps, classes (B, K) or None for a callable, logits (B, N))``: maps ``(B, K, h, w)``; a tuple
+    of them for a multi-layer split (fuse them with ``funcam.fuse``); ``(B, K, C, H, W)`` for the guided methods.
     """
-    rule = RULES.get(method) if isinstance(method, str) else None
-    if rule is None:
-        near = difflib.get_close_matches(str(method), METHODS, n=3)
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+    m = methods.get(method)
+    if m.kind == "cam":
+        sp = model_or_split if isinstance(model_or_split, Split) else make_split(model_or_split)
+        out = class_maps(sp, x, classes, m.rule, top_k=top_k, chunk_size=chunk_size, weights=m.weights,
+                         pooled_reduce=m.pooled, max_memory=max_memory)
+        if relu:
+            # ReLU at feature resolution: upsampling first would let one large negative value bleed into
+            # its neighbours.
+            out = out._replace(maps=tuple(torch.relu(a) for a in out.maps) if isinstance(out.maps, tuple)
+                               else torch.relu(out.maps))
+        return out
+    if m.kind == "relevance":
+        return relevance(model_or_split, x, classes, m.rule, top_k, chunk_size)
+    if m.kind == "rollout":
+        return rollout_cam(model_or_split, x, classes, top_k)
+    if m.name == "guided_backprop":
+        return guided_backprop_cam(model_or_split, x, classes, top_k, chunk_size)
     sp = model_or_split if isinstance(model_or_split, Split) else make_split(model_or_split)
-    out = class_maps(sp, x, classes, rule, top_k=top_k, chunk_size=chunk_size, weights=CHANNEL_WEIGHTS.get(method),
-                     pooled_reduce=POOLED_RULES[method], max_memory=max_memory)
-    if relu:
-        # ReLU at feature resolution: upsampling first would let one large negative value bleed into
-        # its neighbours.
-        maps = tuple(torch.relu(m) for m in out.maps) if isinstance(out.maps, tuple) else torch.relu(out.maps)
-        out = out._replace(maps=maps)
-    return out
+    return guided_gradcam_cam(sp, x, classes, top_k, chunk_size)
 
 
-def _method(name: str, doc: str):
-    def fn(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, **opts: Any) -> Tensor:
-        return cam(model_or_split, x, classes, method=name, **opts).maps
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = (f"{doc}\n\n``{name}(split, x (B, C, H, W), classes=None, *, top_k=None, relu=True, chunk_size=None, max_memory=None)"
-                  f" -> (B, K, h, w)``; the arguments are those of ``funcam.cam``.")
-    return fn
+def gradcam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+            relu: bool = True, chunk_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    """Grad-CAM (Selvaraju et al. 2017, eq. 1-2): channel weights are the spatially averaged gradients.
+    x (B, C, H, W) -> maps (B, K, h, w); arguments as ``funcam.cam``."""
+    return cam(model_or_split, x, classes, method="gradcam", top_k=top_k, relu=relu, chunk_size=chunk_size,
+               max_memory=max_memory).maps
 
 
-gradcam = _method("gradcam", "Grad-CAM (Selvaraju et al. 2017): channel weights are spatially averaged gradients.")
-gradcampp = _method("gradcampp", "Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19): weights from positive gradients "
-                    "with pixel-wise alphas.")
-gradcam_max = _method("gradcam_max", "Grad-CAM with max-pooled gradients as channel weights.")
-xgradcam = _method("xgradcam", "XGrad-CAM (Fu et al. 2020): activation-normalised gradient weights.")
-hirescam = _method("hirescam", "HiResCAM (Draelos & Carin 2020): element-wise gradient x activation summed over channels.")
-elementwise = _method("elementwise", "Element-wise Grad-CAM: ReLU(gradient x activation) summed over channels.")
-layercam = _method("layercam", "LayerCAM (Jiang et al. 2021): ReLU(gradient) x activation summed over channels.")
-argmax_channel = _method("argmax_channel", "The feature channel with the largest Grad-CAM weight.")
+def gradcam_max(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+                relu: bool = True, chunk_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    """Grad-CAM with max-pooled gradients as channel weights. x (B, C, H, W) -> maps (B, K, h, w); arguments as
+    ``funcam.cam``."""
+    return cam(model_or_split, x, classes, method="gradcam_max", top_k=top_k, relu=relu, chunk_size=chunk_size,
+               max_memory=max_memory).maps
+
+
+def gradcampp(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+              relu: bool = True, chunk_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    """Grad-CAM++ (Chattopadhyay et al. 2018, eq. 19): weights from positive gradients with pixel-wise alphas.
+    x (B, C, H, W) -> maps (B, K, h, w); arguments as ``funcam.cam``."""
+    return cam(model_or_split, x, classes, method="gradcampp", top_k=top_k, relu=relu, chunk_size=chunk_size,
+               max_memory=max_memory).maps
+
+
+def xgradcam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+             relu: bool = True, chunk_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    """XGrad-CAM (Fu et al. 2020, eq. 11): activation-normalised gradient weights. x (B, C, H, W) -> maps
+    (B, K, h, w); arguments as ``funcam.cam``."""
+    return cam(model_or_split, x, classes, method="xgradcam", top_k=top_k, relu=relu, chunk_size=chunk_size,
+               max_memory=max_memory).maps
+
+
+def hirescam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+             relu: bool = True, chunk_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    """HiResCAM (Draelos & Carin 2020, eq. 4): element-wise gradient x activation summed over channels.
+    x (B, C, H, W) -> maps (B, K, h, w); arguments as ``funcam.cam``."""
+    return cam(model_or_split, x, classes, method="hirescam", top_k=top_k, relu=relu, chunk_size=chunk_size,
+               max_memory=max_memory).maps
+
+
+def elementwise(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+                relu: bool = True, chunk_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    """Element-wise Grad-CAM: ReLU(gradient x activation) summed over channels. x (B, C, H, W) -> maps
+    (B, K, h, w); arguments as ``funcam.cam``."""
+    return cam(model_or_split, x, classes, method="elementwise", top_k=top_k, relu=relu, chunk_size=chunk_size,
+               max_memory=max_memory).maps
+
+
+def layercam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+             relu: bool = True, chunk_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    """LayerCAM (Jiang et al. 2021, eq. 5-6): ReLU(gradient) x activation summed over channels.
+    x (B, C, H, W) -> maps (B, K, h, w); arguments as ``funcam.cam``."""
+    return cam(model_or_split, x, classes, method="layercam", top_k=top_k, relu=relu, chunk_size=chunk_size,
+               max_memory=max_memory).maps
+
+
+def argmax_channel(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+                   relu: bool = True, chunk_size: int | None = None, max_memory: int | None = None) -> Tensor:
+    """The feature channel with the largest Grad-CAM weight. x (B, C, H, W) -> maps (B, K, h, w); arguments as
+    ``funcam.cam``."""
+    return cam(model_or_split, x, classes, method="argmax_channel", top_k=top_k, relu=relu, chunk_size=chunk_size,
+               max_memory=max_memory).maps
+
+
+def grad_rollout(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
+                 chunk_size: int | None = None) -> Tensor:
+    """Gradient-weighted attention rollout: x (B, 3, H, W) -> maps (B, K, h, w) on the token grid.
+
+    Per attention layer: Abar = (mean over heads of d score_k / dA * A)^+, then (Abar + I) / 2 rows normalised,
+    rolled out in forward order; the readout (CLS) row's patch columns. Any transformer whose attention goes
+    through ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention`` or an explicit softmax; pass
+    ``funcam.split(model)`` to reuse its captured graph. classes / top_k / chunk_size as in ``funcam.cam``.
+    Differentiable w.r.t. the parameters when grad mode is on (each chunk of classes checkpointed).
+    """
+    return cam(model_or_split, x, classes, method="grad_rollout", top_k=top_k, chunk_size=chunk_size).maps
+
+
+def chefer_relevance(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *,
+                     top_k: int | None = None, chunk_size: int | None = None) -> Tensor:
+    """Chefer et al. 2021 relevance: x (B, 3, H, W) -> maps (B, K, h, w) on the token grid.
+
+    R = I; per attention layer in forward order R = R + mean_heads((d score_k / dA * A)^+) @ R; the readout
+    (CLS) row's patch columns. Models and arguments as ``grad_rollout``.
+    """
+    return cam(model_or_split, x, classes, method="chefer", top_k=top_k, chunk_size=chunk_size).maps
+
+
+def guided_backprop(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *,
+                    top_k: int | None = None, chunk_size: int | None = None) -> Tensor:
+    """Guided Backprop (Springenberg et al. 2015): x (B, C, H, W) -> gradients (B, K, C, H, W) for K classes.
+
+    d score_k / dx with every ReLU's backward replaced by the guided rule (positive gradient where the forward
+    input was positive); the model is not modified. ValueError for a model whose forward calls no ReLU.
+    classes / top_k / chunk_size as in ``funcam.cam``. Call under ``torch.no_grad()`` unless the gradients
+    themselves must be differentiated.
+    """
+    return cam(model_or_split, x, classes, method="guided_backprop", top_k=top_k, chunk_size=chunk_size).maps
+
+
+def guided_gradcam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *,
+                   top_k: int | None = None, layer: str | None = None, chunk_size: int | None = None) -> Tensor:
+    """Guided Grad-CAM (Selvaraju et al. 2017, sec. 3.1): x (B, C, H, W) -> (B, K, C, H, W).
+
+    Guided Backprop times Grad-CAM (ReLU'd, at ``layer`` as in ``funcam.split``, or on a given
+    ``funcam.split(model, layer)``) upsampled bilinearly to (H, W); both for the same class indices.
+    """
+    if isinstance(model_or_split, Split):
+        if layer is not None:
+            raise ValueError("give layer= to funcam.split, not to guided_gradcam, when it is given a Split")
+    else:
+        model_or_split = make_split(_guard.unwrap(model_or_split), layer)
+    return cam(model_or_split, x, classes, method="guided_gradcam", top_k=top_k, chunk_size=chunk_size).maps

@@ -14,7 +14,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from funcam._src import guard as _guard
-from funcam._src.guard import check_input
 from funcam._src.base import CAM, Reduce, Split, as_features
 from funcam._src.core.rules import channel_sum
 
@@ -54,12 +53,9 @@ def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
     return classes
 
 
-# Bytes of per-class tensors alive at once when chunk_size is automatic. The general path's per-class
-# gradients are (B, C, h, w): chunks of about 128 MiB ran fastest here (vit_small K = 100: 1.3-1.5x a forward
-# at 32-128 MiB, 1.8x at 512 MiB; resnet50's general path K = 1000: 2.7x at 64 MiB, 4.0x at 512 MiB), as
-# they stay closer to the caches. The fast path's are (B, C) plus the rule's temporaries: there too smaller
-# chunks ran faster (resnet50 B = 32, K = 1000 Grad-CAM++: 1.03-1.11x a forward at 64-256 MiB, 1.33x in one
-# chunk; benchmarks/memory.py).
+# Bytes of per-class tensors alive at once when chunk_size is automatic: the general path's (B, C, h, w)
+# gradients, the fast path's (B, C) gradients and the rule's temporaries. Chunks this small stay closer to the
+# caches, and ran fastest on both paths (benchmarks/memory.py; the numbers are in benchmarks/README.md).
 DEFAULT_MAX_MEMORY = 128 * 2**20
 
 
@@ -91,19 +87,10 @@ def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: 
     pooled_reduce: the same rule for a spatially constant gradient, ``(v (B, K, C), A) -> (B, K, h, w)``;
     used when ``split.pooled`` says the head starts with global average pooling (the exact fast path).
     """
-    check_input(x, split.in_chans, split.module)
     _check_chunk(chunk_size)
     if callable(classes) and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
-    if x.shape[0] == 0 and not torch.compiler.is_compiling():
-        x1, classes1 = _guard.one_image(x, classes)
-        return _guard.no_images(class_maps(split, x1, classes1, reduce, top_k=top_k, chunk_size=chunk_size,
-                                           weights=weights, pooled_reduce=pooled_reduce, max_memory=max_memory))
-    x, classes = _guard.normal_tensor(x), _guard.normal_tensor(classes)
-    out = _guard.run(split.module, lambda: _class_maps(split, x, classes, reduce, top_k, chunk_size, weights,
-                                                       pooled_reduce, max_memory))
-    _guard.check_output(out.logits, out.maps)
-    return out
+    return _class_maps(split, x, classes, reduce, top_k, chunk_size, weights, pooled_reduce, max_memory)
 
 
 def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: int | None, chunk_size: int | None,
@@ -194,21 +181,17 @@ def logits_or_output(out: Any) -> Any:
 
 def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
               reduce: Callable[[tuple[Tensor, ...], Any], Tensor], *, top_k: int | None, chunk_size: int | None,
-              empty: Callable[[int], Tensor], module: Any = None) -> CAM:
+              empty: Callable[[int], Tensor]) -> CAM:
     """``reduce(d score_k / d primals, aux)`` for every class k in one vjp vmapped over one-hot cotangents.
 
     For explanations whose inputs are not feature maps (attention relevance, guided input gradients).
     forward(*primals) -> (logits (B, N), aux). reduce(grads, aux) -> per-class map (B, ...), run under vmap.
     empty(B) -> (B, 0, ...) for K == 0. Returns CAM(maps (B, K, ...), classes (B, K) or None, logits).
-    module: the model behind ``forward``, for the training-mode handling of ``funcam._guard``.
     """
     _check_chunk(chunk_size)
     if callable(classes) and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
-    classes = _guard.normal_tensor(classes)
-    out = _guard.run(module, lambda: _class_vjp(forward, primals, classes, reduce, top_k, chunk_size, empty))
-    _guard.check_output(out.logits, out.maps)
-    return out
+    return _class_vjp(forward, primals, classes, reduce, top_k, chunk_size, empty)
 
 
 def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,

@@ -31,8 +31,10 @@ from torch.overrides import TorchFunctionMode
 
 from funcam._src import guard as _guard
 from funcam._src.cuts.attention import explicit_sdpa
-from funcam._src.core.engine import CAM, check_input, class_vjp
-from funcam._src.core.split import Split
+from funcam._src.base import CAM, Split
+from funcam._src.core import rules
+from funcam._src.core.engine import class_maps, class_vjp
+from funcam._src.core.postprocess import upsample
 
 
 class _GuidedClamp(torch.autograd.Function):
@@ -91,12 +93,12 @@ class _GuidedReLUMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _guided_cam(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None) -> CAM:
-    """CAM(maps = input gradients (B, K, C, H, W) under the guided rule, classes, logits)."""
-    check_input(x, None, model)
-    if x.shape[0] == 0 and not torch.compiler.is_compiling():
-        return _guard.no_images(_guided_cam(model, *_guard.one_image(x, classes), top_k, chunk_size))
-    x = _guard.normal_tensor(x)
+def guided_backprop_cam(target: nn.Module | Split, x: Tensor, classes: Any, top_k: int | None = None,
+                        chunk_size: int | None = None) -> CAM:
+    """Guided Backprop (Springenberg et al. 2015): ``CAM(maps = d score_k / dx (B, K, C, H, W) with every ReLU's
+    backward replaced by the guided rule, classes, logits)``; one forward, one vjp, vmapped over the K one-hot
+    cotangents. Raises ValueError for a model whose forward calls no ReLU (see the module docstring)."""
+    model = _guard.unwrap(target.module if isinstance(target, Split) else target)
 
     def forward(inp: Tensor) -> tuple[Tensor, tuple]:
         # the mode is active only here, so the vjp's backward (the guided rule) and the user's other code
@@ -106,58 +108,23 @@ def _guided_cam(model: nn.Module, x: Tensor, classes: Any, top_k: int | None, ch
         if not torch.compiler.is_compiling() and not mode.seen:
             raise ValueError(f"guided backprop needs ReLU activations, but the forward of {type(model).__name__} "
                              f"called none (GELU/SiLU models have no guided rule); use funcam.gradcam or, for "
-                             f"ViTs, funcam._src.core.rollout.chefer_relevance")
+                             f"ViTs, funcam.chefer_relevance")
         return logits, ()
 
     return class_vjp(forward, (x,), classes, lambda grads, _: grads[0], top_k=top_k, chunk_size=chunk_size,
-                     empty=lambda b: x.new_zeros((b, 0) + tuple(x.shape[1:])), module=model)
+                     empty=lambda b: x.new_zeros((b, 0) + tuple(x.shape[1:])))
 
 
-def guided_backprop(model: nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
-                    chunk_size: int | None = None, return_cam: bool = False) -> Tensor | CAM:
-    """Guided Backprop (Springenberg et al. 2015): x (B, C, H, W) -> gradients (B, K, C, H, W) for K classes.
-
-    d logit_k / d x with every ReLU's backward replaced by the guided rule (positive gradient where the
-    forward input was positive). classes / top_k / chunk_size as in ``funcam.cam``; one forward, one vjp,
-    vmapped over the K one-hot cotangents. ``model`` must be in eval mode and is not modified.
-    Raises ValueError for a model whose forward calls no ReLU (see the module docstring).
-    Call under ``torch.no_grad()`` unless the gradients themselves must be differentiated: with grad mode on
-    they keep an autograd graph (each chunk of ``chunk_size`` classes checkpointed, so it does not grow with K).
-    return_cam: return ``funcam.CAM(maps (B, K, C, H, W), classes (B, K), logits (B, num_classes))``.
-    """
-    out = _guided_cam(_guard.unwrap(model), x, classes, top_k, chunk_size)
-    return out if return_cam else out.maps
-
-
-def guided_gradcam(model: nn.Module | Split, x: Tensor, classes: Any = None, *, top_k: int | None = None,
-                   layer: str | list[str] | None = None, chunk_size: int | None = None,
-                   return_cam: bool = False) -> Tensor | CAM:
-    """Guided Grad-CAM (Selvaraju et al. 2017, sec. 3.1): x (B, C, H, W) -> (B, K, C, H, W).
-
-    Guided Backprop times Grad-CAM (ReLU'd, at ``layer`` as in ``funcam.split``, or on a given
-    ``funcam.split(model, layer)``) upsampled bilinearly to (H, W). Both explain the same class indices: those
-    resolved from the guided forward's logits (a ``classes`` callable is passed to both and scored on the same
-    logits).
-    """
-    from funcam._src.core.cams import cam
-    from funcam._src.core.postprocess import upsample
-    from funcam._src.core.split import split
-
-    if isinstance(model, Split):
-        if layer is not None:
-            raise ValueError("give layer= to funcam.split, not to guided_gradcam, when it is given a Split")
-        sp, model = model, model.module
-    else:
-        model = _guard.unwrap(model)
-        sp = None
-
-    def both() -> CAM:
-        gb = _guided_cam(model, x, classes, top_k, chunk_size)
-        same = classes if gb.classes is None else gb.classes
-        cams = cam(sp if sp is not None else split(model, layer), x, same, chunk_size=chunk_size).maps
-        if isinstance(cams, tuple):
-            raise ValueError(f"guided_gradcam takes one layer, got layer={layer!r}")
-        return gb._replace(maps=gb.maps * upsample(cams, x.shape[-2:]).unsqueeze(2))
-
-    out = _guard.run(model, both)  # one guard for both passes: one training-mode warning, one restore
-    return out if return_cam else out.maps
+def guided_gradcam_cam(split: Split, x: Tensor, classes: Any, top_k: int | None = None,
+                       chunk_size: int | None = None) -> CAM:
+    """Guided Grad-CAM (Selvaraju et al. 2017, sec. 3.1): Guided Backprop times Grad-CAM (ReLU'd, at the split's
+    cut) upsampled bilinearly to (H, W): ``CAM(maps (B, K, C, H, W), classes, logits)``. Both explain the same
+    class indices: those resolved from the guided forward's logits (a ``classes`` callable is passed to both and
+    scored on the same logits)."""
+    gb = guided_backprop_cam(split, x, classes, top_k, chunk_size)
+    same = classes if gb.classes is None else gb.classes
+    cams = class_maps(split, x, same, rules.gradcam, chunk_size=chunk_size, weights=rules.gradcam_weights,
+                      pooled_reduce=rules.channel_sum).maps
+    if isinstance(cams, tuple):
+        raise ValueError(f"guided_gradcam takes one layer, got a split at {list(split.layers)}")
+    return gb._replace(maps=gb.maps * upsample(torch.relu(cams), x.shape[-2:]).unsqueeze(2))

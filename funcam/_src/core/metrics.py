@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from funcam._src.guard import guarded
+from funcam._src import guard as _guard
 from funcam._src.core.engine import resolve_classes
 
 __all__ = ["boxes_to_masks", "pointing_game", "energy_in_box", "ConfidenceChange", "confidence_change",
@@ -141,7 +141,7 @@ class ConfidenceChange(NamedTuple):
     change: Tensor
 
 
-@guarded  # training mode: warn, and restore batch-norm statistics afterwards
+@_guard.entry(checks=False)  # training mode: warn, and restore batch-norm statistics afterwards
 def confidence_change(model: Callable, x: Tensor, maps: Tensor, classes: Any, *, score: str = "softmax",
                       normalize: bool = True, chunk_size: int = 64) -> ConfidenceChange:
     """Average drop / increase in confidence (Chattopadhyay et al. 2018, Grad-CAM++, Sec. 6.1, Eq. 19-20).
@@ -193,7 +193,7 @@ class DeletionInsertion(NamedTuple):
     insertion_auc: Tensor
 
 
-@guarded  # training mode: warn, and restore batch-norm statistics afterwards
+@_guard.entry(checks=False)  # training mode: warn, and restore batch-norm statistics afterwards
 def deletion_insertion(model: Callable, x: Tensor, maps: Tensor, classes: Any, *, steps: int = 32,
                        baseline: str | Tensor | tuple = ("zero", "blur"), score: str = "softmax",
                        chunk_size: int = 64) -> DeletionInsertion:
@@ -280,7 +280,7 @@ def impute(x: Tensor, missing: Tensor, *, noise: float = 0.0, generator: torch.G
     return torch.where(missing.unsqueeze(1), filled, x)
 
 
-@guarded  # training mode: warn, and restore batch-norm statistics afterwards
+@_guard.entry(checks=False)  # training mode: warn, and restore batch-norm statistics afterwards
 def road(model: Callable, x: Tensor, maps: Tensor, classes: Any, *,
          percentiles: Sequence[float] = (10, 20, 30, 40, 50, 60, 70, 80, 90), order: str = "morf",
          noise: float = 0.01, generator: torch.Generator | None = None, score: str = "softmax",

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from funcam._src.cuts.timm import _grid, check_size, is_vit
 from funcam._src.cuts.attention import attention_output, attention_probs, is_plain_attention
 from funcam._src import guard as _guard
-from funcam._src.core.engine import CAM, check_input, class_vjp
+from funcam._src.base import CAM
+from funcam._src.core.engine import class_indices, class_vjp, logits_or_output
 from funcam._src.core.split import Split
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -133,31 +134,11 @@ def _timm_source(model: nn.Module, x: Tensor) -> Source:
                   len(heads), readout, npre, (gh, gw), model)
 
 
+@_guard.entry()
 def block_attentions(model: nn.Module | Split, x: Tensor) -> list[Tensor]:
     """Attention probabilities of every attention layer: x (B, 3, H, W) -> L tensors (B, heads, N, N),
     N = prefix + h*w (any transformer; see the module docstring)."""
-    check_input(x, None, _module(model))
-    if x.shape[0] == 0 and not torch.compiler.is_compiling():
-        return _guard.no_images(block_attentions(model, _guard.one_image(x, None)[0]))
-    x = _guard.normal_tensor(x)
-
-    def run() -> tuple[Any, list[Tensor]]:
-        return source(model, x).run(x, None)
-
-    out, probs = _guard.run(_module(model), run)
-    _guard.check_output(_logits(out), tuple(probs))
-    return probs
-
-
-def _module(model_or_split: Any) -> nn.Module | None:
-    m = model_or_split.module if isinstance(model_or_split, Split) else model_or_split
-    return _guard.unwrap(m) if isinstance(m, nn.Module) else None
-
-
-def _logits(out: Any) -> Any:
-    from funcam._src.core.engine import logits_or_output
-
-    return logits_or_output(out)
+    return source(model, x).run(x, None)[1]
 
 
 def _to_grid(src: Source, cols: Tensor) -> Tensor:
@@ -211,24 +192,16 @@ def _mixed(model: Any, x: Tensor, head_fusion: str, discard_ratio: float,
            start_block: int) -> tuple[list[Tensor], Any, Source]:
     """(the mixed attention matrices of blocks start_block.., the model's output, the source) from one forward."""
     _check_rollout_args(head_fusion, discard_ratio, 0, 1)
-    check_input(x, None, _module(model))
-    if x.shape[0] == 0 and not torch.compiler.is_compiling():
-        mats, out, src = _mixed(model, _guard.one_image(x, None)[0], head_fusion, discard_ratio, start_block)
-        return _guard.no_images(mats), _guard.no_images(out) if isinstance(out, Tensor) else out, src
-    x = _guard.normal_tensor(x)
-
-    def run() -> tuple[Source, Any, list[Tensor]]:  # one guard: one training-mode warning, tensors made
-        src = source(model, x)                        # outside inference mode
-        _check_rollout_args(head_fusion, discard_ratio, start_block, src.layers)
-        return (src,) + tuple(src.run(x, None))
-
-    src, out, probs = _guard.run(_module(model), run)
-    _guard.check_output(_logits(out), tuple(probs))
+    src = source(model, x)
+    _check_rollout_args(head_fusion, discard_ratio, start_block, src.layers)
+    out, probs = src.run(x, None)
+    _guard.check_output(list(probs))
     mats = [mix_identity(discard_lowest(fuse_heads(p.to(x.dtype), head_fusion), discard_ratio))
             for p in probs[start_block:]]
     return mats, out, src
 
 
+@_guard.entry()
 def rollout_matrix(model: nn.Module | Split, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                    start_block: int = 0) -> Tensor:
     """The rolled-out matrix ``R = A_L ... A_s`` (B, N, N), rows summing to 1 (arguments as ``attention_rollout``)."""
@@ -239,44 +212,49 @@ def rollout_matrix(model: nn.Module | Split, x: Tensor, *, head_fusion: str = "m
     return r
 
 
+@_guard.entry()
 def attention_rollout(model: nn.Module | Split, x: Tensor, *, head_fusion: str = "mean", discard_ratio: float = 0.0,
                       start_block: int = 0) -> Tensor:
-    """Attention rollout (Abnar & Zuidema 2020): x (B, 3, H, W) -> maps (B, h, w) on the token grid.
+    """Attention rollout (Abnar & Zuidema 2020): x (B, 3, H, W) -> maps (B, 1, h, w) on the token grid.
 
     model: a transformer (see the module docstring) or ``funcam.split(model)`` to reuse its captured graph.
     head_fusion: "mean" | "max" | "min" over heads. discard_ratio in [0, 1): per image, that fraction of the
     fused matrix's entries (the smallest) is zeroed, CLS->CLS kept. start_block: the first block rolled out.
-    Class-agnostic: one map per image. Raw values (the readout row of ``R``, patch columns; not normalised).
-    Differentiable when grad mode is on; ``torch.no_grad()`` skips the autograd graph.
+    Class-agnostic: one map per image, as the one "class" of the ``(B, K, h, w)`` maps contract
+    (``funcam.cam(..., method="rollout")`` repeats it for K classes). Raw values (the readout row of ``R``, patch
+    columns; not normalised). Differentiable when grad mode is on; ``torch.no_grad()`` skips the autograd graph.
     """
-    return rollout_with_logits(model, x, head_fusion=head_fusion, discard_ratio=discard_ratio,
-                               start_block=start_block)[0]
+    return _rollout(model, x, head_fusion, discard_ratio, start_block)[0].unsqueeze(1)
 
 
-def rollout_with_logits(model: nn.Module | Split, x: Tensor, *, head_fusion: str = "mean",
-                        discard_ratio: float = 0.0, start_block: int = 0) -> tuple[Tensor, Any]:
-    """``(attention_rollout(...) (B, h, w), logits (B, N))`` from the same single forward (a model whose output is
-    not logits reports its output as it is)."""
+def _rollout(model: Any, x: Tensor, head_fusion: str = "mean", discard_ratio: float = 0.0,
+             start_block: int = 0) -> tuple[Tensor, Any]:
+    """``(rollout maps (B, h, w), logits (B, N))`` from one forward (a model whose output is not logits reports
+    its output as it is)."""
     mats, out, src = _mixed(model, x, head_fusion, discard_ratio, start_block)
     row = src.readout.to(mats[0].dtype).expand(x.shape[0], 1, -1)  # (B, 1, N)
     for m in reversed(mats):
         row = row @ m  # e^T A_L, then (e^T A_L) A_{L-1}, ...: the same product as R, from the left
-    return _to_grid(src, row[:, 0]), _logits(out)
+    return _to_grid(src, row[:, 0]), logits_or_output(out)
 
 
-def _relevance(model: Any, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
-               return_cam: bool, step: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor | CAM:
-    check_input(x, None, _module(model))
-    if x.shape[0] == 0 and not torch.compiler.is_compiling():
-        x1, classes1 = _guard.one_image(x, classes)
-        return _guard.no_images(_relevance(model, x1, classes1, top_k, chunk_size, True, step)) if return_cam \
-            else _relevance(model, x1, classes1, top_k, chunk_size, False, step)[:0]
-    x = _guard.normal_tensor(x)
-    return _guard.run(_module(model), lambda: _relevance_maps(model, x, classes, top_k, chunk_size, return_cam, step))
+def rollout_cam(model: Any, x: Tensor, classes: Any, top_k: int | None) -> CAM:
+    """``funcam.cam(..., method="rollout")``: the class-agnostic map repeated for the K requested classes (or the K
+    columns of a score callable), with the logits of the same forward."""
+    if callable(classes) and top_k is not None:
+        raise ValueError("top_k does not apply when classes is a callable")
+    m, logits = _rollout(model, x)
+    score_fn = classes if callable(classes) else None
+    idx, picked = class_indices(score_fn(logits) if score_fn else logits, logits, classes, score_fn, top_k, x.shape[0])
+    return CAM(m.unsqueeze(1).expand(-1, idx.shape[1], -1, -1), picked, logits)
 
 
-def _relevance_maps(model: Any, x: Tensor, classes: Any, top_k: int | None, chunk_size: int | None,
-                    return_cam: bool, step: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor | CAM:
+def relevance(model: Any, x: Tensor, classes: Any, step: Callable[[Tensor, Tensor, Tensor], Tensor],
+              top_k: int | None = None, chunk_size: int | None = None) -> CAM:
+    """Class-specific attention relevance: per attention layer, from the last to the first,
+    ``row <- step(row, d score_k / dA_l, A_l)`` on the readout row; the maps are its patch columns on the token
+    grid, ``(B, K, h, w)``. One forward, one vjp at zero-valued taps on the probabilities, vmapped over the K
+    one-hot cotangents (``funcam.cam`` with ``method="grad_rollout"`` or ``"chefer"``)."""
     src = source(model, x)
     b = x.shape[0]
     gh, gw = src.grid
@@ -290,46 +268,19 @@ def _relevance_maps(model: Any, x: Tensor, classes: Any, top_k: int | None, chun
             row = step(row, g.to(row.dtype), a.to(row.dtype))
         return _to_grid(src, row[:, 0])
 
-    out = class_vjp(lambda *d: src.run(x, d), deltas, classes, reduce, top_k=top_k, chunk_size=chunk_size,
-                    empty=lambda bb: x.new_zeros(bb, 0, gh, gw), module=src.module)
-    return out if return_cam else out.maps
+    return class_vjp(lambda *d: src.run(x, d), deltas, classes, reduce, top_k=top_k, chunk_size=chunk_size,
+                     empty=lambda bb: x.new_zeros(bb, 0, gh, gw))
 
 
-def _grad_rollout_step(row: Tensor, g: Tensor, a: Tensor) -> Tensor:
-    # vit-explain's grad rollout with each block's gradient paired with its own attention: mean over heads of
-    # grad * attention, positive part, then (A + I)/2 with rows normalised (keepdim), applied in forward order.
+def grad_rollout_step(row: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    """Gradient-weighted rollout, one layer (jacobgil/vit-explain, each block's gradient paired with its own
+    attention): Abar = (mean over heads of g * A)^+, then (Abar + I) / 2 with rows normalised; row (B, 1, N)."""
     fused = (g * a).mean(dim=1).clamp(min=0)
     return row @ mix_identity(fused)
 
 
-def _chefer_step(row: Tensor, g: Tensor, a: Tensor) -> Tensor:
-    # Chefer, Gur & Wolf 2021 ("Generic attention-model explainability", eq. 5-6 for self-attention):
-    # Abar = E_h[(grad A * A)^+], R <- R + Abar R; for the readout row: row (I + Abar).
+def chefer_step(row: Tensor, g: Tensor, a: Tensor) -> Tensor:
+    """Chefer, Gur & Wolf 2021 ("Generic attention-model explainability", eq. 5-6 for self-attention), one layer:
+    Abar = E_h[(g * A)^+], R <- R + Abar R; for the readout row: row (I + Abar)."""
     fused = (g * a).clamp(min=0).mean(dim=1)
     return row + row @ fused
-
-
-def grad_rollout(model: nn.Module | Split, x: Tensor, classes: Any = None, *, top_k: int | None = None,
-                 chunk_size: int | None = None, return_cam: bool = False) -> Tensor | CAM:
-    """Gradient-weighted attention rollout: x (B, 3, H, W) -> maps (B, K, h, w) for K classes per image.
-
-    Per block: Abar = (mean over heads of dlogit_k/dA * A)^+, then (Abar + I)/2 rows normalised, rolled out
-    in forward order; the readout (CLS) row's patch columns. classes / top_k / chunk_size as in
-    ``funcam.cam``. One forward, one vjp, vmapped over the K one-hot cotangents.
-    return_cam: return ``funcam.CAM(maps, classes (B, K), logits (B, num_classes))``.
-
-    The maps are differentiable w.r.t. the model's parameters when grad mode is on (each chunk of ``chunk_size``
-    classes checkpointed, so the graph kept does not grow with K); to explain only, call under
-    ``torch.no_grad()`` (the vjp still runs: it is a function transform).
-    """
-    return _relevance(model, x, classes, top_k, chunk_size, return_cam, _grad_rollout_step)
-
-
-def chefer_relevance(model: nn.Module | Split, x: Tensor, classes: Any = None, *, top_k: int | None = None,
-                     chunk_size: int | None = None, return_cam: bool = False) -> Tensor | CAM:
-    """Chefer et al. 2021 relevance: x (B, 3, H, W) -> maps (B, K, h, w) for K classes per image.
-
-    R = I; per block in forward order R = R + mean_heads((dlogit_k/dA * A)^+) @ R; the readout (CLS) row's
-    patch columns. Arguments and batching as ``grad_rollout``.
-    """
-    return _relevance(model, x, classes, top_k, chunk_size, return_cam, _chefer_step)

@@ -85,32 +85,12 @@ def argmax_channel(g: Tensor, a: Tensor) -> Tensor:
     return a.gather(1, idx).squeeze(1)
 
 
-# Methods whose map is sum_c w_c A_c: the engine computes the (K, B, C) weights inside vmap and forms all
-# maps in one batched product outside it (a product against the unbatched A inside vmap copies A K times).
-CHANNEL_WEIGHTS = {
-    "gradcam": gradcam_weights,
-    "gradcam_max": gradcam_max_weights,
-    "gradcampp": gradcampp_weights,
-    "xgradcam": xgradcam_weights,
-}
-
-RULES = {
-    "gradcam": gradcam,
-    "gradcam_max": gradcam_max,
-    "gradcampp": gradcampp,
-    "xgradcam": xgradcam,
-    "hirescam": hirescam,
-    "elementwise": elementwise,
-    "layercam": layercam,
-    "argmax_channel": argmax_channel,
-}
-
-
 # --- Spatially constant gradients -------------------------------------------------------------------------
 # When the head starts with global average pooling (``funcam.split.Pooled``), g is constant over space:
 # g[b, k, c, i, j] = v[b, k, c]. The same equations then reduce to channel weights on (B, K, C), and all
 # K maps of an image come from one (K, C) x (C, h w) product: the (K, B, C, h, w) gradient never exists.
-# Each rule: v (B, K, C), A (B, C, h, w) -> maps (B, K, h, w), equal to RULES[name] on the broadcast g.
+# Each rule: v (B, K, C), A (B, C, h, w) -> maps (B, K, h, w), equal to the per-class rule on the broadcast g
+# (``funcam._src.core.methods.TABLE`` pairs them).
 
 def channel_sum(w: Tensor, a: Tensor) -> Tensor:
     """sum_c w_kc A_c for all k at once: w (B, K, C), A (B, C, h, w) -> (B, K, h, w), one batched matmul."""
@@ -118,7 +98,7 @@ def channel_sum(w: Tensor, a: Tensor) -> Tensor:
     return torch.bmm(w, a.reshape(b, c, h * wd)).view(b, w.shape[1], h, wd)
 
 
-def _pooled_gradcampp(v: Tensor, a: Tensor) -> Tensor:
+def pooled_gradcampp(v: Tensor, a: Tensor) -> Tensor:
     """Grad-CAM++ eq. 19 with g = v at all h w positions: w_c = h w relu(v) alpha."""
     v2 = v * v
     s = a.sum(dim=(2, 3)).unsqueeze(1)  # (B, 1, C)
@@ -126,31 +106,24 @@ def _pooled_gradcampp(v: Tensor, a: Tensor) -> Tensor:
     return channel_sum(a.shape[2] * a.shape[3] * torch.relu(v) * alpha, a)
 
 
-def _pooled_xgradcam(v: Tensor, a: Tensor) -> Tensor:
+def pooled_xgradcam(v: Tensor, a: Tensor) -> Tensor:
     """XGrad-CAM eq. 11 with g = v: w_c = v sum_hw A / (sum_hw A + eps)."""
     s = a.sum(dim=(2, 3)).unsqueeze(1)
     return channel_sum(v * s / (s + XGRADCAM_EPS), a)
 
 
-def _pooled_elementwise(v: Tensor, a: Tensor, chunk: int = 16) -> Tensor:
+def pooled_elementwise(v: Tensor, a: Tensor, chunk: int = 16) -> Tensor:
     """sum_c relu(v_c A_c): not a product, so formed K-chunk by K-chunk to bound the (B, k, C, h, w) temporary."""
     parts = [torch.relu(vk[..., None, None] * a.unsqueeze(1)).sum(dim=2) for vk in v.split(chunk, dim=1)]
     return torch.cat(parts, dim=1) if parts else v.new_zeros((a.shape[0], 0) + tuple(a.shape[2:]))
 
 
-def _pooled_argmax_channel(v: Tensor, a: Tensor) -> Tensor:
+def pooled_argmax_channel(v: Tensor, a: Tensor) -> Tensor:
     b, c, h, w = a.shape
     idx = v.argmax(dim=2)  # (B, K)
     return a.reshape(b, c, h * w).gather(1, idx.unsqueeze(-1).expand(-1, -1, h * w)).view(b, -1, h, w)
 
 
-POOLED_RULES = {
-    "gradcam": channel_sum,  # mean_hw of a constant is the constant
-    "gradcam_max": channel_sum,
-    "gradcampp": _pooled_gradcampp,
-    "xgradcam": _pooled_xgradcam,
-    "hirescam": channel_sum,
-    "elementwise": _pooled_elementwise,
-    "layercam": lambda v, a: channel_sum(torch.relu(v), a),
-    "argmax_channel": _pooled_argmax_channel,
-}
+def pooled_layercam(v: Tensor, a: Tensor) -> Tensor:
+    """LayerCAM eq. 5-6 with g = v: sum_c relu(v_c) A_c."""
+    return channel_sum(torch.relu(v), a)

@@ -6,7 +6,7 @@ model: the callables close over the user's modules and call them (or their FX gr
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -158,6 +158,7 @@ def default_example(model: nn.Module, in_chans: int | None = None) -> Tensor:
     return torch.randn(2, in_chans or 3, int(h), int(w), generator=g).to(device=device, dtype=dtype)
 
 
+@_guard.entry(checks=False)
 def check_split(split: Split, x: Tensor, model: nn.Module | None = None, *, atol: float = 1e-4) -> None:
     """Validate a split on an input ``x (B, C, H, W)``; raise ValueError with the fix when it is wrong.
 
@@ -165,8 +166,15 @@ def check_split(split: Split, x: Tensor, model: nn.Module | None = None, *, atol
     depend on every feature map: an all-zero gradient for a random cotangent means the cut point does not
     reach the logits (e.g. norm2 of a CLS-pooled ViT), and every map would come out zero.
     """
-    # guarded like every entry point: a training-mode model warns and keeps its batch-norm statistics
-    _guard.run(model if model is not None else split.module, lambda: _check_split(split, x, model, atol))
+    _check_split(split, x, model, atol)
+
+
+def in_chans_of(model_or_split: Any) -> int | None:
+    """The input channels an entry point checks ``x`` against: a split's, or those the model declares."""
+    if isinstance(model_or_split, Split):
+        return model_or_split.in_chans
+    model = _guard.unwrap(model_or_split)
+    return _in_chans(model) if isinstance(model, nn.Module) else None
 
 
 def _check_split(split: Split, x: Tensor, model: nn.Module | None, atol: float) -> None:
