@@ -62,6 +62,10 @@ class Split(NamedTuple):
         and handles its training mode (a warning; batch-norm statistics restored after each call).
     graph: the captured graphs of a graph-route split (``funcam._src.cuts.auto.GraphCut``), reused by the attention
         relevance functions; None otherwise.
+    shifted: ``(features, s (B, C)) -> output``: the head with ``s`` added at every position of the (single) feature
+        map, written so that its Jacobian in ``s`` at ``s = 0`` is cheap in forward mode; it equals
+        ``head(maps + s)`` at ``s = 0`` and so does its derivative there (it may be a linearisation elsewhere).
+        Grad-CAM's weights are that Jacobian over the number of positions; None: ``head`` itself is used.
     """
 
     extract: Callable[[Tensor], Any]
@@ -71,6 +75,7 @@ class Split(NamedTuple):
     pooled: Pooled | None = None
     module: nn.Module | None = None
     graph: Any = None
+    shifted: Callable[[Any, Tensor], Any] | None = None
 
 
 class CAM(NamedTuple):

@@ -53,7 +53,7 @@ def cam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, me
     if m.kind == "cam":
         sp = model_or_split if isinstance(model_or_split, Split) else make_split(model_or_split)
         out = class_maps(sp, x, classes, m.rule, top_k=top_k, chunk_size=chunk_size, weights=m.weights,
-                         pooled_reduce=m.pooled, max_memory=max_memory)
+                         pooled_reduce=m.pooled, max_memory=max_memory, mean_rule=m.mean)
         if relu:
             # ReLU at feature resolution: upsampling first would let one large negative value bleed into
             # its neighbours.

@@ -7,6 +7,7 @@ each class's gradient into a map inside the vmap, so the caller gets ``(B, K, h,
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -79,22 +80,27 @@ def _check_chunk(chunk_size: Any) -> None:
 
 def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: int | None = None,
                chunk_size: int | None = None, weights: Reduce | None = None, pooled_reduce: Reduce | None = None,
-               max_memory: int | None = None) -> CAM:
+               max_memory: int | None = None, mean_rule: bool = False) -> CAM:
     """Maps ``reduce(dlogit_k/dA, A)`` for every image and class; see ``funcam.cam`` for the arguments.
 
     weights: when the rule's map is ``sum_c w_c A_c``, its ``(g, A) -> w (B, C)``: the maps then come from
         one batched product outside the vmap.
     pooled_reduce: the same rule for a spatially constant gradient, ``(v (B, K, C), A) -> (B, K, h, w)``;
     used when ``split.pooled`` says the head starts with global average pooling (the exact fast path).
+    mean_rule: the rule's channel weights are the spatial mean of the gradient (Grad-CAM): with fewer channels
+    than classes they come from the head's Jacobian in a shift added at every position, C forward-mode passes
+    instead of K reverse ones (``_shift_jacobian_maps``); not when ``chunk_size`` asks for the per-class path.
     """
     _check_chunk(chunk_size)
     if callable(classes) and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
-    return _class_maps(split, x, classes, reduce, top_k, chunk_size, weights, pooled_reduce, max_memory)
+    return _class_maps(split, x, classes, reduce, top_k, chunk_size, weights, pooled_reduce, max_memory,
+                       mean_rule and chunk_size is None)
 
 
 def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: int | None, chunk_size: int | None,
-                weights: Reduce | None, pooled_reduce: Reduce | None, max_memory: int | None) -> CAM:
+                weights: Reduce | None, pooled_reduce: Reduce | None, max_memory: int | None,
+                mean_rule: bool = False) -> CAM:
     score_fn = classes if callable(classes) else None
     feats, rebuild = as_features(split.extract(x))
     maps = feats.maps
@@ -102,6 +108,10 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
             and maps[0].ndim == 4):
         return _pooled_maps(split.pooled, maps[0], classes, score_fn, pooled_reduce, top_k, chunk_size, max_memory,
                             split.layers, split.module)
+    if mean_rule and len(maps) == 1 and maps[0].ndim == 4:
+        out = _shift_jacobian_maps(split, feats, rebuild, classes, score_fn, top_k, max_memory)
+        if out is not None:
+            return out
     # A chained head recomputes maps[1:] from maps[0]; feeding them detached keeps outer autograd from
     # counting their dependence on x and the parameters twice (``.detach`` stops every level).
     primals = (maps[0],) + tuple(m.detach() for m in maps[1:]) if feats.chained else maps
@@ -149,6 +159,66 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     else:
         result = tuple(p.movedim(0, 1) for p in per)
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
+
+
+def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, classes: Any, score_fn: Any,
+                         top_k: int | None, max_memory: int | None) -> CAM | None:
+    """Grad-CAM for many classes from C forward-mode passes (None when K <= C: the per-class vjp is cheaper).
+
+    Grad-CAM's weight w_kc = mean_hw d s_k / dA_chw is (1 / hw) d s_k / d t_c for a shift t (B, C) added at every
+    position of A (Selvaraju et al. 2017, eq. 1; the chain rule through the broadcast): the K x C Jacobian of the
+    scores in t, here one column per channel by ``jvp``, vmapped over the C unit shifts. ``split.shifted`` gives a
+    head whose forward mode in t is cheap (the ViT routes); otherwise ``head(A + t)``.
+    """
+    a = feats.maps[0]
+    b, c, h, w = a.shape
+    known = _known_k(classes, top_k)
+    if known is not None and known <= c:
+        return None  # decided before any head forward: the per-class path costs nothing more at small K
+    with warnings.catch_warnings():  # torch's forward-mode rules import with a deprecation warning, once
+        warnings.simplefilter("ignore", FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+    def shifted(t: Tensor) -> Any:
+        if split.shifted is not None:
+            return split.shifted(feats, t)
+        return split.head(rebuild((a + t[:, :, None, None],)))
+
+    def scores(t: Tensor) -> tuple[Tensor, Any]:
+        out = shifted(t)
+        if score_fn is not None:
+            return score_fn(out), logits_or_output(out)
+        logits = logits_of(out)
+        return logits, logits
+
+    t0 = a.new_zeros(b, c)
+    out, logits = scores(t0)
+    idx, picked = class_indices(out, logits, classes, score_fn, top_k, b)
+    k = idx.shape[1]
+    if k <= c or k == 0:
+        return None
+    # per direction: the tangent of the map (B, C, h, w) and as much again inside the head, at most
+    per_dir = (b * c if split.shifted is not None else 2 * a.numel()) * a.element_size() * 4
+    chunk = auto_chunk_size(per_dir, c, max_memory)
+    units = torch.eye(c, dtype=a.dtype, device=a.device).unsqueeze(1).expand(c, b, c)  # (C, B, C)
+    jac = torch.func.vmap(lambda u: torch.func.jvp(lambda t: scores(t)[0], (t0,), (u,))[1], chunk_size=chunk)(units)
+    jac = jac.permute(1, 2, 0)  # (B, N, C): d s_n / d t_c
+    _guard.check_reached(jac.detach().abs().amax(dim=(0, 2)), split.layers, split.module)
+    wts = jac if score_fn is not None else jac.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
+    return CAM(channel_sum(wts / (h * w), a), picked, logits)
+
+
+def _known_k(classes: Any, top_k: int | None) -> int | None:
+    """How many classes ``classes`` / ``top_k`` ask for, when that is known without the logits (None otherwise)."""
+    if classes is None:
+        return top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else 1 if top_k is None else None
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        return 1
+    if isinstance(classes, (list, tuple)):
+        return len(classes)
+    if isinstance(classes, Tensor) and classes.ndim in (1, 2):
+        return classes.shape[-1]
+    return None
 
 
 def _keeps_graph(maps: tuple[Tensor, ...]) -> bool:

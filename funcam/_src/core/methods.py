@@ -27,7 +27,9 @@ KINDS = ("cam", "relevance", "rollout", "guided")
 
 class Method(NamedTuple):
     """name: ``funcam.cam(method=name)``; title: how captions, grid rows and overlays name it; kind: one of
-    ``KINDS``; reference: the paper (and equation); rule / weights / pooled: see the module docstring."""
+    ``KINDS``; reference: the paper (and equation); rule / weights / pooled: see the module docstring; mean: the
+    channel weights are the spatial mean of the gradient (Grad-CAM), which the engine may take from the head's
+    Jacobian in a shift added at every position (fewer forward passes than classes)."""
 
     name: str
     title: str
@@ -36,11 +38,12 @@ class Method(NamedTuple):
     rule: Callable | None = None
     weights: Reduce | None = None
     pooled: Callable | None = None
+    mean: bool = False
 
 
 TABLE: dict[str, Method] = {m.name: m for m in (
     Method("gradcam", "Grad-CAM", "cam", "Selvaraju et al. 2017, eq. 1-2",
-           rules.gradcam, rules.gradcam_weights, rules.channel_sum),
+           rules.gradcam, rules.gradcam_weights, rules.channel_sum, mean=True),
     Method("gradcam_max", "Grad-CAM (max)", "cam", "Selvaraju et al. 2017, eq. 1 with max-pooled gradients",
            rules.gradcam_max, rules.gradcam_max_weights, rules.channel_sum),
     Method("gradcampp", "Grad-CAM++", "cam", "Chattopadhyay et al. 2018, eq. 19",

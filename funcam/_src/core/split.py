@@ -76,8 +76,8 @@ def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str |
             raise TypeError(f"split: layer must be a name or a non-empty list of names, got {layer!r}")
         return _layer_split(model, names, tuple(tracer_leaves), example, in_chans)
     if timm_cuts.is_vit(model) and (token_cut is not None or timm_cuts.vit_blocks_ok(model)):
-        extract, head, layers = timm_cuts.vit_split(model, token_cut)
-        return Split(extract, head, in_chans, layers)
+        extract, head, layers, shifted = timm_cuts.vit_split(model, token_cut)
+        return Split(extract, head, in_chans, layers, shifted=shifted)
     if timm_cuts.is_swin(model) and (token_cut is not None or timm_cuts.swin_blocks_ok(model)):
         extract, head, layers = timm_cuts.swin_split(model, token_cut)
         return Split(extract, head, in_chans, layers)

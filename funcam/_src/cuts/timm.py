@@ -63,8 +63,9 @@ def _grid(model: nn.Module, x: Tensor) -> tuple[int, int]:
     return tuple(pe.grid_size)
 
 
-def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable, tuple[str]]:
-    """``(extract, head, (cut name,))`` for a timm VisionTransformer (ViT, DeiT, DeiT-distilled, registers, MAP/avg pool)."""
+def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable, tuple[str], Callable | None]:
+    """``(extract, head, (cut name,), shifted head or None)`` for a timm VisionTransformer (ViT, DeiT,
+    DeiT-distilled, registers, MAP/avg pool); ``funcam.Split.shifted`` says what the shifted head is."""
     blk = model.blocks[-1]
     missing = [p for p in _VIT_BLOCK_PARTS if not hasattr(blk, p)]
     if missing:
@@ -107,17 +108,21 @@ def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callab
             f = blk.norm1(t)
             return Features((to_map(f, grid),), (t, f[:, :npre]))
 
-        def head(feats: Features) -> Tensor:
+        def head(feats: Features, shift: Tensor | None = None) -> Tensor:
             (fmap,), (t, prefix) = feats.maps, feats.context
             if prefix_only:
                 # Only prefix tokens reach the logits after the last block, so only their attention rows,
                 # MLP and norms are computed (the patch tokens' would get an exactly zero gradient).
                 patches = rearrange(fmap, "b c h w -> b (h w) c")
-                t = t[:, :npre] + blk.drop_path1(blk.ls1(prefix_attention(blk.attn, prefix, patches)))
+                t = t[:, :npre] + blk.drop_path1(blk.ls1(prefix_attention(blk.attn, prefix, patches, shift)))
             else:
+                if shift is not None:
+                    fmap = fmap + shift[:, :, None, None]
                 t = t + blk.drop_path1(blk.ls1(attend(blk.attn, to_tokens(fmap, prefix))))
             t = t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
             return finish(t)
+
+        shifted = head if prefix_only else None
     else:
         def extract(x: Tensor) -> Features:
             """x (B, 3, H, W) -> Features(maps=(norm2 tokens (B, C, h, w),), context=(x1, prefix))."""
@@ -130,11 +135,48 @@ def vit_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callab
             (fmap,), (t, prefix) = feats.maps, feats.context
             t = t + blk.drop_path2(blk.ls2(blk.mlp(to_tokens(fmap, prefix))))
             return finish(t)
-    return extract, head, (f"blocks.{len(model.blocks) - 1}.{token_cut}",)
+
+        shifted = _mean_mlp_head(model, blk, npre)
+    return extract, head, (f"blocks.{len(model.blocks) - 1}.{token_cut}",), shifted
 
 
-def prefix_attention(attn: nn.Module, prefix: Tensor, patches: Tensor) -> Tensor:
+def _mean_mlp_head(model: nn.Module, blk: nn.Module, npre: int) -> Callable | None:
+    """For an average-pooled ViT cut at norm2: the head as a function of a shift ``s (B, C)`` added to every patch
+    token of the feature, linearised at ``s = 0``, which is all the Jacobian in ``s`` (Grad-CAM's weights) needs.
+
+    The head is ``forward_head(t + ls2(mlp(f)))`` with the tokens averaged first thing in ``forward_head``. With an
+    MLP ``fc2(act(fc1(f)))`` (``act`` elementwise), the average over the patch tokens of the MLP's Jacobian is
+    ``W2 diag(mean_j act'(fc1(f_j))) W1``: the shift moves the pooled token by that matrix times ``s``, so the
+    Jacobian costs one (C, C) product per image instead of a pass over every token per direction.
+    None where that form does not hold (another pooling, a norm before it, an MLP of another shape).
+    """
+    mlp = blk.mlp
+    parts_ok = all(hasattr(mlp, a) for a in ("fc1", "act", "fc2")) and isinstance(mlp.fc1, nn.Linear) and \
+        isinstance(mlp.fc2, nn.Linear) and isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity)
+    if not parts_ok or getattr(model, "global_pool", None) != "avg" or not isinstance(model.norm, nn.Identity) \
+            or getattr(model, "attn_pool", None) is not None:
+        return None
+
+    def shifted(feats: Features, shift: Tensor) -> Tensor:
+        (fmap,), (t, prefix) = feats.maps, feats.context
+        patches = rearrange(fmap, "b c h w -> b (h w) c")
+        u = mlp.fc1(patches)
+        # act' at every hidden unit and token (one jvp of the elementwise activation with unit tangents)
+        _, slope = torch.func.jvp(mlp.act, (u,), (torch.ones_like(u),))
+        out = t + blk.drop_path2(blk.ls2(mlp(_cat(prefix, patches))))  # the head's tokens at s = 0
+        pooled = out[:, npre:].mean(dim=1, keepdim=True)  # what forward_head averages
+        # d pooled / d s = ls2 W2 diag(mean_j act'_j) W1, applied to s: (B, C)
+        moved = mlp.fc2.weight @ (slope.mean(dim=1) * (shift @ mlp.fc1.weight.T)).unsqueeze(-1)
+        pooled = pooled + blk.ls2(moved.squeeze(-1)).unsqueeze(1)
+        return model.forward_head(torch.cat([out[:, :npre], pooled], dim=1))
+
+    return shifted
+
+
+def prefix_attention(attn: nn.Module, prefix: Tensor, patches: Tensor, shift: Tensor | None = None) -> Tensor:
     """The attention output of the prefix-token queries only: prefix (B, p, C), patches (B, n, C) -> (B, p, C).
+    shift: (B, C) added to every patch token, ``prefix_attention(attn, prefix, patches + shift[:, None])``
+    computed without forming the shifted patches (for the Jacobian in the shift; see ``vit_split``'s shifted head).
 
     Softmax attention (Vaswani et al. 2017, eq. 1) over the keys of all p + n tokens, with the key and value
     projections re-associated: q_h . k_j = (q_h W_kh) . x_j + q_h . b_kh and
@@ -145,7 +187,8 @@ def prefix_attention(attn: nn.Module, prefix: Tensor, patches: Tensor) -> Tensor
     """
     p = prefix.shape[1]
     if not is_plain_attention(attn) or not isinstance(attn.k_norm, nn.Identity) or p == 0:
-        return attend(attn, _cat(prefix, patches))[:, :p]
+        shifted = patches if shift is None else patches + shift[:, None, :]
+        return attend(attn, _cat(prefix, shifted))[:, :p]
     heads = attn.num_heads
     # qkv rows are ordered (three, heads, head_dim), as timm's reshape of the qkv output; unflatten rather
     # than einops here: einops registers a backend per tensor type, and a first nn.Parameter seen inside a
@@ -157,12 +200,17 @@ def prefix_attention(attn: nn.Module, prefix: Tensor, patches: Tensor) -> Tensor
         q = q + b[0][None, :, None, :]
     q = attn.q_norm(q) * attn.scale
     u = torch.einsum("bhpd,hdc->bhpc", q, w[1])  # the query mapped back through W_k: (B, heads, p, C)
-    scores = torch.cat([torch.einsum("bhpc,bnc->bhpn", u, prefix), torch.einsum("bhpc,bnc->bhpn", u, patches)], -1)
+    on_patches = torch.einsum("bhpc,bnc->bhpn", u, patches)
+    if shift is not None:  # u . (x_j + s) = u . x_j + u . s, the same for every patch j
+        on_patches = on_patches + torch.einsum("bhpc,bc->bhp", u, shift).unsqueeze(-1)
+    scores = torch.cat([torch.einsum("bhpc,bnc->bhpn", u, prefix), on_patches], -1)
     if b is not None:
         scores = scores + torch.einsum("bhpd,hd->bhp", q, b[1]).unsqueeze(-1)
     probs = attn.attn_drop(scores.softmax(dim=-1))  # (B, heads, p, p + n)
     mixed = (torch.einsum("bhpn,bnc->bhpc", probs[..., :p], prefix)
              + torch.einsum("bhpn,bnc->bhpc", probs[..., p:], patches))
+    if shift is not None:  # sum_j P_j (x_j + s) = sum_j P_j x_j + (sum_j P_j) s over the patches
+        mixed = mixed + probs[..., p:].sum(-1, keepdim=True) * shift[:, None, None, :]
     out = torch.einsum("bhpc,hdc->bphd", mixed, w[2])
     if b is not None:
         out = out + b[2]
