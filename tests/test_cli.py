@@ -81,7 +81,8 @@ def one_error(p, message: str, *, stdout: str = "") -> None:
 
 
 def test_explain_writes_overlays_grids_gallery(photos, tmp_path):
-    p = funcam("explain", photos / "chelsea.png", photos / "coffee.png", "--out", tmp_path / "o", cwd=tmp_path)
+    p = funcam("explain", photos / "chelsea.png", photos / "coffee.png", "--top-k", "3", "--out", tmp_path / "o",
+               cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""  # no progress bar off a terminal, no warnings
     lines = p.stdout.splitlines()
@@ -424,6 +425,22 @@ def test_help_and_subcommands(capsys):
     assert capsys.readouterr().err == "funcam: error: the following arguments are required: {explain,demo,explain-dir}\n"
     assert main(["explain-dir", "--help"]) == 0
     assert "--random-weights" in capsys.readouterr().out
+
+
+def test_explain_and_explain_dir_share_their_defaults():
+    # issue 17: --top-k defaulted to 3 for explain and 1 for explain-dir, --batch-size to 8 and 16
+    from funcam._src.cli.main import build_parser
+    from funcam._src.cli.options import classes_from_args
+
+    parser = build_parser()
+    one = vars(parser.parse_args(["explain", "x.png"]))
+    many = vars(parser.parse_args(["explain-dir", "photos", "--out", "cams"]))
+    shared = (set(one) & set(many)) - {"command", "run", "out", "format"}
+    assert {"model", "method", "top_k", "layer", "device", "batch_size", "quiet"} <= shared
+    assert {k: one[k] for k in shared} == {k: many[k] for k in shared}
+    assert classes_from_args(parser.parse_args(["explain", "x.png"])) == (None, 1)
+    assert classes_from_args(parser.parse_args(["explain-dir", "photos", "--out", "cams"])) == (None, 1)
+    assert one["batch_size"] == 16
 
 
 def test_helpers():

@@ -17,8 +17,8 @@ import os
 import sys
 
 from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, \
-    add_model_arguments, add_target_arguments, cannot_write, check_fit, check_out, layers, load_from_args, \
-    methods_from_args, parse_classes, parse_device, positive, weights_from_args, weights_note
+    add_model_arguments, add_target_arguments, cannot_write, check_fit, check_out, classes_from_args, layers, \
+    load_from_args, methods_from_args, parse_device, positive, weights_from_args, weights_note
 
 
 def add_parser(sub) -> None:
@@ -28,9 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("dir", help="folder of images (walked recursively); with --list, the root of the listed paths")
     p.add_argument("--out", required=True, help="output folder (shards, manifest.jsonl, errors.jsonl); resumable")
     p.add_argument("--list", metavar="FILE", help="text file of image paths relative to DIR, one a line")
-    add_target_arguments(p, several_methods=False, all_classes=True, top_k_default=1)
+    add_target_arguments(p, several_methods=False, all_classes=True)
     add_model_arguments(p)
-    add_batch_size_argument(p, default=16)
+    add_batch_size_argument(p)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: decode in-process)")
     p.add_argument("--shard-size", type=positive, default=256, help="images per shard file")
     p.add_argument("--chunk-size", type=positive, help="classes per vmapped chunk (bounds memory for large K)")
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     rank0 = os.environ.get("RANK", "0") == "0"
     # --- checks that need no model
-    classes = parse_classes(args.classes) if args.classes is not None else None
+    classes, top_k = classes_from_args(args)
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if not os.path.isdir(args.dir):
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     methods = methods_from_args(args, model)
     if len(methods) != 1:
         raise UsageError(f"--method: explain-dir takes one method, got {args.method!r}")
-    check_fit(model, cfg, methods, classes=classes, top_k=args.top_k, layer=layers(args.layer))
+    check_fit(model, cfg, methods, classes=None if classes == "all" else classes, top_k=top_k,
+              layer=layers(args.layer))
     note = weights_note(weights)
     if note and rank0:
         print(f"funcam: warning: {note}", file=sys.stderr)
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = explain_dataset(
             images, args.out, model, cfg, root=args.dir, method=methods[0],
-            classes="all" if args.all_classes else classes, top_k=args.top_k, layer=layers(args.layer),
+            classes=classes, top_k=top_k, layer=layers(args.layer),
             batch_size=args.batch_size, num_workers=args.workers, shard_size=args.shard_size, format=args.format,
             overlays=args.overlays, chunk_size=args.chunk_size, progress=not args.quiet,
             model_name=weights.name + (" (random weights)" if note else ""), on_error=on_error)

@@ -30,8 +30,8 @@ from funcam._src.app.images import ImageError, limit_aspect, printable, probe_im
 from funcam._src.app.models import ModelError, Preprocess, class_names, preprocess, unnormalize
 from funcam._src.app.render import colormap_table, gradient_image, grid, legend_labels, overlay, save_png
 from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, add_model_arguments, \
-    add_output_arguments, add_target_arguments, cannot_write, check_fit, layers, load_from_args, methods_from_args, \
-    output_from_args, parse_device, parse_classes, safe_stem, weights_from_args, weights_note
+    add_output_arguments, add_target_arguments, cannot_write, check_fit, classes_from_args, layers, load_from_args, \
+    methods_from_args, output_from_args, parse_device, safe_stem, weights_from_args, weights_note
 from funcam._src.core.engine import CAM
 
 GUIDED = ("guided-gradcam", "guided-backprop")
@@ -219,10 +219,10 @@ def add_parser(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     g = p.add_argument_group("model and method")
     add_model_arguments(g)
-    add_target_arguments(g, several_methods=True, top_k_default=3)
+    add_target_arguments(g, several_methods=True)
     add_device_argument(g)
     g.add_argument("--compile", action="store_true", help="run the explanation under torch.compile")
-    add_batch_size_argument(g, default=8)
+    add_batch_size_argument(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar, no predictions on stdout")
     add_output_arguments(p, default_out="funcam-out")
     p.add_argument("--format", choices=("png", "npz"), default="png",
@@ -242,7 +242,7 @@ def explain_command(args: argparse.Namespace) -> int:
     # --- checks that need no model: options, --out, device, weights, then every input file's header
     out, cmap, relu = output_from_args(args)
     device = parse_device(args.device)
-    classes = parse_classes(args.classes) if args.classes is not None else None
+    classes, top_k = classes_from_args(args)
     used = {"index"}
     items = [Item(safe_stem(path, used), path, None) for path in args.images]
     items_ok = _probe(items, lambda line: print(line, file=sys.stderr))
@@ -253,7 +253,6 @@ def explain_command(args: argparse.Namespace) -> int:
     # --- the model, then the methods and classes on one blank image; still nothing written
     model, pre = load_from_args(weights, device)
     methods = methods_from_args(args, model)
-    top_k = None if classes is not None else (args.top_k or min(3, getattr(model, "num_classes", 3) or 3))
     check_fit(model, pre, methods, classes=classes, top_k=top_k, layer=layers(args.layer))
     note = weights_note(weights)
     if note:

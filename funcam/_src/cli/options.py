@@ -18,6 +18,12 @@ from torch import nn
 from funcam._src.app.images import printable
 from funcam._src.app.models import DEFAULT_MODEL, ModelError, Preprocess
 
+# The same for every command. Top-1: the predicted class, funcam.cam's and explain_dataset's default, and
+# what explain-dir has always recorded (a different default would refuse to resume its runs). 16 images per
+# forward: explain_dataset's default.
+DEFAULT_TOP_K = 1
+DEFAULT_BATCH_SIZE = 16
+
 
 class UsageError(Exception):
     """A bad command line or input; ``str(err)`` is the one line printed after ``funcam: error:``."""
@@ -56,7 +62,7 @@ def add_model_arguments(g) -> None:
                    help="classes of the model (default: the checkpoint's classifier rows, else the model's)")
 
 
-def add_target_arguments(g, *, several_methods: bool, all_classes: bool = False, top_k_default: int) -> None:
+def add_target_arguments(g, *, several_methods: bool, all_classes: bool = False) -> None:
     """--method, --classes / --top-k (/ --all-classes), --layer."""
     g.add_argument("--method", default=None, metavar="NAME[,NAME...]" if several_methods else "NAME",
                    help="gradcam, gradcampp, xgradcam, hirescam, layercam, rollout, chefer, guided-gradcam, ... "
@@ -64,8 +70,10 @@ def add_target_arguments(g, *, several_methods: bool, all_classes: bool = False,
     which = g.add_mutually_exclusive_group()
     which.add_argument("--classes", default=None, metavar="I,J,...",
                        help="class indices to explain, e.g. 281,285 or 3,7,10-12")
+    # default None, resolved in classes_from_args: argparse's exclusion ignores a value that is the default
+    # itself, so with default=1 "--classes 3 --top-k 1" would pass unnoticed
     which.add_argument("--top-k", type=positive, default=None, metavar="K",
-                       help=f"explain the K highest-scoring classes of each image (default {top_k_default})")
+                       help=f"explain the K highest-scoring classes of each image (default {DEFAULT_TOP_K})")
     if all_classes:
         which.add_argument("--all-classes", action="store_true", help="every class of the model (K = N)")
     g.add_argument("--layer", default=None, metavar="NAME[,NAME...]",
@@ -78,9 +86,9 @@ def add_device_argument(g) -> None:
                         "cuda:LOCAL_RANK)")
 
 
-def add_batch_size_argument(g, *, default: int) -> None:
-    g.add_argument("--batch-size", type=positive, default=default, metavar="N",
-                   help=f"images per forward (default {default})")
+def add_batch_size_argument(g) -> None:
+    g.add_argument("--batch-size", type=positive, default=DEFAULT_BATCH_SIZE, metavar="N",
+                   help=f"images per forward (default {DEFAULT_BATCH_SIZE})")
 
 
 def add_output_arguments(p: argparse.ArgumentParser, *, default_out: str) -> None:
@@ -113,6 +121,16 @@ def parse_classes(text: str) -> list[int]:
             raise UsageError(f"--classes: the range {item} is empty (write it low-high, e.g. {hi}-{lo})")
         out.extend(range(lo, hi + 1))
     return out
+
+
+def classes_from_args(args: argparse.Namespace) -> tuple[list[int] | str | None, int | None]:
+    """``(classes, top_k)`` from --classes, --top-k and --all-classes: ``([3, 7], None)``, ``("all", None)``,
+    or ``(None, K)`` with ``K = DEFAULT_TOP_K`` when none of them is given."""
+    if getattr(args, "all_classes", False):
+        return "all", None
+    if args.classes is not None:
+        return parse_classes(args.classes), None
+    return None, args.top_k or DEFAULT_TOP_K
 
 
 def layers(text: str | None) -> str | list[str] | None:
