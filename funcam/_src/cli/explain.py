@@ -15,7 +15,6 @@ stays valid UTF-8.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from typing import Callable, NamedTuple, Sequence
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from funcam._src.app.explain import METHOD_TITLES
+from funcam._src.app.files import write_npz
 from funcam._src.app.gallery import Figure, Legend, Section, write_gallery
 from funcam._src.app.images import ImageError, limit_aspect, printable, probe_image, read_image
 from funcam._src.app.models import ModelError, Preprocess, class_names, preprocess, unnormalize
@@ -76,14 +76,6 @@ def _inside(out: str, name: str) -> str:
     if os.path.dirname(os.path.realpath(path)) != out:  # belt and braces: safe_stem already allows no separators
         raise UsageError(f"refusing to write {name!r} outside --out {out!r}")
     return path
-
-
-def _save_npz(path: str, arrays: dict) -> None:
-    from funcam._src.app.files import write_bytes
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes(path, buf.getvalue())
 
 
 def _probe(items: Sequence[Item], report: Callable[[str], None]) -> list[Item]:
@@ -173,7 +165,7 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequ
                 arrays.update(classes=idx[b].numpy(), probabilities=probs[b].numpy(),
                               class_names=np.array(label), methods=np.array(list(methods)),
                               source=np.array(it.label), random_weights=np.array(note is not None))
-                _save_npz(_inside(out, f"{it.stem}.npz"), arrays)
+                write_npz(_inside(out, f"{it.stem}.npz"), arrays)
                 continue
             sections.append(_write_pngs(out, it, shown[b], results, b, idx[b].tolist(), label, probs[b].tolist(),
                                         cmap=cmap, alpha=alpha, note=note))
