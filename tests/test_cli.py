@@ -443,6 +443,24 @@ def test_explain_and_explain_dir_share_their_defaults():
     assert one["batch_size"] == 16
 
 
+def test_one_device_parser_for_every_command(monkeypatch):
+    # issue 17: explain-dir had its own cuda -> cuda:LOCAL_RANK rule; both commands now share parse_device
+    from funcam._src.cli.options import parse_device
+
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="is not a device"):
+        parse_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert parse_device(None) == parse_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a torchrun rank takes its own GPU
+    assert parse_device(None) == parse_device("cuda") == torch.device("cuda", 1)
+    assert parse_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(UsageError, match=re.escape("--device cuda:5: only 2 CUDA device(s)")):
+        parse_device("cuda:5")
+
+
 def test_helpers():
     assert parse_classes("281, 285") == [281, 285]
     assert parse_classes("3,7,10-12,-1") == [3, 7, 10, 11, 12, -1]
