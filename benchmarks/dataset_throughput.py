@@ -41,7 +41,7 @@ def make_folder(folder: str, n: int) -> None:
 
 def run_one(folder: str, out: str, procs: int, k: int, args) -> dict:
     which = ["--classes", f"0-{k - 1}"] if k < 1000 else ["--all-classes"]
-    cli = ["-m", "funcam._cli_dataset", folder, "--out", out, *which, "--batch-size", str(args.batch_size),
+    cli = ["-m", "funcam.cli", "explain-dir", folder, "--out", out, *which, "--batch-size", str(args.batch_size),
            "--workers", str(args.workers), "--shard-size", "64"] + (["--device", args.device] if args.device else [])
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
                               if procs > 1 else []) + cli

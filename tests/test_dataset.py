@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import funcam
-from funcam._src.cli.dataset import main as cli_main, parse_class_list
+from funcam._src.cli.options import parse_classes
 from funcam.cli import main as funcam_main
 from funcam._src.app.dataset import DatasetError, explain_dataset, list_images, load_maps
 from funcam.explain import explain
@@ -92,6 +92,11 @@ def _per_image(out, **kw) -> dict:
     return res
 
 
+def cli_main(args: list) -> int:
+    """``funcam explain-dir ARGS`` in this process."""
+    return funcam_main(["explain-dir", *args])
+
+
 def _cli(data, out, *extra, images=None):
     return [str(images or data["images"]), "--out", str(out), "--model", ARCH, "--checkpoint", data["ckpt"], "--method",
             "gradcam", "--top-k", "3", "--batch-size", "4", "--quiet", *extra]
@@ -152,7 +157,7 @@ def test_torchrun_two_processes_equal_single(data, single):
 
 def test_killed_run_resumes_to_identical_result(data, single):
     out = data["dir"] / "killed"
-    cmd = [sys.executable, "-m", "funcam._cli_dataset", *_cli(data, out, "--shard-size", "2", "--workers", "0")]
+    cmd = [sys.executable, "-m", "funcam.cli", "explain-dir", *_cli(data, out, "--shard-size", "2", "--workers", "0")]
     cmd[cmd.index("--batch-size") + 1] = "1"
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     shards = out / "shards"
@@ -233,7 +238,7 @@ def test_changed_model_or_method_is_refused(data, tmp_path, capsys):
     assert "different settings" in err and "weights_sha256" in err and "new --out" in err
     args = _cli(data, out, images=img)
     args[args.index("--method") + 1] = "gradcampp"
-    assert funcam_main(["explain-dir", *args]) == 2  # the same through the funcam command
+    assert cli_main(args) == 2
     assert "method: \"gradcam\" before, \"gradcampp\" now" in capsys.readouterr().err
     with pytest.raises(DatasetError, match="top_k: 3 before, 1 now"):
         _run(data, out, images=str(img), top_k=None)
@@ -282,9 +287,9 @@ def test_all_classes_overlays_and_argument_errors(data, tmp_path):
     # overlays for the 5 highest-scoring of the 10 classes, named like the input
     top5 = logits.topk(5).indices.tolist()
     assert sorted(os.listdir(out / "overlays")) == sorted(f"r.png__{c}__gradcampp.png" for c in top5)
-    assert parse_class_list("3, 7,10-12") == [3, 7, 10, 11, 12]
+    assert parse_classes("3, 7,10-12") == [3, 7, 10, 11, 12]
     with pytest.raises(Exception, match="ranges like"):
-        parse_class_list("3,x")
+        parse_classes("3,x")
     for kw, msg in [(dict(format="hdf5"), "format must be one of"), (dict(batch_size=0), "batch_size must be"),
                     (dict(shard_size=1.5), "shard_size must be"), (dict(classes=[1]), "either classes= or top_k=")]:
         with pytest.raises(ValueError, match=msg):
@@ -330,7 +335,11 @@ def test_typos_are_refused_before_anything_is_written(data, tmp_path):
                                       "that funcam can find (F.scaled_dot_product_attention, nn.MultiheadAttention "
                                       "or a softmax over tokens): attention rollout and relevance need one; use "
                                       "funcam.gradcam"),
-             (["--num-classes", "0"], "argument --num-classes: expected a positive integer, got '0'")]
+             (["--num-classes", "0"], "argument --num-classes: expected a positive integer, got '0'"),
+             # the class list of `funcam explain`, with its messages (was "argument --classes: must be ...")
+             (["--classes", "3,x"], "--classes must be comma-separated class indices like 281,285 or ranges like "
+                                    "10-12; got '3,x'"),
+             (["--classes", "12-10"], "--classes: the range 12-10 is empty (write it low-high, e.g. 10-12)")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: CUDA is not available on this machine "
                                             "(torch.cuda.is_available() is False); use --device cpu"))

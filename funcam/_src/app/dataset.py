@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from funcam._src.app import shards as _shards
+from funcam._src.app.files import append_text, write_text
 from funcam._src.app.shards import DatasetError, FORMATS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".avif")
@@ -293,10 +294,9 @@ def _prepare(out: str, paths: list[str], settings: dict, world: int) -> dict:
     sizes = [min(size, len(paths) - s * size) for s in range(math.ceil(len(paths) / size))]
     shash = _shards.settings_hash(settings)
     done = _shards.done_shards(out, settings["format"], len(sizes), shash, sizes)
-    with open(os.path.join(out, "runs.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world,
-                            "shards_done_before": len(done), "shards": len(sizes),
-                            "funcam": __version__, "torch": torch.__version__}) + "\n")
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "world_size": world, "shards_done_before": len(done),
+           "shards": len(sizes), "funcam": __version__, "torch": torch.__version__}
+    append_text(os.path.join(out, "runs.jsonl"), json.dumps(run) + "\n")
     return {"paths": paths, "settings": settings, "hash": shash, "sizes": sizes,
             "pending": [s for s in range(len(sizes)) if s not in done]}
 
@@ -342,8 +342,8 @@ def _merge(out: str, plan: dict) -> int:
         for p, reason in meta["errors"]:
             lines.append(json.dumps({"path": p, "shard": s, "error": reason}))
             bad.append(json.dumps({"path": p, "error": reason}))
-    _shards.write_text(os.path.join(out, "manifest.jsonl"), "\n".join(lines) + "\n")
-    _shards.write_text(os.path.join(out, "errors.jsonl"), "".join(b + "\n" for b in bad))
+    write_text(os.path.join(out, "manifest.jsonl"), "\n".join(lines) + "\n", fsync=True)
+    write_text(os.path.join(out, "errors.jsonl"), "".join(b + "\n" for b in bad), fsync=True)
     return len(bad)
 
 

@@ -1,20 +1,29 @@
 """Writing output files: whole or not at all, and nothing left behind when a write fails.
 
-``atomic_write(path, write)`` lets ``write(tmp)`` fill a temporary file next to ``path`` (``path.tmp-PID``),
-optionally ``fsync``s it, and renames it over ``path``: a reader sees the old file or the whole new one. When
-anything fails (a full disk, a read-only folder, an interrupt) the temporary file is removed and the error
-propagates, so a failed run leaves no 0-byte or half-written file under any name.
+Every file funcam writes goes through this module. ``atomic_write(path, write)`` opens a temporary file next
+to ``path`` (``path.tmp-PID``, the one temporary name: ``is_temporary`` recognises it), lets ``write(f)`` fill
+it, optionally ``fsync``s it, and renames it over ``path``: a reader sees the old file or the whole new one.
+When anything fails (a full disk, a read-only folder, an interrupt) the temporary file is removed and the
+error propagates, naming ``path``, so a failed run leaves no 0-byte or half-written file under any name.
+``write_bytes``, ``write_text`` and ``write_npz`` are the usual ``write``\\ s; ``append_text`` adds to a log.
 
-Every file is created with ``open(..., "wb")``, i.e. mode ``0o666 & ~umask`` (0644 under the usual umask 022),
-the same for PNGs, JSON, shards and archives; libraries that create their own files (safetensors writes 0600)
-are given bytes to write instead.
+Every file is created here with ``open(..., "wb")`` (or ``"a"``), i.e. mode ``0o666 & ~umask`` (0644 under
+the usual umask 022), the same for PNGs, HTML, JSON, shards and archives; libraries that create their own
+files (safetensors writes 0600) are given a file object or bytes to write instead.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+import re
+from typing import BinaryIO, Callable, Mapping
 
 TMP_MARK = ".tmp-"
+_TMP = re.compile(re.escape(TMP_MARK) + r"\d+$")  # NAME.tmp-PID (an input named x.tmp-1.png is no temporary)
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file of ``atomic_write`` (left by a killed process, never read)."""
+    return _TMP.search(name) is not None
 
 
 def fsync_dir(path: str) -> None:
@@ -31,13 +40,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync: bool = False) -> str:
-    """Call ``write(tmp_path)``, then rename the temporary file to ``path`` (after ``fsync`` when asked).
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, fsync: bool = False) -> str:
+    """Call ``write(f)`` on a new binary file, then rename it to ``path`` (after ``fsync`` when asked).
     Returns ``path``; on any failure removes the temporary file and re-raises."""
     path = os.fspath(path)
     tmp = f"{path}{TMP_MARK}{os.getpid()}"
     try:
-        write(tmp)
+        with open(tmp, "wb") as f:
+            write(f)
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -61,8 +71,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, fsync
 
 def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> str:
     """``atomic_write`` of ``data``."""
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
+    return atomic_write(path, lambda f: f.write(data), fsync=fsync)
 
-    return atomic_write(path, write, fsync=fsync)
+
+def write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> str:
+    """``atomic_write`` of ``text`` as UTF-8."""
+    return write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping, *, fsync: bool = False) -> str:
+    """``atomic_write`` of ``numpy.savez(**arrays)`` (uncompressed; read back with ``allow_pickle=False``)."""
+    import numpy as np
+
+    return atomic_write(path, lambda f: np.savez(f, **arrays), fsync=fsync)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Add ``text`` (whole lines) to the log ``path``, created if missing: one write in append mode, so lines
+    from earlier runs stay as they are. A log grows; it is never replaced, so it has no temporary file."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)

@@ -1,10 +1,10 @@
-"""timm's pretrained weights without a minute of retries offline.
+"""timm's pretrained weights, failing fast offline instead of waiting out huggingface_hub's retries.
 
 ``create_pretrained(arch, kwargs)`` is ``timm.create_model(arch, pretrained=True, **kwargs)``, except when the
 host of the weights (``huggingface.co``, or the URL's host for older timm entries) does not answer within
 ``HUB_TIMEOUT`` seconds, or ``HF_HUB_OFFLINE`` is set: then only the local caches are read, and a
 ``ModelError`` says within seconds that the weights are neither cached nor reachable. (huggingface_hub retries
-each of two files five times with back-off: 46 s measured here without a network.)
+each of two files five times with back-off; what that costs offline is in benchmarks/README.md.)
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ HUB_TIMEOUT = 3.0  # seconds to wait for the weights' host before treating the m
 
 def create_pretrained(arch: str, kwargs: dict) -> nn.Module:
     """``timm.create_model(arch, pretrained=True)``, failing within seconds when the weights' host cannot be
-    reached: then only the local cache is tried (huggingface_hub would retry each file for about a minute)."""
+    reached: then only the local cache is tried (huggingface_hub would retry each file with back-off)."""
     import timm
 
     cfg = timm.get_pretrained_cfg(arch, allow_unregistered=True)

@@ -156,7 +156,7 @@ def load_model(name: str | None = None, *, checkpoint: str | os.PathLike | dict 
     checkpoint: a local state dict file (see ``read_checkpoint``), or the state dict itself; its keys must
         match the timm model's.
     pretrained: timm's weights (downloaded once into the Hugging Face cache). Offline, this fails within
-        seconds (the cache is used when it holds them) instead of retrying for a minute.
+        seconds (the cache is used when it holds them) instead of waiting out huggingface_hub's retries.
     random_weights: an untrained network (seeded: the same weights every time, without touching the global
         random state). Its predictions and maps mean nothing; for tests and timing only.
     num_classes: the number of classes (default: the checkpoint's classifier rows, else the model's).

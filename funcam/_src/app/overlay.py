@@ -80,9 +80,8 @@ def write_overlays(out: str, paths: list[str], x: Tensor, maps: Tensor, classes:
                    method: str, names: list[str] | None) -> None:
     """The overlays of a batch of images (see the module docstring), each written atomically; ``names``: class
     names by index (None: shown as ``class N``)."""
-    from funcam._src.app.files import atomic_write
     from funcam._src.app.explain import GUIDED_METHODS, METHOD_TITLES
-    from funcam._src.app.render import grid
+    from funcam._src.app.render import grid, save_png
 
     guided = method in GUIDED_METHODS
     tiles = overlay_tiles(x, maps, config, guided=guided)
@@ -97,12 +96,4 @@ def write_overlays(out: str, paths: list[str], x: Tensor, maps: Tensor, classes:
                        legend_text=None)
             dest = os.path.join(out, "overlays", *overlay_name(path, c, method).split("/"))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            arr = img.permute(1, 2, 0).numpy()
-
-            def write(tmp: str, a=arr) -> None:
-                from PIL import Image
-
-                with open(tmp, "wb") as f:
-                    Image.fromarray(a).save(f, format="PNG")
-
-            atomic_write(dest, write)
+            save_png(img, dest)

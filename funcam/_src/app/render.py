@@ -320,9 +320,4 @@ def save_png(image: Tensor, path: str | os.PathLike) -> str:
         raise ValueError(f"image must be a uint8 (3, H, W) tensor, got "
                          f"{(image.dtype, tuple(image.shape)) if isinstance(image, Tensor) else type(image).__name__}")
     pixels = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            pixels.save(f, format="PNG")
-
-    return atomic_write(os.fspath(path), write)
+    return atomic_write(path, lambda f: pixels.save(f, format="PNG"))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from funcam._src.app.files import TMP_MARK, atomic_write, write_bytes
+from funcam._src.app.files import is_temporary, write_bytes, write_npz, write_text
 
 FORMATS = ("safetensors", "npz")
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(safetensors|npz)$")
@@ -39,10 +39,6 @@ class DatasetError(ValueError):
 
 def shard_name(index: int, fmt: str) -> str:
     return f"shard-{index:06d}.{fmt}"
-
-
-def write_text(path: str, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"), fsync=True)
 
 
 def weights_hash(model: torch.nn.Module) -> str:
@@ -69,13 +65,8 @@ def write_shard(path: str, fmt: str, tensors: dict[str, Tensor], meta: dict) -> 
 
         write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"funcam": blob}),
                     fsync=True)
-        return
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(blob), **{k: v.numpy() for k, v in tensors.items()})
-
-    atomic_write(path, write, fsync=True)
+    else:
+        write_npz(path, {"meta": np.array(blob), **{k: v.numpy() for k, v in tensors.items()}}, fsync=True)
 
 
 def read_meta(path: str) -> dict | None:
@@ -115,7 +106,8 @@ def check_settings(out: str, settings: dict) -> None:
     """Write ``OUT/settings.json``, or refuse when it records a different setting (names what differs)."""
     old = load_settings(out)
     if old is None:
-        write_text(os.path.join(out, "settings.json"), json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        write_text(os.path.join(out, "settings.json"), json.dumps(settings, indent=1, sort_keys=True) + "\n",
+                   fsync=True)
         return
     diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
     if diff:
@@ -173,10 +165,9 @@ class Lock:
 
 def clean_temporaries(folder: str) -> None:
     """Remove files left under a temporary name by a killed run (they are never read)."""
-    tmp = re.compile(re.escape(TMP_MARK) + r"\d+$")  # NAME.tmp-PID (an input named x.tmp-1.png is no temporary)
     for dirpath, _, files in os.walk(folder):
         for name in files:
-            if tmp.search(name):
+            if is_temporary(name):
                 os.unlink(os.path.join(dirpath, name))
 
 

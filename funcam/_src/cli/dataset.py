@@ -2,7 +2,6 @@
 
 Single process:   funcam explain-dir photos/ --out cams/ --top-k 5 --workers 4
 Several:          torchrun --nproc-per-node 4 -m funcam.cli explain-dir photos/ --out cams/ --top-k 5
-(``python -m funcam._cli_dataset`` takes the same arguments without the subcommand.)
 
 Everything is checked before ``OUT/settings.json`` is written: the options, DIR (or --list), --out, the
 device, the model and its weights, then, with the model loaded, the method, layer and classes on one blank
@@ -17,39 +16,30 @@ import argparse
 import os
 import sys
 
-from funcam._src.cli.main import UsageError, add_weights_arguments, cannot_write, check_fit, check_out, load_from_args, \
-    methods_from_args, parse_classes, positive, weights_from_args, weights_note, _device, _layers
+from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, \
+    add_model_arguments, add_target_arguments, cannot_write, check_fit, check_out, classes_from_args, layers, \
+    load_from_args, methods_from_args, parse_device, positive, weights_from_args, weights_note
 
 
-def parse_class_list(text: str) -> list[int]:
-    """``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]`` (argparse type)."""
-    try:
-        return parse_classes(text)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("--classes ", "", 1)) from None
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Fill the ``explain-dir`` (sub)parser."""
+def add_parser(sub) -> None:
+    """Add ``explain-dir`` to the subcommands ``sub``."""
+    p = sub.add_parser("explain-dir", help="explain a folder of images (an image dataset)",
+                       description=__doc__.splitlines()[0])
     p.add_argument("dir", help="folder of images (walked recursively); with --list, the root of the listed paths")
     p.add_argument("--out", required=True, help="output folder (shards, manifest.jsonl, errors.jsonl); resumable")
     p.add_argument("--list", metavar="FILE", help="text file of image paths relative to DIR, one a line")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--classes", type=parse_class_list, help="class indices for every image, e.g. 3,7,10-12")
-    which.add_argument("--top-k", type=positive, help="the K highest-scoring classes of each image (default 1)")
-    which.add_argument("--all-classes", action="store_true", help="every class of the model (K = N)")
-    p.add_argument("--method", help="any funcam method (default: gradcam for CNNs, chefer for ViTs)")
-    add_weights_arguments(p)
-    p.add_argument("--layer", help="layer to cut at for CAM methods (default: the last feature map)")
-    p.add_argument("--batch-size", type=positive, default=16)
+    add_target_arguments(p, several_methods=False, all_classes=True)
+    add_model_arguments(p)
+    add_batch_size_argument(p)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: decode in-process)")
     p.add_argument("--shard-size", type=positive, default=256, help="images per shard file")
     p.add_argument("--chunk-size", type=positive, help="classes per vmapped chunk (bounds memory for large K)")
     p.add_argument("--format", choices=("safetensors", "npz"), default="safetensors")
     p.add_argument("--overlays", action="store_true",
                    help="also write OUT/overlays/<path>__<class>__<method>.png (the 5 best classes of each image)")
-    p.add_argument("--device", default=None, help="cpu, cuda (each torchrun rank takes cuda:LOCAL_RANK), cuda:1")
+    add_device_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary (errors are still shown)")
+    p.set_defaults(run=run)
 
 
 def _read_list(path: str) -> list[str]:
@@ -70,15 +60,14 @@ def run(args: argparse.Namespace) -> int:
 
     rank0 = os.environ.get("RANK", "0") == "0"
     # --- checks that need no model
+    classes, top_k = classes_from_args(args)
     if args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}")
     if not os.path.isdir(args.dir):
         raise UsageError(f"images folder {args.dir!r} is not a directory")
     images = _read_list(args.list) if args.list else args.dir
     out = check_out(args.out)
-    device = _device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = parse_device(args.device)  # cuda: this rank's cuda:LOCAL_RANK
     weights = weights_from_args(args)
     # --- the model, and one blank image through each method; still nothing written
     if device.type == "cuda":
@@ -87,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     methods = methods_from_args(args, model)
     if len(methods) != 1:
         raise UsageError(f"--method: explain-dir takes one method, got {args.method!r}")
-    check_fit(model, cfg, methods, classes=args.classes, top_k=args.top_k, layer=_layers(args.layer))
+    check_fit(model, cfg, methods, classes=None if classes == "all" else classes, top_k=top_k,
+              layer=layers(args.layer))
     note = weights_note(weights)
     if note and rank0:
         print(f"funcam: warning: {note}", file=sys.stderr)
@@ -100,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = explain_dataset(
             images, args.out, model, cfg, root=args.dir, method=methods[0],
-            classes="all" if args.all_classes else args.classes, top_k=args.top_k, layer=_layers(args.layer),
+            classes=classes, top_k=top_k, layer=layers(args.layer),
             batch_size=args.batch_size, num_workers=args.workers, shard_size=args.shard_size, format=args.format,
             overlays=args.overlays, chunk_size=args.chunk_size, progress=not args.quiet,
             model_name=weights.name + (" (random weights)" if note else ""), on_error=on_error)
@@ -118,13 +108,3 @@ def run(args: argparse.Namespace) -> int:
               f"{summary.written} shards written, {summary.skipped} already done; {summary.seconds:.2f} s",
               file=sys.stderr)
     return 1 if summary.errors else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from funcam._src.cli.main import main as cli_main
-
-    return cli_main(["explain-dir", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

