@@ -523,3 +523,42 @@ def test_disk_full_is_one_line_and_leaves_no_temporary(data, tmp_path):
     p = cli(*_args(data, img, out, "--all-classes", "--quiet"), cwd=tmp_path)  # space again: it resumes
     assert (p.returncode, p.stderr) == (0, ""), p
     assert sorted(_per_image(out)) == ["a.png", "b.png", "c.png", "d.png"]
+
+
+def test_listed_paths_that_leave_the_root_and_come_back_are_one_file(tmp_path):
+    from funcam._src.app.dataset import normalise_paths
+
+    root = tmp_path / "d"
+    root.mkdir()
+    got = normalise_paths(["x.png", "./x.png", "../d/x.png", "sub/../x.png", "../other.png"], root)
+    assert got == ["../other.png", "x.png"]
+
+
+def test_a_failed_log_append_leaves_no_empty_log_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from funcam._src.app import files
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a close on a full disk: no file name
+
+    real = open
+    monkeypatch.setattr(files, "open", lambda p, *a, **k: Full(real(p, *a, **k)), raising=False)
+    log = tmp_path / "runs.jsonl"
+    with pytest.raises(OSError, match="No space left") as e:
+        files.append_text(log, "{}\n")
+    assert e.value.filename == str(log) and not log.exists()
+    log.write_text("old\n")
+    with pytest.raises(OSError):
+        files.append_text(log, "{}\n")
+    assert log.read_text() == "old\n"

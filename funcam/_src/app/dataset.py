@@ -199,7 +199,7 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
         if rank == 0:
             try:
                 paths = (list_images(root, exclude=out) if isinstance(images, (str, os.PathLike))
-                         else normalise_paths(images))
+                         else normalise_paths(images, root))
                 if not paths:
                     raise DatasetError("no images found (looked for files ending in " + ", ".join(IMAGE_SUFFIXES)
                                        + ")")
@@ -272,10 +272,20 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
             dist.destroy_process_group()
 
 
-def normalise_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Listed image paths as sorted POSIX paths, each normalised (``./x.png`` and ``sub/../x.png`` are
-    ``x.png``) and listed once; ``../x.png`` (outside DIR) stays a file of its own."""
-    return sorted({posixpath.normpath(os.fsdecode(p).replace(os.sep, "/")) for p in paths})
+def normalise_paths(paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> list[str]:
+    """Listed image paths (relative to ``root``) as sorted POSIX paths, each normalised and listed once:
+    ``./x.png``, ``sub/../x.png`` and ``../DIR/x.png`` (leaving ``root`` and coming back in) are all ``x.png``;
+    a path outside ``root`` (``../x.png``) stays a file of its own."""
+    base = os.path.realpath(root) if root is not None else None
+    out = set()
+    for p in paths:
+        rel = posixpath.normpath(os.fsdecode(p).replace(os.sep, "/"))
+        if base is not None and rel.startswith("../"):
+            back = os.path.relpath(os.path.normpath(os.path.join(base, rel)), base)
+            if not back.startswith(".."):
+                rel = posixpath.normpath(back.replace(os.sep, "/"))
+        out.add(rel)
+    return sorted(out)
 
 
 def _prepare(out: str, paths: list[str], settings: dict, world: int) -> dict:

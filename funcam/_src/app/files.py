@@ -13,6 +13,7 @@ files (safetensors writes 0600) are given a file object or bytes to write instea
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import BinaryIO, Callable, Mapping
@@ -89,5 +90,20 @@ def write_npz(path: str | os.PathLike, arrays: Mapping, *, fsync: bool = False) 
 def append_text(path: str | os.PathLike, text: str) -> None:
     """Add ``text`` (whole lines) to the log ``path``, created if missing: one write in append mode, so lines
     from earlier runs stay as they are. A log grows; it is never replaced, so it has no temporary file."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
+    try:
+        before = os.path.getsize(path)
+    except OSError:
+        before = None
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        # a full disk: no partial line, and no empty log that was not there before
+        with contextlib.suppress(OSError):
+            if before is None:
+                os.unlink(path)
+            else:
+                os.truncate(path, before)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+        raise
