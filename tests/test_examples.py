@@ -33,7 +33,7 @@ def test_plain_import_reaches_every_documented_module():
     code = "import funcam; print(funcam.explain.explain.__module__, funcam.metrics.__name__)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONWARNINGS="error"))
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "funcam.explain funcam.metrics\n", "")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "funcam._src.app.explain funcam.metrics\n", "")
 
 
 def test_readme_python_snippets_run():

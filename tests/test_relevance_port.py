@@ -184,7 +184,7 @@ def test_attention_rollout_equal(splits, x, impl, head_fusion, discard_ratio):
     with torch.no_grad():
         want = funcam.attention_rollout(splits["timm"], x, head_fusion=head_fusion, discard_ratio=discard_ratio)
         got = funcam.attention_rollout(splits[impl], x, head_fusion=head_fusion, discard_ratio=discard_ratio)
-    assert want.shape == (2, GRID, GRID)
+    assert want.shape == (2, 1, GRID, GRID)  # one class-agnostic map per image, (B, K=1, h, w)
     has_structure(want)
     assert_same(got, want, RTOL[impl])
 
