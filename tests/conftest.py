@@ -37,6 +37,26 @@ def make_input(name: str, batch: int = 2, seed: int = 0, dtype: torch.dtype = to
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
+class FullDisk:
+    """A file opened for writing on a full disk: the first 10 bytes of a write land, then ENOSPC with no file
+    name (as a write or close fails there)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        import errno
+
+        self.f.write(data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one intra-op thread is as fast and avoids OpenMP's stalls when other processes hold the cores."""

@@ -23,6 +23,7 @@ from funcam.explain import explain
 from funcam.images import read_image, sample_images
 from funcam.models import load_model, preprocess
 from tests._cli_runner import runner
+from conftest import FullDisk
 
 ARCH = "mobilenetv3_small_050"  # 224 px input but only ~25 MFLOPs: a 40-image run takes a few seconds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -535,30 +536,15 @@ def test_listed_paths_that_leave_the_root_and_come_back_are_one_file(tmp_path):
 
 
 def test_a_failed_log_append_leaves_no_empty_log_and_names_the_file(tmp_path, monkeypatch):
-    import errno
-
     from funcam._src.app import files
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")  # as a close on a full disk: no file name
-
-    real = open
-    monkeypatch.setattr(files, "open", lambda p, *a, **k: Full(real(p, *a, **k)), raising=False)
+    real = open  # a partial line lands before the disk is full: it must be taken back
+    monkeypatch.setattr(files, "open", lambda p, *a, **k: FullDisk(real(p, *a, **k)), raising=False)
     log = tmp_path / "runs.jsonl"
     with pytest.raises(OSError, match="No space left") as e:
-        files.append_text(log, "{}\n")
+        files.append_text(log, '{"run": 1, "padding": "longer than ten bytes"}\n')
     assert e.value.filename == str(log) and not log.exists()
     log.write_text("old\n")
     with pytest.raises(OSError):
-        files.append_text(log, "{}\n")
+        files.append_text(log, '{"run": 2, "padding": "longer than ten bytes"}\n')
     assert log.read_text() == "old\n"

@@ -1,11 +1,11 @@
 """The HTML gallery without a browser: every caption escaped, the colour scale legend as the colormap's own
 colours, and a page that is written whole or not at all (the browser renders it in test_gallery_browser.py)."""
-import errno
 import re
 
 import pytest
 
 from funcam._src.app.gallery import Figure, Legend, Section, render_gallery, write_gallery
+from conftest import FullDisk
 
 
 def test_legend_is_a_gradient_of_the_given_colours_with_escaped_labels():
@@ -43,21 +43,7 @@ def test_write_gallery_is_whole_or_absent(tmp_path, monkeypatch):
 
     real_open = builtins.open
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[:10])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: Full(real_open(p, *a, **k)) if ".tmp-" in str(p)
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: FullDisk(real_open(p, *a, **k)) if ".tmp-" in str(p)
                         else real_open(p, *a, **k))
     with pytest.raises(OSError, match="No space left on device") as err:
         write_gallery(tmp_path, [Section("new", "s", [])], title="NEW")

@@ -299,6 +299,7 @@ def entry(*, in_chans: Callable[[Any], int | None] = lambda target: None, checks
     def decorate(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
         takes_classes = "classes" in sig.parameters
+        x_name = list(sig.parameters)[1]
 
         @functools.wraps(fn)
         def wrapper(target: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -312,9 +313,9 @@ def entry(*, in_chans: Callable[[Any], int | None] = lambda target: None, checks
                 x1, classes1 = one_image(x, bound.arguments.get("classes"))
                 if takes_classes:
                     bound.arguments["classes"] = classes1
-                bound.arguments[list(sig.parameters)[1]] = x1
+                bound.arguments[x_name] = x1
                 return no_images(wrapper(*bound.args, **bound.kwargs))
-            bound.arguments[list(sig.parameters)[1]] = normal_tensor(x)
+            bound.arguments[x_name] = normal_tensor(x)
             if takes_classes:
                 bound.arguments["classes"] = normal_tensor(bound.arguments.get("classes"))
             out = run(module, lambda: fn(*bound.args, **bound.kwargs))

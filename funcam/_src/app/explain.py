@@ -77,7 +77,7 @@ def _explain(target: nn.Module | Split, x: Tensor, method: str | None, classes: 
         model = target.module
     else:
         model = target
-    m = methods.get(check_method(method or default_method(model)))
+    m = methods.get(method or default_method(model), spell=methods.cli_name)
     if not isinstance(target, Split) and (m.kind == "cam" or m.name == "guided_gradcam"):
         target = make_split(model, layer)
     out = cam(target, x, classes, method=m.name, top_k=top_k, relu=relu, chunk_size=chunk_size)

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from funcam._src import guard as _guard
 from funcam._src.cuts.attention import explicit_sdpa
 from funcam._src.base import CAM, Split
-from funcam._src.core import rules
+from funcam._src.core import methods
 from funcam._src.core.engine import class_maps, class_vjp
 from funcam._src.core.postprocess import upsample
 
@@ -123,8 +123,9 @@ def guided_gradcam_cam(split: Split, x: Tensor, classes: Any, top_k: int | None 
     scored on the same logits)."""
     gb = guided_backprop_cam(split, x, classes, top_k, chunk_size)
     same = classes if gb.classes is None else gb.classes
-    cams = class_maps(split, x, same, rules.gradcam, chunk_size=chunk_size, weights=rules.gradcam_weights,
-                      pooled_reduce=rules.channel_sum).maps
+    gc = methods.TABLE["gradcam"]
+    cams = class_maps(split, x, same, gc.rule, chunk_size=chunk_size, weights=gc.weights, pooled_reduce=gc.pooled,
+                      mean_rule=gc.mean).maps
     if isinstance(cams, tuple):
         raise ValueError(f"guided_gradcam takes one layer, got a split at {list(split.layers)}")
     return gb._replace(maps=gb.maps * upsample(torch.relu(cams), x.shape[-2:]).unsqueeze(2))
