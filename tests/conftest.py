@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import timm
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The README's test command runs one pytest-xdist worker per core: one intra-op thread each, so that two
+    # workers do not fight over the same two cores (tests that measure threads set their own count).
+    torch.set_num_threads(1)
 
 # name -> (timm kwargs, input size (H, W)); sizes are the smallest each family accepts cheaply.
 FAMILIES = {

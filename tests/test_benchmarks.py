@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # runs the benchmark scripts end to end: a benchmark, not a unit test
 def test_peers_benchmark_smoke(tmp_path):
     out = tmp_path / "peers.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -33,6 +36,7 @@ def test_peers_benchmark_smoke(tmp_path):
     assert t["measured"] == pgc["median_s"] / mine["median_s"] and t["met"] == (t["measured"] >= 2.0)
 
 
+@pytest.mark.slow  # runs the benchmark scripts end to end: a benchmark, not a unit test
 def test_memory_per_configuration_benchmark_smoke(tmp_path):
     # benchmarks/memory.py --quick: one fresh process per configuration (resnet18 at 64 px); the parent checks
     # that configurations of one method computed the same maps, the children that the maps are not all zero.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import timm
+from timm.models.vgg import VGG
 import torch
 from torch import nn
 
@@ -30,7 +31,8 @@ def _models():
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=250)  # C = 192 < K
     vit_avg = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=250, global_pool="avg")
-    vgg = timm.create_model("vgg11", num_classes=600)  # C = 512, an MLP head: no pooled fast path
+    # timm's VGG with its ConvMlp head (no pooled fast path), narrowed: C = 32 < K = 100
+    vgg = VGG(cfg=[16, "M", 32, "M", 32, "M"], num_classes=100, mlp_ratio=1 / 64)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
                         nn.Flatten(), nn.Linear(16 * 8 * 8, 40))
     return {"vit": (vit, 32, {}), "vit_avg": (vit_avg, 32, {}), "vgg": (vgg, 64, {}), "graph": (net, 8, {"layer": "1"})}

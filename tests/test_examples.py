@@ -19,7 +19,9 @@ def test_every_example_is_listed():
     assert sorted(p.stem for p in (ROOT / "examples").glob("*.py")) == sorted(EXAMPLES)
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
+# The quickstart stays in the fast set; the others are whole programs (training loops, compiles) and run in
+# the slow set, which CI runs too.
+@pytest.mark.parametrize("name", [n if n == "quickstart" else pytest.param(n, marks=pytest.mark.slow) for n in EXAMPLES])
 def test_example_runs(name):
     env = dict(os.environ, PYTHONWARNINGS="error")  # the examples run without a warning
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py")], cwd=ROOT, env=env,

@@ -15,6 +15,7 @@ def tiny_cnn():
     return _digits.load_or_train("tiny-cnn", "single", cache=False)
 
 
+@pytest.mark.slow  # trains a network first (about 20-50 s)
 def test_digits_tiny_cnn_points_at_the_digit(tiny_cnn):
     data = _digits.make_canvases(100, task="single", split="test", seed=7)
     assert _digits.accuracy(tiny_cnn, data) > 0.6
@@ -25,6 +26,7 @@ def test_digits_tiny_cnn_points_at_the_digit(tiny_cnn):
     assert rows["gradcam"]["energy"] > 2 * rows["random"]["energy"], rows
 
 
+@pytest.mark.slow  # trains a ViT first (about 40-60 s)
 def test_digits_tiny_vit_relevance_points_at_the_digit():
     # A 2-block ViT trained here for 300 steps (about a minute on one thread): it already finds the digit
     # (its accuracy is still low), and the maps must show it.

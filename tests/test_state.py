@@ -270,6 +270,7 @@ def _no_grad(fn):
         return fn()
 
 
+@pytest.mark.slow  # a soak test: 30-200 calls each; the fast set keeps the reference-cycle check below
 @pytest.mark.parametrize("name", list(_memory_calls()))
 def test_repeated_calls_do_not_grow_memory_or_leave_tensors(name):
     call, n = _memory_calls()[name]
