@@ -17,7 +17,7 @@ parameters with ``requires_grad`` off (on private deep copies, never the cached 
 Invariants and tolerances:
 * Shapes of maps / classes / logits, dtype kept, finite, ``>= 0`` where documented, not all zero.
 * Maps equal a per-image, per-class ``torch.autograd.grad`` loop (CNN: ``forward_features``; ViT: a forward
-  hook on the last block's norm1 / norm2, the method's formula from tests/test_oracles.py), computed in
+  hook on the last block's norm1 / norm2, the method's formula from tests/_oracle.py), computed in
   float64: float64 maps within ``1e-9 * max|ref|``, float32 within ``2e-4 * max|ref| + 10 * noise``, noise the
   larger of (float32 oracle - float64 oracle) and, for the stable methods, ``1e-6 * sum_c |w_c A_c|`` (maps
   are channel sums that can cancel by 1e6 and more, so rounding is relative to the terms, not to the map). bfloat16 / float16: the stable methods (gradcam, gradcam_max, hirescam, layercam, elementwise)
@@ -34,7 +34,8 @@ Invariants and tolerances:
   non-empty call.
 * normalize / upsample / fuse, pointing_game / energy_in_box on random maps against brute-force loops.
 
-Profiles (tests/conftest.py): "ci" (default, derandomized) with the per-test budgets of ``budget(n)`` below;
+Profiles (tests/conftest.py): "ci" (default, derandomized) with the per-test budgets of ``budget(n)`` below
+(35-75 examples for the properties that run models, so the fast set stays within its minutes);
 ``HYPOTHESIS_PROFILE=long`` gives every test the profile's count; ``pytest -m slow`` runs the key properties
 with ``LONG`` (random, 200 examples) without any environment variable.
 """
@@ -54,7 +55,7 @@ from hypothesis import strategies as st
 import funcam
 from funcam import metrics
 from funcam.explain import METHOD_NAMES, explain
-from tests.test_oracles import oracle_map
+from tests._oracle import rule
 from tests.test_rollout import ref_relevance
 
 N = 10  # classes of every model here
@@ -371,7 +372,7 @@ def loop_oracle(key: str, m: torch.nn.Module, x: torch.Tensor, classes: torch.Te
             maps = []
             for k in classes[b].tolist():
                 (g,) = torch.autograd.grad(logits[0, k], f, retain_graph=True)
-                maps.append(oracle_map(method, to_map(g), to_map(f.detach())))
+                maps.append(rule(method, to_map(g), to_map(f.detach())))
         out.append(torch.stack(maps))
     return torch.stack(out)
 
@@ -463,7 +464,7 @@ def check_cam_oracle(data) -> None:
         assert err < (0.1 if dtype == torch.bfloat16 else 0.02), (method, dtype, err)
 
 
-@budget(120)
+@budget(60)
 @given(st.data())
 def test_cam_matches_the_loop_oracle(data):
     check_cam_oracle(data)
@@ -529,7 +530,7 @@ def check_entry_points(data) -> None:
         torch.testing.assert_close(maps, maps[:, :1].expand_as(maps), rtol=0, atol=0)
 
 
-@budget(80)
+@budget(40)
 @given(st.data())
 def test_every_entry_point_batch_equals_loop_and_permutes(data):
     check_entry_points(data)
@@ -597,7 +598,7 @@ def check_invariance(data) -> None:
         assert lay.shape == ref.shape and lay.dtype == ref.dtype and torch.isfinite(lay).all()
 
 
-@budget(70)
+@budget(35)
 @given(st.data())
 def test_grad_modes_requires_grad_and_layouts_do_not_change_maps(data):
     check_invariance(data)
@@ -711,7 +712,7 @@ def check_bad_values(data) -> None:
     event(f"{key} {entry[0]}")
 
 
-@budget(150)
+@budget(75)
 @given(st.data())
 def test_bad_values_raise_documented_errors(data):
     check_bad_values(data)
@@ -787,7 +788,7 @@ def check_empty(data) -> None:
                 torch.testing.assert_close(out.logits.detach(), m(xc), **tols(dtype))
 
 
-@budget(80)
+@budget(40)
 @given(st.data())
 def test_empty_batch_and_empty_classes(data):
     check_empty(data)

@@ -52,6 +52,7 @@ def test_digits_canvases_are_reproducible_and_boxes_hold_the_digits():
             assert a.x[i, 0, y0:y1, x0:x1].sum() > 5  # ink inside each box
 
 
+@pytest.mark.slow  # a quality benchmark in small (real weights, 20-35 s under load)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_mosaic_gradcam_finds_each_tile_and_equals_pytorch_grad_cam():
     torch.set_num_threads(1)
@@ -62,6 +63,7 @@ def test_mosaic_gradcam_finds_each_tile_and_equals_pytorch_grad_cam():
     assert rows["gradcam"]["energy"] > rows["uniform noise"]["energy"] + 0.2, rows
 
 
+@pytest.mark.slow  # a quality benchmark in small (deletion / insertion curves, 10-35 s)
 def test_faithfulness_gradcam_beats_random_maps():
     torch.set_num_threads(1)
     rows = quality_faithfulness.run(steps=6, methods=("gradcam",))

@@ -81,7 +81,8 @@ def get(method: object, *, spell: Callable[[str], str] = str) -> Method:
     m = TABLE.get(str(method).replace("-", "_")) if isinstance(method, str) else None
     if m is None:
         names = [spell(n) for n in TABLE]
-        near = difflib.get_close_matches(spell(str(method).replace("-", "_")), names, n=1)
+        # "gradcam++" is how papers write Grad-CAM++: suggest gradcampp, not the nearer-spelled gradcam
+        near = difflib.get_close_matches(spell(str(method).replace("-", "_").replace("++", "pp")), names, n=1)
         raise ValueError(f"method must be one of {', '.join(names)}; got {method!r}"
                          + (f" (did you mean {near[0]!r}?)" if near else ""))
     return m

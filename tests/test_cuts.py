@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision.models.convnext import CNBlockConfig
 
 import funcam
-from funcam import Features
+from tests._oracle import cut_loop as cut_oracle, rule
 
 transformers = pytest.importorskip("transformers")
 
@@ -281,39 +281,6 @@ def logits_of(out: Any) -> Tensor:
     return out if isinstance(out, Tensor) else out.logits
 
 
-def rule(method: str, g: Tensor, a: Tensor) -> Tensor:
-    """Per-class gradients g (B, K, C, h, w) and the map A (B, C, h, w) -> raw maps (B, K, h, w), by hand."""
-    a = a[:, None]
-    if method == "gradcam":  # Selvaraju et al. 2017: alpha_c = mean_ij dy/dA_cij
-        return (g.mean(dim=(-2, -1), keepdim=True) * a).sum(dim=2)
-    if method == "hirescam":  # Draelos & Carin 2020: sum_c dy/dA_c * A_c
-        return (g * a).sum(dim=2)
-    if method == "gradcampp":  # Chattopadhyay et al. 2018 eq. 19, pytorch-grad-cam's eps and g == 0 rule
-        sum_a = a.sum(dim=(-2, -1), keepdim=True)
-        alpha = g ** 2 / (2 * g ** 2 + sum_a * g ** 3 + 1e-6)
-        alpha = torch.where(g == 0, torch.zeros_like(alpha), alpha)
-        w = (g.clamp_min(0) * alpha).sum(dim=(-2, -1), keepdim=True)
-        return (w * a).sum(dim=2)
-    raise AssertionError(method)
-
-
-def cut_oracle(sp: funcam.Split, x: Tensor, score: Callable[[Any], Tensor]) -> tuple[Tensor, Tensor]:
-    """The map A (B, C, h, w) that ``sp.extract`` gives and, per score column k, ``autograd.grad`` of
-    ``score(sp.head(...))[:, k]`` w.r.t. A: (B, K, C, h, w). Context is held constant, as funcam does."""
-    with torch.no_grad():
-        feats = sp.extract(x)
-    if isinstance(feats, Tensor):
-        a = feats.detach().requires_grad_()
-        rebuild: Callable[[Tensor], Any] = lambda m: m  # noqa: E731
-    else:
-        assert isinstance(feats, Features) and len(feats.maps) == 1
-        a = feats.maps[0].detach().requires_grad_()
-        rebuild = lambda m: Features((m,), feats.context, feats.chained)  # noqa: E731
-    s = score(sp.head(rebuild(a)))
-    grads = [torch.autograd.grad(s[:, k].sum(), a, retain_graph=True)[0] for k in range(s.shape[1])]
-    return a.detach(), torch.stack(grads, dim=1)
-
-
 def class_scores(classes: list[int]) -> Callable[[Any], Tensor]:
     return lambda out: logits_of(out)[:, classes]
 
@@ -394,7 +361,7 @@ def test_maps_equal_loop_oracle(zoo, name):
     a, g = cut_oracle(sp, x, class_scores(CLASSES))
     for method in ("gradcam", "gradcampp", "hirescam"):
         got = funcam.cam(sp, x, CLASSES, method=method, relu=False)
-        assert_maps(got.maps, rule(method, g, a))
+        assert_maps(got.maps, rule(method, g, a[:, None]))
         torch.testing.assert_close(got.logits, logits_of(model(x)), rtol=0, atol=1e-10)
 
 
@@ -405,7 +372,7 @@ def test_maps_equal_hook_oracle(zoo, name):
     fam = FAMILIES[name]
     a, g = hook_oracle(model, x, fam.layers[0], fam.to_map, class_scores(CLASSES))
     for method in ("gradcam", "hirescam"):
-        assert_maps(funcam.cam(sp, x, CLASSES, method=method, relu=False).maps, rule(method, g, a))
+        assert_maps(funcam.cam(sp, x, CLASSES, method=method, relu=False).maps, rule(method, g, a[:, None]))
 
 
 @pytest.mark.parametrize("name", _params(sorted(TIMM_FEATURES_ROUTE)))
@@ -414,7 +381,7 @@ def test_maps_equal_forward_features_oracle(zoo, name):
     model, x, sp = zoo[name]
     a, g = features_oracle(model, x, FAMILIES[name].to_map, CLASSES)
     for method in ("gradcam", "hirescam"):
-        assert_maps(funcam.cam(sp, x, CLASSES, method=method, relu=False).maps, rule(method, g, a))
+        assert_maps(funcam.cam(sp, x, CLASSES, method=method, relu=False).maps, rule(method, g, a[:, None]))
 
 
 def test_grids_follow_non_square_inputs(zoo):
@@ -435,7 +402,7 @@ def test_hf_swin_named_cut(zoo):
     assert_outputs(sp.head(sp.extract(x)), model(x))
     a, g = hook_oracle(model, x, "swin.layernorm", fam.to_map, class_scores(CLASSES))
     for method in ("gradcam", "hirescam"):
-        assert_maps(funcam.cam(sp, x, CLASSES, method=method, relu=False).maps, rule(method, g, a))
+        assert_maps(funcam.cam(sp, x, CLASSES, method=method, relu=False).maps, rule(method, g, a[:, None]))
 
 
 def test_hiera_is_refused():
@@ -461,7 +428,7 @@ def test_named_cuts_through_module_paths(name, layer, to_map):
     assert sp.layers == (layer,)
     assert_outputs(sp.head(sp.extract(x)), model(x))
     a, g = hook_oracle(model, x, layer, to_map, class_scores(CLASSES))
-    assert_maps(funcam.gradcam(sp, x, CLASSES, relu=False), rule("gradcam", g, a))
+    assert_maps(funcam.gradcam(sp, x, CLASSES, relu=False), rule("gradcam", g, a[:, None]))
 
 
 def test_named_cut_after_the_last_attention_of_a_cls_model_is_refused():
@@ -493,7 +460,7 @@ def test_chained_named_cuts_hf_vit():
     for got, n in zip(maps, names, strict=True):
         g = torch.stack([to_map(torch.autograd.grad(s[:, k].sum(), seen[n], retain_graph=True)[0])
                          for k in range(len(CLASSES))], dim=1)
-        assert_maps(got, rule("gradcam", g, to_map(seen[n].detach())))
+        assert_maps(got, rule("gradcam", g, to_map(seen[n].detach())[:, None]))
 
 
 def test_swinv2_at_timm_init_weights_is_not_cut_as_swin_v1():
@@ -506,7 +473,7 @@ def test_swinv2_at_timm_init_weights_is_not_cut_as_swin_v1():
     with torch.no_grad():
         assert_outputs(sp.head(sp.extract(x)), model(x))
     a, g = features_oracle(model, x, nhwc, CLASSES)
-    assert_maps(funcam.gradcam(sp, x, CLASSES, relu=False), rule("gradcam", g, a))
+    assert_maps(funcam.gradcam(sp, x, CLASSES, relu=False), rule("gradcam", g, a[:, None]))
 
 
 def test_zero_gradient_is_an_error_on_every_route():
@@ -531,7 +498,7 @@ def test_channels_last_feature_with_as_many_channels_as_positions():
         assert "compile" not in str(e), str(e)
     else:
         a, g = features_oracle(model, x, nhwc, CLASSES)
-        assert_maps(maps, rule("gradcam", g, a))
+        assert_maps(maps, rule("gradcam", g, a[:, None]))
 
 
 @pytest.mark.parametrize("name,size2", [("tv_resnet18", (96, 64)), ("tv_swin", (64, 32)),
@@ -544,7 +511,7 @@ def test_second_input_size_is_captured_and_correct(zoo, name, size2):
     to_map = tokens(0, size2[0] // 32, size2[1] // 32) if name == "timm_twins" else fam.to_map
     a, g = hook_oracle(model, x2, fam.layers[0], to_map, class_scores(CLASSES))
     for method in ("gradcam", "hirescam"):
-        assert_maps(funcam.cam(sp, x2, CLASSES, method=method, relu=False).maps, rule(method, g, a))
+        assert_maps(funcam.cam(sp, x2, CLASSES, method=method, relu=False).maps, rule(method, g, a[:, None]))
 
 
 @pytest.mark.parametrize("name,param", [("tv_resnet18", "layer4.1.conv2.weight"),
@@ -556,7 +523,7 @@ def test_maps_are_differentiable(zoo, name, param):
     fam = FAMILIES[name]
     w = model.get_parameter(param)
     a, g = hook_oracle(model, x, fam.layers[0], fam.to_map, class_scores([1, 3]), create_graph=True)
-    (want,) = torch.autograd.grad(rule("gradcam", g, a).sum(), w)
+    (want,) = torch.autograd.grad(rule("gradcam", g, a[:, None]).sum(), w)
     (got,) = torch.autograd.grad(funcam.gradcam(sp, x, [1, 3], relu=False).sum(), w)
     assert_maps(got, want)
 
@@ -595,7 +562,7 @@ def test_segmentation_score_callable_equals_loop_oracle(segmentation):
     a, g = cut_oracle(sp, x, score)
     for method in ("gradcam", "gradcampp", "hirescam"):
         got = funcam.cam(sp, x, score, method=method, relu=False)
-        assert_maps(got.maps, rule(method, g, a))
+        assert_maps(got.maps, rule(method, g, a[:, None]))
         assert got.classes is None and isinstance(got.logits, dict)
 
 
@@ -614,7 +581,7 @@ def test_deeplabv3_score_callable_equals_hook_oracle():
 
     a, g = hook_oracle(model, x, "classifier.3", nchw, score)
     for method in ("gradcam", "gradcampp", "hirescam"):
-        assert_maps(funcam.cam(sp, x, score, method=method, relu=False).maps, rule(method, g, a))
+        assert_maps(funcam.cam(sp, x, score, method=method, relu=False).maps, rule(method, g, a[:, None]))
 
 
 def _embedder(route: str) -> nn.Module:
@@ -645,10 +612,10 @@ def test_embedding_similarity_equals_loop_oracle(route):
     a, g = cut_oracle(sp, x, similarity)
     for method in ("gradcam", "gradcampp", "hirescam"):
         got = funcam.cam(sp, x, similarity, method=method, relu=False)
-        assert_maps(got.maps, rule(method, g, a))
+        assert_maps(got.maps, rule(method, g, a[:, None]))
         assert got.classes is None
     ha, hg = hook_oracle(model, x, "layer4", nchw, similarity)  # both routes name it layer4
-    assert_maps(funcam.gradcam(sp, x, similarity, relu=False), rule("gradcam", hg, ha))
+    assert_maps(funcam.gradcam(sp, x, similarity, relu=False), rule("gradcam", hg, ha[:, None]))
 
 
 def test_embedding_default_cut_is_the_last_stage():
@@ -656,7 +623,7 @@ def test_embedding_default_cut_is_the_last_stage():
     sp = funcam.split(model, example=x)
     assert sp.layers == ("layer4",)
     a, g = hook_oracle(model, x, "layer4", nchw, similarity)
-    assert_maps(funcam.gradcam(sp, x, similarity, relu=False), rule("gradcam", g, a))
+    assert_maps(funcam.gradcam(sp, x, similarity, relu=False), rule("gradcam", g, a[:, None]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

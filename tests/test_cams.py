@@ -35,6 +35,7 @@ import torchvision
 from torch import Tensor, nn
 
 import funcam
+from tests._oracle import hooked_forward, hooked_loop, rule
 
 B, K, N_CLASSES = 2, 3, 10
 # per-image classes (B, K): different classes per image, one shared (7) in different positions
@@ -59,73 +60,6 @@ def seed():
 # ---------------------------------------------------------------------------------------------------
 # The loop oracle
 # ---------------------------------------------------------------------------------------------------
-
-def oracle_map(method: str, g: Tensor, a: Tensor) -> Tensor:
-    """One image, one class: gradient g and feature a, both (C, h, w) -> raw (pre-ReLU) map (h, w)."""
-    if method == "gradcam":  # Selvaraju et al.: alpha_c = 1/Z sum_ij dy/dA_cij
-        w = g.mean(dim=(1, 2))
-        return (w[:, None, None] * a).sum(dim=0)
-    if method == "gradcam_max":
-        w = g.flatten(1).max(dim=1).values
-        return (w[:, None, None] * a).sum(dim=0)
-    if method == "gradcampp":  # Chattopadhyay et al. eq. 19, pytorch-grad-cam's eps and g == 0 rule
-        sum_a = a.sum(dim=(1, 2))[:, None, None]
-        alpha = g**2 / (2 * g**2 + sum_a * g**3 + 1e-6)
-        alpha[g == 0] = 0
-        w = (g.clamp_min(0) * alpha).sum(dim=(1, 2))
-        return (w[:, None, None] * a).sum(dim=0)
-    if method == "xgradcam":  # Fu et al.: alpha_c = sum_ij (A_cij / sum_kl A_ckl) dy/dA_cij
-        w = (g * a).sum(dim=(1, 2)) / (a.sum(dim=(1, 2)) + 1e-7)
-        return (w[:, None, None] * a).sum(dim=0)
-    if method == "hirescam":
-        return (g * a).sum(dim=0)
-    if method == "elementwise":
-        return (g * a).clamp_min(0).sum(dim=0)
-    if method == "layercam":
-        return (g.clamp_min(0) * a).sum(dim=0)
-    if method == "argmax_channel":
-        c = int(g.mean(dim=(1, 2)).argmax())
-        return a[c]
-    raise AssertionError(f"no oracle for {method}")
-
-
-def hooked_forward(model: nn.Module, modules: list[nn.Module], x: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """model(x) with each module's output recorded (a clone goes on, so later in-place ops cannot touch it)."""
-    outs: list[Tensor] = []
-
-    def hook(mod, inp, out):
-        outs.append(out)
-        return out.clone()
-
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
-        logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    assert len(outs) == len(modules), "a hooked module ran more or less than once"
-    return logits, outs
-
-
-def loop_oracle(model: nn.Module, x: Tensor, scores: Callable[[int, Tensor], Tensor],
-                feature: Callable[[nn.Module, Tensor], tuple[Tensor, list[Tensor]]],
-                to_map: Callable[[Tensor, Tensor], Tensor]) -> tuple[list[list[Tensor]], list[list[list[Tensor]]]]:
-    """For each image b alone: logits, feature tensors = feature(model, x[b:b+1]); for each score k,
-    torch.autograd.grad(scores(b, logits)[k], features). Returns A[b][layer] (C, h, w) and
-    G[b][k][layer] (C, h, w), converted to maps by to_map(tensor, x_b)."""
-    a_all, g_all = [], []
-    for b in range(x.shape[0]):
-        xb = x[b:b + 1]
-        logits, feats = feature(model, xb)
-        s = scores(b, logits)
-        a_all.append([to_map(f.detach(), xb) for f in feats])
-        g_b = []
-        for k in range(s.shape[0]):
-            grads = torch.autograd.grad(s[k], feats, retain_graph=True)
-            g_b.append([to_map(g, xb) for g in grads])
-        g_all.append(g_b)
-    return a_all, g_all
-
 
 def class_scores(classes: Tensor) -> Callable[[int, Tensor], Tensor]:
     return lambda b, logits: logits[0, classes[b]]
@@ -232,7 +166,7 @@ class Family:
     def oracle(self, dtype, classes=CLASSES):
         key = (dtype, tuple(classes.flatten().tolist()))
         if key not in self._oracle:
-            a, g = loop_oracle(self.model[dtype], self.x[dtype], class_scores(classes), self.feature_fn(),
+            a, g = hooked_loop(self.model[dtype], self.x[dtype], class_scores(classes), self.feature_fn(),
                                self.to_map_fn())
             self._oracle[key] = ([ab[0] for ab in a], [[gk[0] for gk in gb] for gb in g])
         return self._oracle[key]
@@ -268,7 +202,7 @@ def check_loop_oracle(family: Family, dtype, methods, relu: bool, rel) -> None:
         assert bool(out.maps.detach().abs().amax() > 0), "all maps are zero"
         for b in range(B):
             for k in range(K):
-                ref = oracle_map(method, g[b][k], a[b])
+                ref = rule(method, g[b][k], a[b])
                 scale = ref.abs().max().item()
                 if method == "argmax_channel":
                     # a copy of one channel, which may be a dead (all-zero) ReLU channel: any other
@@ -325,7 +259,7 @@ def test_loop_oracle_softmax_callable(family: Family) -> None:
     dtype = torch.float64
     cols = [2, 5]
     score_fn = lambda logits: logits.softmax(-1)[:, cols]  # noqa: E731
-    a, g = loop_oracle(family.model[dtype], family.x[dtype], lambda b, logits: score_fn(logits)[0],
+    a, g = hooked_loop(family.model[dtype], family.x[dtype], lambda b, logits: score_fn(logits)[0],
                        family.feature_fn(), family.to_map_fn())
     for method in ("gradcam", "hirescam", "layercam"):
         out = funcam.cam(family.split(dtype), family.x[dtype], score_fn, method=method, relu=False)
@@ -333,7 +267,7 @@ def test_loop_oracle_softmax_callable(family: Family) -> None:
         assert out.maps.shape[:2] == (B, len(cols))
         for b in range(B):
             for k in range(len(cols)):
-                ref = oracle_map(method, g[b][k][0], a[b][0])
+                ref = rule(method, g[b][k][0], a[b][0])
                 scale = ref.abs().max().item()
                 assert scale > 0
                 assert_scaled_close(out.maps[b, k], ref, scale, 1e-10, f"{family.spec.id} softmax {method} b={b} k={k}")
@@ -354,7 +288,7 @@ def test_loop_oracle_fx_multilayer(tv_resnet18) -> None:
     model = copy.deepcopy(tv_resnet18).double()
     x = torch.randn(B, 3, 96, 128, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     feature = lambda m, xb: hooked_forward(m, [m.layer3, m.layer4], xb)  # noqa: E731
-    a, g = loop_oracle(model, x, class_scores(CLASSES), feature, cnn_to_map)
+    a, g = hooked_loop(model, x, class_scores(CLASSES), feature, cnn_to_map)
     sp = funcam.split(model, ["layer4", "layer3"])  # given out of order: maps come in graph order
     for method in funcam.METHODS:
         out = funcam.cam(sp, x, CLASSES, method=method, relu=False)
@@ -363,7 +297,7 @@ def test_loop_oracle_fx_multilayer(tv_resnet18) -> None:
         for layer in range(2):
             for b in range(B):
                 for k in range(K):
-                    ref = oracle_map(method, g[b][k][layer], a[b][layer])
+                    ref = rule(method, g[b][k][layer], a[b][layer])
                     scale = ref.abs().max().item()
                     if method == "argmax_channel":
                         scale = a[b][layer].abs().max().item()
@@ -517,11 +451,11 @@ def test_fx_cut_before_inplace_op(mini_vgg) -> None:
     model = mini_vgg
     x = torch.randn(B, 3, 24, 40, generator=torch.Generator().manual_seed(6))
     feature = lambda m, xb: hooked_forward(m, [m.features[8]], xb)  # noqa: E731
-    a, g = loop_oracle(model, x, class_scores(CLASSES), feature, cnn_to_map)
+    a, g = hooked_loop(model, x, class_scores(CLASSES), feature, cnn_to_map)
     maps = funcam.hirescam(funcam.split(model, "features.8"), x, CLASSES, relu=False)
     for b in range(B):
         for k in range(K):
-            ref = oracle_map("hirescam", g[b][k][0], a[b][0])
+            ref = rule("hirescam", g[b][k][0], a[b][0])
             assert_scaled_close(maps[b, k], ref, ref.abs().max().item(), 2e-5, f"b={b} k={k}")
 
 
@@ -693,5 +627,5 @@ def test_loop_oracle_swin_224(method) -> None:
     assert maps.shape == (B, K, 7, 7)
     for b in range(B):
         for k in range(K):
-            ref = oracle_map(method, g[b][k], a[b])
+            ref = rule(method, g[b][k], a[b])
             assert_scaled_close(maps[b, k], ref, ref.abs().max().item(), 1e-10, f"swin224 b={b} k={k}")

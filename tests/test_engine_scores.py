@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import funcam
-from funcam._src.core.split import Features
+from tests._oracle import loop_cams
 
 B = 2
 LABELS = torch.tensor([1, 2, 3])  # K=3 segmentation labels explained
@@ -30,18 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.
 
 def loop_maps(split: funcam.Split, x: Tensor, score_fn, method: str) -> Tensor:
     """The oracle: (B, K, h, w) maps from one backward per score column on ``split``'s own feature."""
-    feats = split.extract(x)
-    a = feats.maps[0] if isinstance(feats, Features) else feats
-    scores = score_fn(split.head(feats))
-    maps = []
-    for k in range(scores.shape[1]):
-        (g,) = torch.autograd.grad(scores[:, k].sum(), a, retain_graph=True)
-        if method == "gradcam":  # Selvaraju et al. 2017, eq. 1-2
-            m = torch.einsum("bc,bchw->bhw", g.mean(dim=(2, 3)), a)
-        else:  # hirescam, Draelos & Carin 2020: element-wise product summed over channels
-            m = (g * a).sum(dim=1)
-        maps.append(torch.relu(m))
-    return torch.stack(maps, dim=1).detach()
+    return loop_cams(split, x, score_fn, method, relu=True)
 
 
 def assert_matches_loop(split: funcam.Split, x: Tensor, score_fn, method: str) -> None:
