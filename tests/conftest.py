@@ -1,6 +1,7 @@
 """Shared tiny models (random weights, ``pretrained=False``) for the fast suite."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -41,6 +42,21 @@ def make_model(name: str, num_classes: int = 10, dtype: torch.dtype = torch.floa
 def make_input(name: str, batch: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     h, w = FAMILIES[name][1]
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@contextlib.contextmanager
+def record_vmap_chunks(monkeypatch):
+    """Records the ``chunk_size`` of every ``torch.func.vmap`` made inside the block (the engine's chunking)."""
+    seen: list = []
+    real = torch.func.vmap
+
+    def spy(fn, *args, chunk_size=None, **kwargs):
+        seen.append(chunk_size)
+        return real(fn, *args, chunk_size=chunk_size, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.func, "vmap", spy)
+        yield seen
 
 
 class FullDisk:

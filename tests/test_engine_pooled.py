@@ -13,6 +13,8 @@ import torch
 import funcam
 from funcam._src.cuts.timm import _cat
 from funcam._src.cuts.attention import attend
+from funcam._src.base import as_features
+from funcam._src.core import rules
 from funcam._src.core.split import Features
 from conftest import make_input, make_model
 
@@ -48,6 +50,37 @@ def test_pooled_head_equals_general_path(name, method):
         kw = {"top_k": 3} if form == "top_k" else {}
         _agree(funcam.cam(sp, x, make(), method=method, relu=False, **kw),
                funcam.cam(general, x, make(), method=method, relu=False, **kw))
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "resnet18"])
+def test_pooled_elementwise_is_two_products_of_signed_parts(name):
+    """Element-wise Grad-CAM on the pooled path: sum_c relu(v_c A_c) as relu(v) relu(A) + min(v, 0) min(A, 0)
+    channel sums. Against the general rule looped over classes on the broadcast gradient, with gradients of
+    both signs; convnext's features are signed too (LayerNorm, no ReLU at the cut), so the negative-times-
+    negative term is exercised there; resnet's are post-ReLU (that term is then zero)."""
+    model = make_model(name, dtype=torch.float64)
+    x = make_input(name, batch=3, dtype=torch.float64)
+    sp = funcam.split(model)
+    assert sp.pooled is not None
+    (a,) = as_features(sp.extract(x))[0].maps  # (B, C, h, w)
+    a = a.detach()
+    b, c, h, w = a.shape
+    v = torch.randn(b, 5, c, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = rules.pooled_elementwise(v, a)
+    want = torch.stack([rules.elementwise(v[:, k, :, None, None].expand(b, c, h, w), a) for k in range(5)], dim=1)
+    assert torch.count_nonzero(want) > 0
+    torch.testing.assert_close(got, want, atol=1e-12 * float(want.abs().max()), rtol=0)
+    negative = rules.channel_sum(v.clamp(max=0), a.clamp(max=0))
+    assert bool((a < 0).any()) == (name == "convnext_atto") and bool((negative != 0).any()) == (name == "convnext_atto")
+    # the engine: the pooled path equals the general one with the model's own gradients, relu off and on (the
+    # map is a sum of ReLUs: relu=True changes nothing)
+    general = sp._replace(pooled=None)
+    classes = torch.tensor([[0, 3, 7, 3], [9, 1, 1, 4], [2, 8, 5, 6]])
+    for relu in (False, True):
+        _agree(funcam.cam(sp, x, classes, method="elementwise", relu=relu),
+               funcam.cam(general, x, classes, method="elementwise", relu=relu))
+    off = funcam.cam(sp, x, torch.arange(10), method="elementwise", relu=False).maps
+    assert torch.equal(off, funcam.cam(sp, x, torch.arange(10), method="elementwise").maps) and bool((off >= 0).all())
 
 
 @pytest.mark.parametrize("pool", ["max", "avgmax"])

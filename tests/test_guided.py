@@ -14,8 +14,10 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcam
-from conftest import make_input, make_model
+from conftest import make_input, make_model, record_vmap_chunks
 from funcam import guided_backprop, guided_gradcam
+from funcam._src.core.engine import DEFAULT_MAX_MEMORY, auto_chunk_size
+from funcam._src.core.guided import GUIDED_BYTES_PER_INPUT_BYTE
 
 CLASSES = torch.tensor([[1, 5, 7], [7, 0, 2], [3, 3, 9]])  # (B, K) per image, a repeated class included
 
@@ -149,6 +151,46 @@ def test_guided_gradcam_is_product():
     layer = guided_gradcam(model, x, CLASSES, layer="layer3")
     cam3 = funcam.upsample(funcam.gradcam(funcam.split(model, "layer3"), x, CLASSES), (64, 64))
     torch.testing.assert_close(layer, guided_backprop(model, x, CLASSES) * cam3.unsqueeze(2), atol=1e-10, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("which", ["guided_backprop", "guided_gradcam"])
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_max_memory_chunks_equal_unchunked(which, k, monkeypatch):
+    """max_memory picks the chunk size of the guided vmap (recorded at the engine); every budget gives the
+    chunk_size=K maps. Guided Grad-CAM's second vmap is Grad-CAM's on the average-pool fast path (one per chunk)."""
+    model, x = make_model("resnet18", dtype=torch.float64), make_input("resnet18", dtype=torch.float64)
+    classes = torch.tensor([[1, 5, 7, 0, 9][:k], [7, 0, 2, 2, 3][:k]])  # per image, a repeat in the second
+    fn = {"guided_backprop": guided_backprop, "guided_gradcam": guided_gradcam}[which]
+    per = GUIDED_BYTES_PER_INPUT_BYTE * x.numel() * 8  # 64 bytes per float64 input byte: 12.6 MB at (2, 3, 64, 64)
+    with torch.no_grad():
+        full = fn(model, x, classes, chunk_size=k)
+        assert torch.count_nonzero(full) > 0
+        for budget, want in ((1, 1), (2 * per + per // 2, 2), (k * per, None), (None, None)):
+            with record_vmap_chunks(monkeypatch) as chunks:
+                got = fn(model, x, classes, max_memory=budget)
+            # Grad-CAM's (B, C) gradients are small: one class per chunk only below one class's worth
+            cams = ([1] * k if budget == 1 else [k]) if which == "guided_gradcam" else []
+            assert chunks == [want] + cams, (budget, chunks)
+            torch.testing.assert_close(got, full, rtol=0, atol=1e-12 * float(full.abs().max()), msg=str(budget))
+        with record_vmap_chunks(monkeypatch) as chunks:
+            cam = funcam.cam(funcam.split(model), x, classes, method=which, chunk_size=k, max_memory=1)
+        assert chunks[0] == k and torch.equal(cam.maps, full)  # an explicit chunk_size wins over the budget
+    # resnet18 at 224, B = 2 (77 MB a class, over half the default budget): the default runs the floor, one
+    # backward per class
+    assert 2 * GUIDED_BYTES_PER_INPUT_BYTE * 2 * 3 * 224 * 224 * 4 > DEFAULT_MAX_MEMORY
+    assert auto_chunk_size(GUIDED_BYTES_PER_INPUT_BYTE * 2 * 3 * 224 * 224 * 4, 100, None) == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_bad_max_memory(bad):
+    model, x = make_model("resnet18"), make_input("resnet18")
+    for call in (lambda **o: guided_backprop(model, x, [1, 2], **o), lambda **o: guided_gradcam(model, x, [1, 2], **o),
+                 lambda **o: funcam.cam(model, x, [1, 2], method="guided_backprop", **o)):
+        for opts in ({}, {"chunk_size": 1}):
+            with pytest.raises(ValueError, match=r"max_memory must be None or a positive number of bytes"):
+                call(max_memory=bad, **opts)
 
 
 @pytest.mark.parametrize("which", ["guided_backprop", "guided_gradcam"])

@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from conftest import make_input, make_model
+from conftest import make_input, make_model, record_vmap_chunks
 import funcam
 from funcam import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
+from funcam._src.core.engine import DEFAULT_MAX_MEMORY, auto_chunk_size
+from funcam._src.core.rollout import relevance_bytes_per_class, source, token_width
 
 VITS = ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"]
 NPRE = {"vit_tiny_patch16_224": 1, "deit_tiny_distilled_patch16_224": 2, "vit_small_patch14_reg4_dinov2": 5}
@@ -210,6 +212,60 @@ def test_relevance_grad_mode_chunks_are_checkpointed_and_exact():
     (g_many,) = torch.autograd.grad((many * weights).sum(), w)
     assert torch.count_nonzero(g_one) > 0
     torch.testing.assert_close(g_many, g_one, atol=1e-7, rtol=1e-4)
+
+
+def test_relevance_bytes_per_class_counts_taps_and_tokens():
+    """The estimate behind max_memory, counted by hand for vit_tiny at 64x64 (12 blocks, 3 heads, N = 1 + 4x4):
+    two (B, heads, N, N) per block kept, four of one block in flight, eight (B, N, 768) token gradients (768: the
+    MLP's hidden width, the widest Linear)."""
+    model, x = make_model("vit_tiny_patch16_224", dtype=torch.float64), make_input("vit_tiny_patch16_224", dtype=torch.float64)
+    taps = source(model, x).taps(x)
+    assert len(taps) == 12 and taps[0].shape == (2, 3, 17, 17) and token_width(model) == 768
+    probs = 2 * 3 * 17 * 17 * 8
+    assert relevance_bytes_per_class(taps, x, token_width(model)) == 2 * 12 * probs + 4 * probs + 8 * 2 * 17 * 768 * 8
+    # vit_small at 224, B = 8 (the issue's 11 GB at K = 100): over the default budget already at one class, so
+    # the default runs one class per chunk, the floor (one backward per class)
+    per = relevance_bytes_per_class(tuple(torch.empty(8, 6, 197, 197, device="meta") for _ in range(12)),
+                                    torch.empty(8, 3, 224, 224, device="meta"), 1536)
+    assert per > DEFAULT_MAX_MEMORY and auto_chunk_size(per, 100, None) == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("rule", ["grad_rollout", "chefer"])
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_relevance_max_memory_chunks_equal_unchunked(rule, k, monkeypatch):
+    """max_memory picks the chunk size (recorded at the engine's vmap); every budget gives the chunk_size=K maps."""
+    name = "vit_tiny_patch16_224"
+    model, x = peaky(name, torch.float64), make_input(name, batch=2, dtype=torch.float64)
+    classes = torch.tensor([[1, 4, 7, 0, 9][:k], [7, 0, 3, 3, 2][:k]])  # per image, a repeat in the second
+    per = relevance_bytes_per_class(source(model, x).taps(x), x, token_width(model))
+    fn = {"grad_rollout": grad_rollout, "chefer": chefer_relevance}[rule]
+    with torch.no_grad():
+        full = fn(model, x, classes, chunk_size=k)
+        assert torch.count_nonzero(full) > 0 and full.flatten(2).std(dim=-1).min() > 0
+        # a budget below one class: one per chunk; two and a half classes' worth: two; all K's worth, or the
+        # default (the tiny model's classes are small): no chunking
+        for budget, want in ((1, [1]), (2 * per + per // 2, [2]), (k * per, [None]), (None, [None])):
+            with record_vmap_chunks(monkeypatch) as chunks:
+                got = fn(model, x, classes, max_memory=budget)
+            assert chunks == want, (budget, chunks)
+            # float64: the vmapped matmuls block their rows differently per chunk, so rounding, not bits
+            torch.testing.assert_close(got, full, rtol=0, atol=1e-12 * float(full.abs().max()), msg=str(budget))
+        with record_vmap_chunks(monkeypatch) as chunks:
+            cam = funcam.cam(model, x, classes, method=rule, chunk_size=k, max_memory=1)  # chunk_size wins
+        assert chunks == [k] and torch.equal(cam.maps, full)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_relevance_bad_max_memory(bad):
+    vit, x = make_model("vit_tiny_patch16_224"), make_input("vit_tiny_patch16_224")
+    for call in (lambda **o: grad_rollout(vit, x, [1, 2], **o), lambda **o: chefer_relevance(vit, x, [1, 2], **o),
+                 lambda **o: funcam.cam(vit, x, [1, 2], method="chefer", **o)):
+        with pytest.raises(ValueError, match=r"max_memory must be None or a positive number of bytes"):
+            call(max_memory=bad)
+        with pytest.raises(ValueError, match=r"max_memory must be None or a positive number of bytes"):
+            call(max_memory=bad, chunk_size=1)
 
 
 def test_bad_input():

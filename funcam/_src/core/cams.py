@@ -41,10 +41,13 @@ def cam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, me
         guided_gradcam.
     relu: CAM methods: ReLU at feature resolution (before any upsampling); ``False`` gives signed maps.
     chunk_size: classes per vmapped chunk, bounding memory to about ``chunk_size`` gradients at once;
-        None chooses it from ``max_memory`` (CAM methods) or runs all classes at once.
+        None chooses it from ``max_memory``.
     max_memory: bytes of per-class tensors allowed at once when ``chunk_size`` is None (default 128 MiB): the
         general path's (B, C, h, w) gradients, or the average-pool fast path's (B, C) gradients with the
-        rule's temporaries; a bound on what funcam adds, not on the model's own forward.
+        rule's temporaries; for grad_rollout and chefer, each class's gradients at every attention layer's
+        probabilities (B, heads, N, N) and its token activation gradients (B, N, width); for the guided
+        methods, each class's input gradient (B, C, H, W) and its backward's activation gradients (64 bytes
+        per input byte). A bound on what funcam adds, not on the model's own forward.
 
     Returns ``CAM(maps, classes (B, K) or None for a callable, logits (B, N))``: maps ``(B, K, h, w)``; a tuple
     of them for a multi-layer split (fuse them with ``funcam.fuse``); ``(B, K, C, H, W)`` for the guided methods.
@@ -61,13 +64,13 @@ def cam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, me
                                else torch.relu(out.maps))
         return out
     if m.kind == "relevance":
-        return relevance(model_or_split, x, classes, m.rule, top_k, chunk_size)
+        return relevance(model_or_split, x, classes, m.rule, top_k, chunk_size, max_memory)
     if m.kind == "rollout":
         return rollout_cam(model_or_split, x, classes, top_k)
     if m.name == "guided_backprop":
-        return guided_backprop_cam(model_or_split, x, classes, top_k, chunk_size)
+        return guided_backprop_cam(model_or_split, x, classes, top_k, chunk_size, max_memory)
     sp = model_or_split if isinstance(model_or_split, Split) else make_split(model_or_split)
-    return guided_gradcam_cam(sp, x, classes, top_k, chunk_size)
+    return guided_gradcam_cam(sp, x, classes, top_k, chunk_size, max_memory)
 
 
 def gradcam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
@@ -135,50 +138,64 @@ def argmax_channel(model_or_split: Split | nn.Module, x: Tensor, classes: Any = 
 
 
 def grad_rollout(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, top_k: int | None = None,
-                 chunk_size: int | None = None) -> Tensor:
+                 chunk_size: int | None = None, max_memory: int | None = None) -> Tensor:
     """Gradient-weighted attention rollout: x (B, 3, H, W) -> maps (B, K, h, w) on the token grid.
 
     Per attention layer: Abar = (mean over heads of d score_k / dA * A)^+, then (Abar + I) / 2 rows normalised,
     rolled out in forward order; the readout (CLS) row's patch columns. Any transformer whose attention goes
     through ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention`` or an explicit softmax; pass
     ``funcam.split(model)`` to reuse its captured graph. classes / top_k / chunk_size as in ``funcam.cam``.
+    max_memory: bytes (default 128 MiB) of what the vmapped classes hold at once when ``chunk_size`` is None:
+    per class, its gradients at every layer's attention probabilities (B, heads, N, N) and its token activation
+    gradients (B, N, width), N = prefix + h*w tokens.
     Differentiable w.r.t. the parameters when grad mode is on (each chunk of classes checkpointed).
     """
-    return cam(model_or_split, x, classes, method="grad_rollout", top_k=top_k, chunk_size=chunk_size).maps
+    return cam(model_or_split, x, classes, method="grad_rollout", top_k=top_k, chunk_size=chunk_size,
+               max_memory=max_memory).maps
 
 
 def chefer_relevance(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *,
-                     top_k: int | None = None, chunk_size: int | None = None) -> Tensor:
+                     top_k: int | None = None, chunk_size: int | None = None,
+                     max_memory: int | None = None) -> Tensor:
     """Chefer et al. 2021 relevance: x (B, 3, H, W) -> maps (B, K, h, w) on the token grid.
 
     R = I; per attention layer in forward order R = R + mean_heads((d score_k / dA * A)^+) @ R; the readout
-    (CLS) row's patch columns. Models and arguments as ``grad_rollout``.
+    (CLS) row's patch columns. Models and arguments (max_memory included) as ``grad_rollout``.
     """
-    return cam(model_or_split, x, classes, method="chefer", top_k=top_k, chunk_size=chunk_size).maps
+    return cam(model_or_split, x, classes, method="chefer", top_k=top_k, chunk_size=chunk_size,
+               max_memory=max_memory).maps
 
 
 def guided_backprop(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *,
-                    top_k: int | None = None, chunk_size: int | None = None) -> Tensor:
+                    top_k: int | None = None, chunk_size: int | None = None,
+                    max_memory: int | None = None) -> Tensor:
     """Guided Backprop (Springenberg et al. 2015): x (B, C, H, W) -> gradients (B, K, C, H, W) for K classes.
 
     d score_k / dx with every ReLU's backward replaced by the guided rule (positive gradient where the forward
     input was positive); the model is not modified. ValueError for a model whose forward calls no ReLU.
-    classes / top_k / chunk_size as in ``funcam.cam``. Call under ``torch.no_grad()`` unless the gradients
-    themselves must be differentiated.
+    classes / top_k / chunk_size as in ``funcam.cam``. max_memory: bytes (default 128 MiB) of what the vmapped
+    classes hold at once when ``chunk_size`` is None: per class, its input gradient (B, C, H, W) and the
+    activation gradients of its backward, counted as 64 bytes per byte of x. Call under ``torch.no_grad()``
+    unless the gradients themselves must be differentiated.
     """
-    return cam(model_or_split, x, classes, method="guided_backprop", top_k=top_k, chunk_size=chunk_size).maps
+    return cam(model_or_split, x, classes, method="guided_backprop", top_k=top_k, chunk_size=chunk_size,
+               max_memory=max_memory).maps
 
 
 def guided_gradcam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *,
-                   top_k: int | None = None, layer: str | None = None, chunk_size: int | None = None) -> Tensor:
+                   top_k: int | None = None, layer: str | None = None, chunk_size: int | None = None,
+                   max_memory: int | None = None) -> Tensor:
     """Guided Grad-CAM (Selvaraju et al. 2017, sec. 3.1): x (B, C, H, W) -> (B, K, C, H, W).
 
     Guided Backprop times Grad-CAM (ReLU'd, at ``layer`` as in ``funcam.split``, or on a given
     ``funcam.split(model, layer)``) upsampled bilinearly to (H, W); both for the same class indices.
+    max_memory bounds the Guided Backprop vmap as in ``guided_backprop`` and the Grad-CAM one as in
+    ``funcam.gradcam``.
     """
     if isinstance(model_or_split, Split):
         if layer is not None:
             raise ValueError("give layer= to funcam.split, not to guided_gradcam, when it is given a Split")
     else:
         model_or_split = make_split(_guard.unwrap(model_or_split), layer)
-    return cam(model_or_split, x, classes, method="guided_gradcam", top_k=top_k, chunk_size=chunk_size).maps
+    return cam(model_or_split, x, classes, method="guided_gradcam", top_k=top_k, chunk_size=chunk_size,
+               max_memory=max_memory).maps

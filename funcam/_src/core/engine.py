@@ -66,11 +66,15 @@ def auto_chunk_size(per_class_bytes: int, k: int, max_memory: int | None) -> int
     None (no chunking) when all ``k`` classes fit. The estimate counts the gradient at the maps and a few
     same-sized temporaries; it bounds what funcam allocates, not what the model's own vjp needs.
     """
+    _check_max_memory(max_memory)
     budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"max_memory must be None or a positive number of bytes, got {max_memory!r}")
     chunk = max(1, budget // max(1, per_class_bytes))
     return None if chunk >= k else chunk
+
+
+def _check_max_memory(max_memory: Any) -> None:
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1):
+        raise ValueError(f"max_memory must be None or a positive number of bytes, got {max_memory!r}")
 
 
 def _check_chunk(chunk_size: Any) -> None:
@@ -92,6 +96,7 @@ def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: 
     instead of K reverse ones (``_shift_jacobian_maps``); not when ``chunk_size`` asks for the per-class path.
     """
     _check_chunk(chunk_size)
+    _check_max_memory(max_memory)  # also when chunk_size wins: a bad budget is an error either way
     if callable(classes) and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
     return _class_maps(split, x, classes, reduce, top_k, chunk_size, weights, pooled_reduce, max_memory,
@@ -251,22 +256,26 @@ def logits_or_output(out: Any) -> Any:
 
 def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
               reduce: Callable[[tuple[Tensor, ...], Any], Tensor], *, top_k: int | None, chunk_size: int | None,
-              empty: Callable[[int], Tensor]) -> CAM:
+              empty: Callable[[int], Tensor], per_class_bytes: int, max_memory: int | None = None) -> CAM:
     """``reduce(d score_k / d primals, aux)`` for every class k in one vjp vmapped over one-hot cotangents.
 
     For explanations whose inputs are not feature maps (attention relevance, guided input gradients).
     forward(*primals) -> (logits (B, N), aux). reduce(grads, aux) -> per-class map (B, ...), run under vmap.
     empty(B) -> (B, 0, ...) for K == 0. Returns CAM(maps (B, K, ...), classes (B, K) or None, logits).
+    per_class_bytes: the caller's estimate of what one vmapped class holds (its gradients at the primals, the
+    backward's per-class activation gradients, reduce's temporaries); with ``chunk_size`` None, the classes run
+    in chunks of ``auto_chunk_size(per_class_bytes, K, max_memory)``.
     """
     _check_chunk(chunk_size)
+    _check_max_memory(max_memory)
     if callable(classes) and top_k is not None:
         raise ValueError("top_k does not apply when classes is a callable")
-    return _class_vjp(forward, primals, classes, reduce, top_k, chunk_size, empty)
+    return _class_vjp(forward, primals, classes, reduce, top_k, chunk_size, empty, per_class_bytes, max_memory)
 
 
 def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
                reduce: Callable[[tuple[Tensor, ...], Any], Tensor], top_k: int | None, chunk_size: int | None,
-               empty: Callable[[int], Tensor]) -> CAM:
+               empty: Callable[[int], Tensor], per_class_bytes: int, max_memory: int | None) -> CAM:
     score_fn = classes if callable(classes) else None
 
     def scores(*p: Tensor) -> tuple[Tensor, tuple[Any, Any]]:
@@ -281,6 +290,8 @@ def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor
     if idx.shape[1] == 0:
         return CAM(empty(idx.shape[0]), picked, logits)
     cot = _one_hot(idx, out.shape[1], out.dtype)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(per_class_bytes, cot.shape[0], max_memory)
     per_class = torch.func.vmap(lambda ct: reduce(vjp_fn(ct), aux), chunk_size=chunk_size)
     if chunk_size is not None and chunk_size < cot.shape[0] and _keeps_graph(primals + (logits,)):
         # differentiable maps: checkpoint each chunk, as the CAM path does, so K classes' backward graphs are not

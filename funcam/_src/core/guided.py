@@ -93,11 +93,21 @@ class _GuidedReLUMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# Bytes one vmapped class of Guided Backprop holds, per byte of the input x (B, C, H, W): its input gradient and
+# the activation gradients of the layer its backward is in. Measured as the resident memory per extra class in
+# one unchunked vmap at 224x224, B = 2: resnet18 45x (about eight (B, 64, H/2, W/2) stem-sized gradients at
+# once), vgg11 33x; a ReLU CNN's widest activation is rarely above 21x the input (VGG's 64 channels at full
+# resolution), so 64 leaves room for architectures not measured.
+GUIDED_BYTES_PER_INPUT_BYTE = 64
+
+
 def guided_backprop_cam(target: nn.Module | Split, x: Tensor, classes: Any, top_k: int | None = None,
-                        chunk_size: int | None = None) -> CAM:
+                        chunk_size: int | None = None, max_memory: int | None = None) -> CAM:
     """Guided Backprop (Springenberg et al. 2015): ``CAM(maps = d score_k / dx (B, K, C, H, W) with every ReLU's
     backward replaced by the guided rule, classes, logits)``; one forward, one vjp, vmapped over the K one-hot
-    cotangents. Raises ValueError for a model whose forward calls no ReLU (see the module docstring)."""
+    cotangents in chunks bounded by ``max_memory`` (``GUIDED_BYTES_PER_INPUT_BYTE`` x the input's bytes per
+    class) unless ``chunk_size`` is given. Raises ValueError for a model whose forward calls no ReLU (see the
+    module docstring)."""
     model = _guard.unwrap(target.module if isinstance(target, Split) else target)
 
     def forward(inp: Tensor) -> tuple[Tensor, tuple]:
@@ -112,20 +122,21 @@ def guided_backprop_cam(target: nn.Module | Split, x: Tensor, classes: Any, top_
         return logits, ()
 
     return class_vjp(forward, (x,), classes, lambda grads, _: grads[0], top_k=top_k, chunk_size=chunk_size,
-                     empty=lambda b: x.new_zeros((b, 0) + tuple(x.shape[1:])))
+                     empty=lambda b: x.new_zeros((b, 0) + tuple(x.shape[1:])), max_memory=max_memory,
+                     per_class_bytes=GUIDED_BYTES_PER_INPUT_BYTE * x.numel() * x.element_size())
 
 
 def guided_gradcam_cam(split: Split, x: Tensor, classes: Any, top_k: int | None = None,
-                       chunk_size: int | None = None) -> CAM:
+                       chunk_size: int | None = None, max_memory: int | None = None) -> CAM:
     """Guided Grad-CAM (Selvaraju et al. 2017, sec. 3.1): Guided Backprop times Grad-CAM (ReLU'd, at the split's
     cut) upsampled bilinearly to (H, W): ``CAM(maps (B, K, C, H, W), classes, logits)``. Both explain the same
     class indices: those resolved from the guided forward's logits (a ``classes`` callable is passed to both and
-    scored on the same logits)."""
-    gb = guided_backprop_cam(split, x, classes, top_k, chunk_size)
+    scored on the same logits). ``max_memory`` bounds each of the two vmaps in turn."""
+    gb = guided_backprop_cam(split, x, classes, top_k, chunk_size, max_memory)
     same = classes if gb.classes is None else gb.classes
     gc = methods.TABLE["gradcam"]
     cams = class_maps(split, x, same, gc.rule, chunk_size=chunk_size, weights=gc.weights, pooled_reduce=gc.pooled,
-                      mean_rule=gc.mean).maps
+                      mean_rule=gc.mean, max_memory=max_memory).maps
     if isinstance(cams, tuple):
         raise ValueError(f"guided_gradcam takes one layer, got a split at {list(split.layers)}")
     return gb._replace(maps=gb.maps * upsample(torch.relu(cams), x.shape[-2:]).unsqueeze(2))

@@ -251,11 +251,12 @@ def rollout_cam(model: Any, x: Tensor, classes: Any, top_k: int | None) -> CAM:
 
 
 def relevance(model: Any, x: Tensor, classes: Any, step: Callable[[Tensor, Tensor, Tensor], Tensor],
-              top_k: int | None = None, chunk_size: int | None = None) -> CAM:
+              top_k: int | None = None, chunk_size: int | None = None, max_memory: int | None = None) -> CAM:
     """Class-specific attention relevance: per attention layer, from the last to the first,
     ``row <- step(row, d score_k / dA_l, A_l)`` on the readout row; the maps are its patch columns on the token
     grid, ``(B, K, h, w)``. One forward, one vjp at zero-valued taps on the probabilities, vmapped over the K
-    one-hot cotangents (``funcam.cam`` with ``method="grad_rollout"`` or ``"chefer"``)."""
+    one-hot cotangents (``funcam.cam`` with ``method="grad_rollout"`` or ``"chefer"``), in chunks of classes
+    bounded by ``max_memory`` (``relevance_bytes_per_class``) unless ``chunk_size`` is given."""
     src = source(model, x)
     b = x.shape[0]
     gh, gw = src.grid
@@ -270,7 +271,32 @@ def relevance(model: Any, x: Tensor, classes: Any, step: Callable[[Tensor, Tenso
         return _to_grid(src, row[:, 0])
 
     return class_vjp(lambda *d: src.run(x, d), deltas, classes, reduce, top_k=top_k, chunk_size=chunk_size,
-                     empty=lambda bb: x.new_zeros(bb, 0, gh, gw))
+                     empty=lambda bb: x.new_zeros(bb, 0, gh, gw), max_memory=max_memory,
+                     per_class_bytes=relevance_bytes_per_class(deltas, x, token_width(src.module)))
+
+
+def relevance_bytes_per_class(taps: tuple[Tensor, ...], x: Tensor, width: int) -> int:
+    """What one vmapped class of ``relevance`` holds at its peak, in bytes (conservative).
+
+    taps: the L zero taps (B, heads, N, N); x: the input, for its dtype; width: the widest per-token activation
+    (``token_width``). Counted: the class's gradient at every tap, all L kept until the readout row is folded,
+    and as much again (the softmax backward's gradient at each block's probabilities, and the rule's products);
+    four more (B, heads, N, N) of the block in flight; eight (B, N, width) token activation gradients (the
+    residual stream's and the MLP's). Calibrated on vit_small at 224 and 112 pixels, 6 and 12 blocks (resident
+    memory per extra class in one unchunked vmap at B = 2: 28, 48 and 7.6 MiB; this gives 47, 68 and 7.9 MiB).
+    """
+    b, n = x.shape[0], taps[0].shape[-1]
+    grads = sum(t.numel() * t.element_size() for t in taps)
+    block = max(t.numel() * t.element_size() for t in taps)
+    return 2 * grads + 4 * block + 8 * b * n * width * x.element_size()
+
+
+def token_width(model: nn.Module) -> int:
+    """The widest per-token activation of a transformer, taken as its widest ``nn.Linear`` (in or out features):
+    the MLP's hidden layer in ViTs (a classifier wider than that only makes the estimate more conservative).
+    Without any Linear, the largest dimension of any weight (conservative again)."""
+    linear = [max(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    return max(linear) if linear else max((max(p.shape) for p in model.parameters() if p.ndim >= 2), default=1)
 
 
 def grad_rollout_step(row: Tensor, g: Tensor, a: Tensor) -> Tensor:

@@ -112,10 +112,14 @@ def pooled_xgradcam(v: Tensor, a: Tensor) -> Tensor:
     return channel_sum(v * s / (s + XGRADCAM_EPS), a)
 
 
-def pooled_elementwise(v: Tensor, a: Tensor, chunk: int = 16) -> Tensor:
-    """sum_c relu(v_c A_c): not a product, so formed K-chunk by K-chunk to bound the (B, k, C, h, w) temporary."""
-    parts = [torch.relu(vk[..., None, None] * a.unsqueeze(1)).sum(dim=2) for vk in v.split(chunk, dim=1)]
-    return torch.cat(parts, dim=1) if parts else v.new_zeros((a.shape[0], 0) + tuple(a.shape[2:]))
+def pooled_elementwise(v: Tensor, a: Tensor) -> Tensor:
+    """Element-wise Grad-CAM with g = v: sum_c relu(v_c A_c) = sum_c relu(v_c) relu(A_c) + min(v_c, 0) min(A_c, 0).
+
+    The product is positive exactly where both factors have the same sign, and is then the product of their
+    positive parts or of their negative parts; so the map is two channel sums, two (K, C) x (C, h w) products
+    per image, and the (B, K, C, h, w) product of the general rule never exists.
+    """
+    return channel_sum(torch.relu(v), torch.relu(a)) + channel_sum(v.clamp(max=0), a.clamp(max=0))
 
 
 def pooled_argmax_channel(v: Tensor, a: Tensor) -> Tensor:
