@@ -39,6 +39,17 @@ def make_model(name: str, num_classes: int = 10, dtype: torch.dtype = torch.floa
     return model.to(dtype).eval()
 
 
+def noised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every all-zero floating parameter with small noise: zero-initialised heads, layer scales and post-norms
+    would make a zero map the weights' doing, not funcam's."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and not bool(p.any()):
+                p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
 def make_input(name: str, batch: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     h, w = FAMILIES[name][1]
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)

@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision.models.convnext import CNBlockConfig
 
 import funcam
+from tests.conftest import noised
 from tests._oracle import cut_loop as cut_oracle, rule
 
 transformers = pytest.importorskip("transformers")
@@ -205,17 +206,6 @@ FAMILIES: dict[str, Family] = {
 }
 TIMM_FEATURES_ROUTE = {"timm_mambaout", "timm_swinv2", "timm_tresnet"}  # forward_features, not a submodule
 NOT_GRAPH_ROUTE = TIMM_FEATURES_ROUTE | {"timm_deit3"}  # timm's own splits: no capture, no example=
-
-
-def noised(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every all-zero floating parameter with small noise: zero-initialised heads, layer scales and post-norms
-    would make a zero map the weights' doing, not funcam's."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and not bool(p.any()):
-                p.add_(0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
 
 
 def make(build: Callable[[], nn.Module], size: tuple[int, int], seed: int = 0) -> tuple[nn.Module, Tensor]:

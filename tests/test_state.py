@@ -30,7 +30,7 @@ from torch import nn
 
 import funcam
 from funcam.explain import METHOD_NAMES, explain
-from tests.conftest import make_input, make_model
+from tests.conftest import make_input, make_model, record_vmap_chunks
 
 ATTENTION = ("rollout", "grad-rollout", "chefer")
 CNN_NAMES = [n for n in METHOD_NAMES if n not in ATTENTION]  # every CAM method + guided ones
@@ -66,21 +66,6 @@ SPLITS = {  # name -> (family, Split builder); the assertion in the test says wh
 }
 
 
-@contextlib.contextmanager
-def _record_vmap_chunks(monkeypatch):
-    """Records the ``chunk_size`` of every ``torch.func.vmap`` the engine makes."""
-    seen: list = []
-    real = torch.func.vmap
-
-    def spy(fn, *args, chunk_size=None, **kwargs):
-        seen.append(chunk_size)
-        return real(fn, *args, chunk_size=chunk_size, **kwargs)
-
-    with monkeypatch.context() as m:
-        m.setattr(torch.func, "vmap", spy)
-        yield seen
-
-
 @pytest.mark.parametrize("method", funcam.METHODS)
 @pytest.mark.parametrize("where", sorted(SPLITS))
 def test_chunked_maps_equal_unchunked(where, method, monkeypatch):
@@ -96,7 +81,7 @@ def test_chunked_maps_equal_unchunked(where, method, monkeypatch):
         variants = {"chunk_size=1": {"chunk_size": 1}, "chunk_size=3": {"chunk_size": 3},
                     "max_memory=1": {"max_memory": 1}, "max_memory default": {}}
         for name, opts in variants.items():
-            with _record_vmap_chunks(monkeypatch) as chunks:
+            with record_vmap_chunks(monkeypatch) as chunks:
                 got = funcam.cam(sp, x, classes, method=method, relu=False, **opts)
             if name == "max_memory=1":  # a budget below one class's tensors means one class per chunk
                 # (one vmap on the general path; the fast path maps chunk by chunk, one vmap per chunk)
