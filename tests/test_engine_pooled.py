@@ -1,6 +1,7 @@
 """The fast paths are pinned to the general path's numbers (float64, all methods, every form of ``classes``).
 
-- pooled heads (global average pooling first): weights from the classifier's rows, maps from one product;
+- pooled heads (global average pooling first): weights from the classifier's rows, maps from one product; found
+  on timm's ``forward_head`` and, from the graph and a numeric probe, on graph-route and FX cuts;
 - CLS-pooled ViTs: only the prefix tokens' attention rows in the head, keys/values re-associated;
 - automatic chunking from ``max_memory``.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+import torchvision
+from torch import nn
 
 import funcam
 from funcam._src.cuts.timm import _cat
@@ -16,6 +19,9 @@ from funcam._src.cuts.attention import attend
 from funcam._src.base import as_features
 from funcam._src.core import rules
 from funcam._src.core.split import Features
+from funcam._src.core import engine
+from funcam._src.cuts.pooled import averages_first
+from _oracle import loop_cams
 from conftest import make_input, make_model
 
 POOLED = ["resnet18", "convnext_atto", "tf_efficientnet_lite0", "regnetx_002", "mobilenetv3_small_050", "densenet121"]
@@ -53,6 +59,101 @@ def test_pooled_head_equals_general_path(name, method):
 
 
 @pytest.mark.parametrize("name", ["convnext_atto", "resnet18"])
+def _tv_resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).to(torch.float64).eval()
+
+
+def _x(batch=3, size=64, channels=3):
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def cut_splits():
+    """torchvision resnet18 cut at its last stage by the three routes that previously never got ``pooled``: the
+    graph route captured on first use, the graph route captured at ``example=``, FX (a node name)."""
+    model = _tv_resnet18()
+    return model, {"graph": funcam.split(model, "layer4"),
+                   "graph_example": funcam.split(model, "layer4", example=_x()),
+                   "fx": funcam.split(model, "layer4_1_relu_1")}
+
+
+def _pooled_of(sp, x):
+    """What the engine sees: the static ``Pooled``, or the graph route's lookup for x's capture."""
+    return sp.pooled(sp.extract(x)) if callable(sp.pooled) else sp.pooled
+
+
+@pytest.mark.parametrize("route", ["graph", "graph_example", "fx"])
+@pytest.mark.parametrize("method", funcam.METHODS)
+def test_graph_and_fx_cuts_take_the_pooled_path(cut_splits, route, method, monkeypatch):
+    """Issue 18: a torchvision head (adaptive average pool -> flatten -> fc) is found pooled from its graph and a
+    numeric probe, and the fast path gives the general path's maps for every form of ``classes``."""
+    _, splits = cut_splits
+    sp, x = splits[route], _x()
+    assert sp.pooled is not None and _pooled_of(sp, x) is not None
+    taken = []
+    real = engine._pooled_maps
+    monkeypatch.setattr(engine, "_pooled_maps", lambda *a, **k: taken.append(1) or real(*a, **k))
+    general = sp._replace(pooled=None)
+    for form, make in CLASS_FORMS.items():
+        kw = {"top_k": 3} if form == "top_k" else {}
+        fast = funcam.cam(sp, x, make(), method=method, relu=False, **kw)
+        n = len(taken)
+        _agree(fast, funcam.cam(general, x, make(), method=method, relu=False, **kw))
+        assert len(taken) == n > 0, f"{form}: the fast path must be taken for the pooled split only"
+
+
+class _Head(nn.Module):
+    """conv (the cut) then one of the heads that must keep the general path, on 3x8x8 inputs."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.skip = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(4 * 64 if kind == "flatten" else 4, 5)
+
+    def forward(self, x):
+        a = self.conv(x)
+        if self.kind == "max":
+            return self.fc(torch.flatten(nn.functional.adaptive_max_pool2d(a, 1), 1))
+        if self.kind == "flatten":
+            return self.fc(torch.flatten(a, 1))
+        # a skip over the cut: the cut value is only averaged, but the head also reads a value from before it
+        return self.fc(a.mean((2, 3)) + self.skip(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["max", "flatten", "skip"])
+def test_heads_that_do_not_only_average_the_cut_keep_the_general_path(kind):
+    model = _Head(kind).to(torch.float64).eval()
+    x = _x(size=8)
+    splits = [funcam.split(model, "conv", example=x), funcam.split(model, "conv"),
+              funcam.split(model, "conv", tracer_leaves=(nn.Conv2d,))]  # graph now, graph on first use, FX
+    assert splits[0].pooled is None and splits[2].pooled is None
+    for sp in splits:
+        assert _pooled_of(sp, x) is None
+        got = funcam.cam(sp, x, [0, 3], method="gradcampp", relu=False).maps
+        want = loop_cams(sp, x, lambda out: out[:, [0, 3]], "gradcampp")
+        assert torch.count_nonzero(want) > 0
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-8)
+
+
+def test_average_probe_refuses_position_dependent_heads():
+    """The numeric half of the check on its own: heads written as functions of a (2, 4, 3, 5) map."""
+    like = torch.zeros(2, 4, 3, 5, dtype=torch.float64)
+    w = torch.randn(4 * 15, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert averages_first(lambda a: a.mean((2, 3)) @ w[:4], like)
+    assert averages_first(lambda a: nn.functional.adaptive_avg_pool2d(a, 1).flatten(1).tanh() @ w[:4], like)
+    assert not averages_first(lambda a: a.amax((2, 3)) @ w[:4], like)
+    assert not averages_first(lambda a: a.flatten(1) @ w, like)
+    assert not averages_first(lambda a: a.relu().mean((2, 3)) @ w[:4], like)  # an op before the average
+    # positions weighted by a ramp averaging to 1: equal to the plain mean on a constant map only
+    ramp = torch.linspace(0.5, 1.5, 15, dtype=torch.float64).reshape(3, 5)
+    assert not averages_first(lambda a: (a * ramp).mean((2, 3)) @ w[:4], like)
+    assert not averages_first(lambda a: a.mean((2, 3)) @ w[:4], like.float().half())  # half precision: refused
+
+
 def test_pooled_elementwise_is_two_products_of_signed_parts(name):
     """Element-wise Grad-CAM on the pooled path: sum_c relu(v_c A_c) as relu(v) relu(A) + min(v, 0) min(A, 0)
     channel sums. Against the general rule looped over classes on the broadcast gradient, with gradients of

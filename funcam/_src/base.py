@@ -57,7 +57,9 @@ class Split(NamedTuple):
     layers: where the model was cut, one name per feature map in the order of ``Features.maps``
         (e.g. ``("layer3", "layer4")``, ``("blocks.11.norm1",)``, ``("forward_features",)``).
     pooled: the head as a function of the spatially averaged feature when it starts with global average
-        pooling (``Pooled``), else None; it enables the exact fast path for many classes.
+        pooling (``Pooled``), else None; it enables the exact fast path for many classes. A graph-route split,
+        whose head differs per captured input size, has instead a function ``features -> Pooled | None`` (the
+        ``Pooled`` of the capture those features came from, bound to their context).
     module: the model the split was cut from, or None: funcam checks ``x``'s dtype against its parameters
         and handles its training mode (a warning; batch-norm statistics restored after each call).
     graph: the captured graphs of a graph-route split (``funcam._src.cuts.auto.GraphCut``), reused by the attention
@@ -72,7 +74,7 @@ class Split(NamedTuple):
     head: Callable[[Any], Tensor]
     in_chans: int | None = None
     layers: tuple[str, ...] = ()
-    pooled: Pooled | None = None
+    pooled: Pooled | Callable[[Any], Pooled | None] | None = None
     module: nn.Module | None = None
     graph: Any = None
     shifted: Callable[[Any, Tensor], Any] | None = None

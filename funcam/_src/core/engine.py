@@ -109,9 +109,10 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     score_fn = classes if callable(classes) else None
     feats, rebuild = as_features(split.extract(x))
     maps = feats.maps
-    if (split.pooled is not None and pooled_reduce is not None and len(maps) == 1 and not feats.context
-            and maps[0].ndim == 4):
-        return _pooled_maps(split.pooled, maps[0], classes, score_fn, pooled_reduce, top_k, chunk_size, max_memory,
+    # a static Pooled is a function of the map alone (no context); a graph route's lookup binds the context itself
+    pooled = split.pooled(feats) if callable(split.pooled) else None if feats.context else split.pooled
+    if pooled is not None and pooled_reduce is not None and len(maps) == 1 and maps[0].ndim == 4:
+        return _pooled_maps(pooled, maps[0], classes, score_fn, pooled_reduce, top_k, chunk_size, max_memory,
                             split.layers, split.module)
     if mean_rule and len(maps) == 1 and maps[0].ndim == 4:
         out = _shift_jacobian_maps(split, feats, rebuild, classes, score_fn, top_k, max_memory)

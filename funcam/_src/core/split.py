@@ -106,8 +106,8 @@ def _layer_split(model: nn.Module, names: list[str], leaves: tuple, example: Ten
         from funcam._src.cuts.fx import fx_split
 
         try:
-            extract, head, ordered = fx_split(model, names, tracer_leaves=leaves)
-            return Split(extract, head, in_chans, ordered)
+            extract, head, ordered, pools = fx_split(model, names, tracer_leaves=leaves)
+            return Split(extract, head, in_chans, ordered, _fx_pooled(model, extract, head, pools, example, in_chans))
         except ValueError as e:
             if leaves or "could not trace" not in str(e):
                 raise  # an unknown name, or the escape hatch for FX's tracer was asked for
@@ -117,10 +117,29 @@ def _layer_split(model: nn.Module, names: list[str], leaves: tuple, example: Ten
         from funcam._src.cuts.fx import fx_split
 
         try:
-            extract, head, ordered = fx_split(model, names, tracer_leaves=leaves)
+            extract, head, ordered, pools = fx_split(model, names, tracer_leaves=leaves)
         except ValueError:
             raise e from None
-        return Split(extract, head, in_chans, ordered)
+        return Split(extract, head, in_chans, ordered, _fx_pooled(model, extract, head, pools, example, in_chans))
+
+
+def _fx_pooled(model: nn.Module, extract: Any, head: Any, pools: bool, example: Tensor | None,
+               in_chans: int | None) -> Pooled | None:
+    """``Pooled`` for an FX cut whose head starts with global average pooling (``funcam.cuts.pooled``), else None.
+    The FX graph serves every input size, so one numeric check, at ``example`` or the model's configured size,
+    decides for all of them."""
+    from funcam._src.cuts.pooled import bound, cut_averages_first
+
+    if not pools or torch.compiler.is_compiling():
+        return None
+    x = example if example is not None else default_example(model, in_chans)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", _guard.TrainingModeWarning)
+            ok = _guard.run(model, lambda: cut_averages_first(extract, head, x[:2]))
+    except Exception:  # noqa: BLE001 - a model that does not run at its configured size keeps the general path
+        return None
+    return bound(head, ()) if ok else None
 
 
 def _graph_split(model: nn.Module, names: list[str] | None, example: Tensor | None, in_chans: int | None) -> Split:
@@ -130,15 +149,17 @@ def _graph_split(model: nn.Module, names: list[str] | None, example: Tensor | No
     from funcam._src.cuts.auto import GraphCut
 
     gc = GraphCut(model, names)
-    # several names need the graph now: their maps come in graph order, which ``layers`` reports
+    # several names need the graph now: their maps come in graph order, which ``layers`` reports. One name is
+    # captured on first use; whether each capture's head pools first is then known only there, so ``pooled`` is
+    # the lookup ``gc.pooled`` (None for a capture that does not), and ``example=`` settles it now.
     if names is not None and len(names) == 1 and example is None:
-        return Split(gc.extract, gc.head, in_chans, tuple(names), graph=gc)
+        return Split(gc.extract, gc.head, in_chans, tuple(names), gc.pooled, graph=gc)
     x = example if example is not None else default_example(model, in_chans)
     with torch.no_grad(), warnings.catch_warnings():
         # a training-mode model is captured as it is (batch statistics, dropout); the entry points warn
         warnings.simplefilter("ignore", _guard.TrainingModeWarning)
         _, entry = _guard.run(model, lambda: gc.entry(x))
-    return Split(gc.extract, gc.head, in_chans, entry.layers, graph=gc)
+    return Split(gc.extract, gc.head, in_chans, entry.layers, gc.pooled if entry.pooled else None, graph=gc)
 
 
 def default_example(model: nn.Module, in_chans: int | None = None) -> Tensor:

@@ -16,20 +16,25 @@ import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from funcam._src.cuts.capture import CaptureError, capture
 from funcam._src.cuts.graph import Cut, cut_graph, default_cut, find, name_of, probe
 from funcam._src.cuts.layout import propagate
+from funcam._src.cuts.pooled import bound, cut_averages_first, pools_first, splits_at
 from funcam._src import guard as _guard
-from funcam._src.base import Features
+from funcam._src.base import Features, Pooled
 
 
 class Entry(NamedTuple):
     extract: Callable[[Tensor], Features]
     head: Callable[[Features], Any]
     layers: tuple[str, ...]
+    pooled: bool = False  # the head starts with global average pooling (``funcam.cuts.pooled``)
+    pre: Callable[[Features], Any] | None = None  # with pooled: the head up to the final Linear's input
+    classifier: nn.Module | None = None  # that Linear
 
 
 def signature(model: nn.Module, x: Tensor) -> tuple:
@@ -83,6 +88,16 @@ class GraphCut:
                     a = self._entries[key] = graph_attention(cap, roles, self.model, ex)
         return a
 
+    def pooled(self, feats: Features) -> Pooled | None:
+        """``Pooled`` for the head that ``feats`` (from ``extract``) go to, when that capture's head starts with global
+        average pooling and reads no tensor from before the cut; else None. Each capture was checked when it was made,
+        so this only looks it up: ``Split.pooled`` of a graph-route split is this function."""
+        key, *ctx = feats.context
+        e = self._entries.get(key)
+        if e is None or not e.pooled or len(feats.maps) != 1 or any(isinstance(c, Tensor) for c in ctx):
+            return None
+        return bound(e.head, tuple(ctx)) if e.pre is None else bound(e.pre, tuple(ctx), e.classifier)
+
     def extract(self, x: Tensor) -> Features:
         """x (B, C, H, W) -> Features(maps, context=(key, ...)) from the graph captured for x's signature."""
         key, e = self.entry(x)
@@ -115,10 +130,10 @@ def build_entry(model: nn.Module, x: Tensor, names: Sequence[str] | None) -> Ent
         from funcam._src.cuts.fx import fx_split
 
         try:
-            extract, head, ordered = fx_split(model, list(names))
+            extract, head, ordered, pools = fx_split(model, list(names))
         except ValueError:
             raise e from None
-        return Entry(extract, head, ordered)
+        return Entry(extract, head, ordered, pools and cut_averages_first(extract, head, probe_input(x)))
     ex = probe_input(x)
     pr = probe(cap, ex, model)
     if names is None:
@@ -144,7 +159,41 @@ def build_entry(model: nn.Module, x: Tensor, names: Sequence[str] | None) -> Ent
     layers = tuple(name_of(cap, n) if names is None else found[n] for n in nodes)
     extract, head = cut_graph(cap, Cut(tuple(nodes), lays, layers), model)
     _check(model, ex, extract, head, pr, nodes, layers, lays)
-    return Entry(extract, head, layers)
+    # the pooled fast path: the graph says the cut is only averaged over its grid, the numbers confirm it
+    val = nodes[0].meta.get("val")
+    pooled = (len(nodes) == 1 and lays[0].token is None and isinstance(val, Tensor)
+              and pools_first(nodes[0], (lays[0].row, lays[0].col), val.ndim)
+              and cut_averages_first(extract, head, ex))
+    if not pooled:
+        return Entry(extract, head, layers)
+    found = final_linear(cap, model)
+    if found is not None:
+        _, pre = cut_graph(cap, Cut(tuple(nodes), lays, layers), model, until=found[0])
+        if splits_at(head, pre, found[1], extract, ex):
+            return Entry(extract, head, layers, True, pre, found[1])
+    return Entry(extract, head, layers, True)
+
+
+def final_linear(cap: Any, model: nn.Module) -> tuple[Any, nn.Linear] | None:
+    """(its input node, the module) when the model's one output is an ``nn.Linear`` of the model's own, by the
+    graph: ``linear(v, W, b)`` with W and b that module's parameters. Then the pooled fast path takes the
+    gradient at v from W's rows (no (K, B, N) x (N, D) product)."""
+    if len(cap.outputs) != 1 or not isinstance(cap.outputs[0], fx.Node):
+        return None
+    out = cap.outputs[0]
+    if getattr(out.target, "__name__", "").split(".")[0] != "linear" or len(out.args) < 2:
+        return None
+    v, w, b = out.args[0], out.args[1], out.args[2] if len(out.args) > 2 else None
+    wname = cap.tensors.get(getattr(w, "name", None))
+    if not isinstance(wname, str) or not wname.endswith(".weight") or not isinstance(v, fx.Node):
+        return None
+    path = wname[:-len(".weight")]
+    mod = model.get_submodule(path)
+    bname = cap.tensors.get(getattr(b, "name", None)) if b is not None else None
+    if not isinstance(mod, nn.Linear) or (mod.bias is None) != (b is None) or (
+            b is not None and bname != path + ".bias"):
+        return None
+    return v, mod
 
 
 def _check(model: nn.Module, ex: Tensor, extract: Callable, head: Callable, pr: Any, nodes: list, layers: tuple,

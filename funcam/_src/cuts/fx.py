@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from funcam._src.cuts.graph import ancestors
+from funcam._src.cuts.pooled import pools_first
 from funcam._src.base import Features
 
 
@@ -104,8 +105,9 @@ def _find(gm: fx.GraphModule, model: nn.Module, name: str) -> fx.Node:
 
 
 def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, ...] = ()
-             ) -> tuple[Callable, Callable, tuple[str, ...]]:
-    """``(extract, head, names in graph order)`` for cuts after ``names``."""
+             ) -> tuple[Callable, Callable, tuple[str, ...], bool]:
+    """``(extract, head, names in graph order, pools)`` for cuts after ``names``; pools: one cut, and every use of
+    it is a global average over its grid (``funcam.cuts.pooled.pools_first``; NCHW assumed, as FX cannot tell)."""
     gm = trace(model, tracer_leaves)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     found = {_find(gm, model, name): name for name in names}
@@ -161,4 +163,4 @@ def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, .
         """Features -> logits (B, num_classes)."""
         return head_gm(*feats.maps, *feats.context)
 
-    return extract, head, tuple(found[c] for c in cuts)
+    return extract, head, tuple(found[c] for c in cuts), len(cuts) == 1 and pools_first(first, model=gm)

@@ -136,9 +136,10 @@ def ancestors(nodes: Sequence[fx.Node], deps: dict[fx.Node, list[fx.Node]] | Non
     return seen
 
 
-def cut_graph(cap: Captured, cut: Cut, model: nn.Module) -> tuple[Callable[[Tensor], Features], Callable[[Features], Any]]:
-    """``(extract, head)`` for ``cut``: extract(x) -> Features; head(Features) -> the model's output.
-    Both read ``model``'s parameters and buffers when called."""
+def cut_graph(cap: Captured, cut: Cut, model: nn.Module, until: fx.Node | None = None
+              ) -> tuple[Callable[[Tensor], Features], Callable[[Features], Any]]:
+    """``(extract, head)`` for ``cut``: extract(x) -> Features; head(Features) -> the model's output (or, with
+    ``until``, that node's value: the input of a final classifier). Both read ``model``'s tensors when called."""
     cuts = list(cut.nodes)
     first = cuts[0]
     tensors = set(cap.tensors)
@@ -169,7 +170,8 @@ def cut_graph(cap: Captured, cut: Cut, model: nn.Module) -> tuple[Callable[[Tens
         env[n] = copy_node(g_hd, n, env, cap)
         if n in cuts:
             env[n] = g_hd.call_function(_tap, (env[n], ins[cuts.index(n)]))
-    g_hd.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in cap.outputs))
+    outs = cap.outputs if until is None else (until,)
+    g_hd.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in outs))
     hd_gm = build(cap, unfuse_attention(g_hd), "head")
     lays = cut.layouts
     chained = len(cuts) > 1
@@ -186,7 +188,8 @@ def cut_graph(cap: Captured, cut: Cut, model: nn.Module) -> tuple[Callable[[Tens
         prefix, *ctx = feats.context
         v0 = from_map(feats.maps[0], prefix, lays[0])
         taps = [from_map(m, None, lay) for m, lay in zip(feats.maps[1:], lays[1:])]
-        return unflatten(cap, hd_gm.gm(*hd_gm.fetch(model), v0, *taps, *ctx))
+        out = hd_gm.gm(*hd_gm.fetch(model), v0, *taps, *ctx)
+        return unflatten(cap, out) if until is None else out[0]
 
     return extract, head
 
