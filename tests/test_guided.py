@@ -182,17 +182,6 @@ def test_max_memory_chunks_equal_unchunked(which, k, monkeypatch):
     assert auto_chunk_size(GUIDED_BYTES_PER_INPUT_BYTE * 2 * 3 * 224 * 224 * 4, 100, None) == 1
 
 
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
-def test_bad_max_memory(bad):
-    model, x = make_model("resnet18"), make_input("resnet18")
-    for call in (lambda **o: guided_backprop(model, x, [1, 2], **o), lambda **o: guided_gradcam(model, x, [1, 2], **o),
-                 lambda **o: funcam.cam(model, x, [1, 2], method="guided_backprop", **o)):
-        for opts in ({}, {"chunk_size": 1}):
-            with pytest.raises(ValueError, match=r"max_memory must be None or a positive number of bytes"):
-                call(max_memory=bad, **opts)
-
-
 @pytest.mark.parametrize("which", ["guided_backprop", "guided_gradcam"])
 def test_fullgraph_compile_no_recompile(which):
     model = make_model("resnet18")

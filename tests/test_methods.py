@@ -57,3 +57,16 @@ def test_cam_and_explain_run_every_entry_by_either_name(name, one_thread):
     if methods.TABLE[name].kind == "guided":  # explain shows (B, K, H, W): the largest |gradient| over colours
         want = want.abs().amax(dim=2)
     torch.testing.assert_close(explain(model, x, method=methods.cli_name(name), classes=[1, 3]).maps, want)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+@pytest.mark.parametrize("name", [n for n, m in methods.TABLE.items() if m.kind != "rollout"])
+def test_every_method_refuses_a_bad_max_memory(name, bad, one_thread):
+    family = "vit_tiny_patch16_224" if methods.TABLE[name].kind == "relevance" else "resnet18"
+    model, x = make_model(family), make_input(family)
+    shortcut = getattr(funcam, {"chefer": "chefer_relevance"}.get(name, name))
+    for call in (lambda **o: funcam.cam(model, x, [1, 2], method=name, **o),
+                 lambda **o: shortcut(model, x, [1, 2], **o)):
+        for opts in ({}, {"chunk_size": 1}):  # checked even where chunk_size decides
+            with pytest.raises(ValueError, match=r"max_memory must be None or a positive number of bytes"):
+                call(max_memory=bad, **opts)

@@ -256,18 +256,6 @@ def test_relevance_max_memory_chunks_equal_unchunked(rule, k, monkeypatch):
         assert chunks == [k] and torch.equal(cam.maps, full)
 
 
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
-def test_relevance_bad_max_memory(bad):
-    vit, x = make_model("vit_tiny_patch16_224"), make_input("vit_tiny_patch16_224")
-    for call in (lambda **o: grad_rollout(vit, x, [1, 2], **o), lambda **o: chefer_relevance(vit, x, [1, 2], **o),
-                 lambda **o: funcam.cam(vit, x, [1, 2], method="chefer", **o)):
-        with pytest.raises(ValueError, match=r"max_memory must be None or a positive number of bytes"):
-            call(max_memory=bad)
-        with pytest.raises(ValueError, match=r"max_memory must be None or a positive number of bytes"):
-            call(max_memory=bad, chunk_size=1)
-
-
 def test_bad_input():
     vit, x = make_model("vit_tiny_patch16_224"), make_input("vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="ResNet has no self-attention over its patch tokens"):
