@@ -58,7 +58,6 @@ def test_pooled_head_equals_general_path(name, method):
                funcam.cam(general, x, make(), method=method, relu=False, **kw))
 
 
-@pytest.mark.parametrize("name", ["convnext_atto", "resnet18"])
 def _tv_resnet18():
     torch.manual_seed(0)
     return torchvision.models.resnet18(num_classes=10).to(torch.float64).eval()
@@ -154,6 +153,7 @@ def test_average_probe_refuses_position_dependent_heads():
     assert not averages_first(lambda a: a.mean((2, 3)) @ w[:4], like.float().half())  # half precision: refused
 
 
+@pytest.mark.parametrize("name", ["convnext_atto", "resnet18"])
 def test_pooled_elementwise_is_two_products_of_signed_parts(name):
     """Element-wise Grad-CAM on the pooled path: sum_c relu(v_c A_c) as relu(v) relu(A) + min(v, 0) min(A, 0)
     channel sums. Against the general rule looped over classes on the broadcast gradient, with gradients of
