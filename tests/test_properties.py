@@ -35,7 +35,7 @@ Invariants and tolerances:
 * normalize / upsample / fuse, pointing_game / energy_in_box on random maps against brute-force loops.
 
 Profiles (tests/conftest.py): "ci" (default, derandomized) with the per-test budgets of ``budget(n)`` below
-(35-75 examples for the properties that run models, so the fast set stays within its minutes);
+(35-60 examples for the properties that run models, so the fast set stays within its minutes);
 ``HYPOTHESIS_PROFILE=long`` gives every test the profile's count; ``pytest -m slow`` runs the key properties
 with ``LONG`` (random, 200 examples) without any environment variable.
 """
@@ -712,7 +712,7 @@ def check_bad_values(data) -> None:
     event(f"{key} {entry[0]}")
 
 
-@budget(75)
+@budget(40)
 @given(st.data())
 def test_bad_values_raise_documented_errors(data):
     check_bad_values(data)
