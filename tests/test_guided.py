@@ -182,7 +182,8 @@ def test_max_memory_chunks_equal_unchunked(which, k, monkeypatch):
     assert auto_chunk_size(GUIDED_BYTES_PER_INPUT_BYTE * 2 * 3 * 224 * 224 * 4, 100, None) == 1
 
 
-@pytest.mark.parametrize("which", ["guided_backprop", "guided_gradcam"])
+# guided_gradcam compiles guided_backprop inside it (fast set); guided_backprop alone runs in the slow set
+@pytest.mark.parametrize("which", [pytest.param("guided_backprop", marks=pytest.mark.slow), "guided_gradcam"])
 def test_fullgraph_compile_no_recompile(which):
     model = make_model("resnet18")
     fn = {"guided_backprop": guided_backprop, "guided_gradcam": guided_gradcam}[which]

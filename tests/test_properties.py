@@ -35,7 +35,7 @@ Invariants and tolerances:
 * normalize / upsample / fuse, pointing_game / energy_in_box on random maps against brute-force loops.
 
 Profiles (tests/conftest.py): "ci" (default, derandomized) with the per-test budgets of ``budget(n)`` below
-(35-60 examples for the properties that run models, so the fast set stays within its minutes);
+(30-60 examples for the properties that run models, so the fast set stays within its minutes);
 ``HYPOTHESIS_PROFILE=long`` gives every test the profile's count; ``pytest -m slow`` runs the key properties
 with ``LONG`` (random, 200 examples) without any environment variable.
 """
@@ -530,7 +530,7 @@ def check_entry_points(data) -> None:
         torch.testing.assert_close(maps, maps[:, :1].expand_as(maps), rtol=0, atol=0)
 
 
-@budget(40)
+@budget(30)
 @given(st.data())
 def test_every_entry_point_batch_equals_loop_and_permutes(data):
     check_entry_points(data)

@@ -276,7 +276,8 @@ def test_bad_input():
         grad_rollout(vit, x, chunk_size=0)
 
 
-@pytest.mark.parametrize("which", ["rollout", "grad_rollout", "chefer"])
+# chefer shares relevance() with grad_rollout, whose compile is in the fast set; it runs in the slow set
+@pytest.mark.parametrize("which", ["rollout", "grad_rollout", pytest.param("chefer", marks=pytest.mark.slow)])
 def test_fullgraph_compile_no_recompile(which):
     model = peaky("vit_tiny_patch16_224")
     model.blocks = model.blocks[:3]  # tracing time grows with depth; three blocks exercise every path
