@@ -89,9 +89,13 @@ def averages_first(head: Callable[[Tensor], Any], like: Tensor) -> bool:
         return False
     if not all(isinstance(o, Tensor) and o.ndim == 2 and o.shape == outs[0].shape for o in outs):
         return False  # logits (B, N) only: the fast path reports its output as the logits
-    # rounding of an average over h*w positions and a few layers, relative to the output's scale
-    tol = 64 * torch.finfo(like.dtype).eps * max(1.0, float(outs[0].abs().max()))
-    return all(bool(torch.allclose(o, outs[2], rtol=0, atol=tol)) for o in outs[:2])
+    return all(_close(o, outs[2], scale=outs[0]) for o in outs[:2])
+
+
+def _close(got: Tensor, want: Tensor, scale: Tensor) -> bool:
+    """Equal up to the rounding of an average over h*w positions and a few layers, relative to ``scale``'s size."""
+    tol = 64 * torch.finfo(want.dtype).eps * max(1.0, float(scale.abs().max()))
+    return got.shape == want.shape and bool(torch.allclose(got, want, rtol=0, atol=tol))
 
 
 def cut_averages_first(extract: Callable[[Tensor], Features], head: Callable[[Features], Any], ex: Tensor) -> bool:
@@ -116,8 +120,7 @@ def splits_at(head: Callable[[Features], Any], pre: Callable[[Features], Any], c
         z = torch.randn(2, c, 1, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         f = Features((z.to(device=ex.device, dtype=fs.maps[0].dtype),), fs.context)
         want, got = head(f), classifier(pre(f))
-    tol = 64 * torch.finfo(want.dtype).eps * max(1.0, float(want.abs().max()))
-    return want.shape == got.shape and bool(torch.allclose(want, got, rtol=0, atol=tol))
+    return _close(got, want, scale=want)
 
 
 def bound(head: Callable[[Features], Any], context: tuple, classifier: nn.Linear | None = None) -> Pooled:
