@@ -175,8 +175,9 @@ def _mean_mlp_head(model: nn.Module, blk: nn.Module, npre: int) -> Callable | No
 
 def prefix_attention(attn: nn.Module, prefix: Tensor, patches: Tensor, shift: Tensor | None = None) -> Tensor:
     """The attention output of the prefix-token queries only: prefix (B, p, C), patches (B, n, C) -> (B, p, C).
-    shift: (B, C) added to every patch token, ``prefix_attention(attn, prefix, patches + shift[:, None])``
-    computed without forming the shifted patches (for the Jacobian in the shift; see ``vit_split``'s shifted head).
+    shift: (B, C) added to every patch token: the first-order expansion of
+    ``prefix_attention(attn, prefix, patches + shift[:, None])`` at ``shift = 0`` (equal there, and so is its
+    derivative in ``shift``: all the Jacobian in the shift needs; see ``vit_split``'s shifted head).
 
     Softmax attention (Vaswani et al. 2017, eq. 1) over the keys of all p + n tokens, with the key and value
     projections re-associated: q_h . k_j = (q_h W_kh) . x_j + q_h . b_kh and
@@ -184,6 +185,12 @@ def prefix_attention(attn: nn.Module, prefix: Tensor, patches: Tensor, shift: Te
     of the n patch tokens are never formed, so the gradient w.r.t. the patches is a sum of rank-one terms
     per head, (n, heads) x (heads, C), instead of an (n, C) x (C, C) product per class.
     Falls back to the full attention for a key norm (non-linear per token) or another attention module.
+
+    The shift's term, per head h and prefix query: the patch scores move by delta = u . s (u = q_h W_kh, the same
+    for every patch), so with S = sum_patches P_j, dP_j = P_j delta (1[j a patch] - S) and the attention output
+    moves by W_vh (delta (sum_patches P_j x_j - S mixed) + S s), mixed = sum_j P_j x_j. Written with
+    element-wise products and one 2-D matrix product in ``s``, a vmap over C directions of the shift never
+    forms a per-direction copy of the patches (the batched ``einsum`` form made one of (C, B, n, C)).
     """
     p = prefix.shape[1]
     if not is_plain_attention(attn) or not isinstance(attn.k_norm, nn.Identity) or p == 0:
@@ -201,19 +208,21 @@ def prefix_attention(attn: nn.Module, prefix: Tensor, patches: Tensor, shift: Te
     q = attn.q_norm(q) * attn.scale
     u = torch.einsum("bhpd,hdc->bhpc", q, w[1])  # the query mapped back through W_k: (B, heads, p, C)
     on_patches = torch.einsum("bhpc,bnc->bhpn", u, patches)
-    if shift is not None:  # u . (x_j + s) = u . x_j + u . s, the same for every patch j
-        on_patches = on_patches + torch.einsum("bhpc,bc->bhp", u, shift).unsqueeze(-1)
     scores = torch.cat([torch.einsum("bhpc,bnc->bhpn", u, prefix), on_patches], -1)
     if b is not None:
         scores = scores + torch.einsum("bhpd,hd->bhp", q, b[1]).unsqueeze(-1)
     probs = attn.attn_drop(scores.softmax(dim=-1))  # (B, heads, p, p + n)
-    mixed = (torch.einsum("bhpn,bnc->bhpc", probs[..., :p], prefix)
-             + torch.einsum("bhpn,bnc->bhpc", probs[..., p:], patches))
-    if shift is not None:  # sum_j P_j (x_j + s) = sum_j P_j x_j + (sum_j P_j) s over the patches
-        mixed = mixed + probs[..., p:].sum(-1, keepdim=True) * shift[:, None, None, :]
+    from_patches = torch.einsum("bhpn,bnc->bhpc", probs[..., p:], patches)
+    mixed = torch.einsum("bhpn,bnc->bhpc", probs[..., :p], prefix) + from_patches
     out = torch.einsum("bhpc,hdc->bphd", mixed, w[2])
     if b is not None:
         out = out + b[2]
+    if shift is not None:
+        on = probs[..., p:].sum(-1)  # S (B, heads, p)
+        moved = torch.einsum("bhpc,hdc->bphd", from_patches - on.unsqueeze(-1) * mixed, w[2])  # W_vh (...)
+        delta = (u * shift[:, None, None, :]).sum(-1)  # u . s (B, heads, p)
+        vs = nn.functional.linear(shift, w[2].flatten(0, 1)).unflatten(-1, (heads, -1))  # W_vh s (B, heads, d)
+        out = out + delta.transpose(1, 2).unsqueeze(-1) * moved + on.transpose(1, 2).unsqueeze(-1) * vs[:, None]
     gate = attn.gate(prefix).sigmoid() if getattr(attn, "gate", None) is not None else None
     out = attn.norm(rearrange(out, "b p h d -> b p (h d)"))
     if gate is not None:
