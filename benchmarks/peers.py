@@ -10,6 +10,10 @@ Contenders, each computing Grad-CAM (or Grad-CAM++) maps at the feature resoluti
 - ``captum`` ``LayerGradCam`` (one forward + backward per class; no Grad-CAM++);
 - ``torchcam`` (hooks; one forward, then one backward per class with ``retain_graph``);
 - ``funcam`` eager, and ``funcam`` under ``torch.compile`` (inductor; steady state, compile time apart).
+Then the paths beyond timm's pooled CNN heads (``--paths``: ViT CLS / average-pooled cuts, Swin, torchvision graph
+cuts, VGG's MLP heads, a two-layer cut, element-wise, relevance, Guided Backprop beside captum's), each beside the
+limit of its kind measured in the same run: one forward, K backward passes of the head from the cut, or K backward
+passes of the model (those limits timed over ``--peer-classes`` classes and extrapolated).
 Peers whose cost is linear in K are timed over ``--peer-classes`` classes (default 10) and scaled; the table
 says so. Times: ``torch.utils.benchmark.Timer.blocked_autorange`` on the process's threads, median and
 interquartile range; each model first runs one grad-mode forward and backward (a fresh process's allocator
@@ -389,6 +393,163 @@ def targets_markdown(items: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- the paths beyond timm's pooled CNN heads, each beside the limit of its kind -------------------------------
+
+def _torchvision(name: str):
+    import torchvision
+
+    return lambda: getattr(torchvision.models, name)(weights=None)
+
+
+# name: (what, model factory, split(model, x)); every model random (timm / torchvision), eval, float32
+PATHS = {
+    "vit-cls": ("timm vit_small, CLS-pooled (norm1 cut)", lambda: timm.create_model("vit_small_patch16_224"),
+                lambda m, x: funcam.split(m)),
+    "vit-avg": ("timm vit_small, average-pooled (norm2 cut)",
+                lambda: timm.create_model("vit_small_patch16_224", global_pool="avg"), lambda m, x: funcam.split(m)),
+    "swin": ("timm swin_tiny (norm2 cut)", lambda: timm.create_model("swin_tiny_patch4_window7_224"),
+             lambda m, x: funcam.split(m)),
+    "tv-resnet50": ("torchvision resnet50, layer4 (graph cut)", _torchvision("resnet50"),
+                    lambda m, x: funcam.split(m, "layer4", example=x)),
+    "timm-vgg16": ("timm vgg16 (MLP head)", lambda: timm.create_model("vgg16"), lambda m, x: funcam.split(m)),
+    "tv-vgg16": ("torchvision vgg16, features (graph cut)", _torchvision("vgg16"),
+                 lambda m, x: funcam.split(m, "features", example=x)),
+    "tv-resnet50-2": ("torchvision resnet50, layer3 + layer4 (graph cut)", _torchvision("resnet50"),
+                      lambda m, x: funcam.split(m, ["layer3", "layer4"], example=x)),
+    "resnet50": ("timm resnet50 (pooled head)", lambda: timm.create_model("resnet50"), lambda m, x: funcam.split(m)),
+}
+
+# (path, method, K, limit, target): the limit is what the method cannot avoid on that path, measured in the same
+# run; the target is the most x limit allowed (for "forward" limits: x forward).
+#   forward: one forward of the model (Grad-CAM needs the features, and at best nothing else of the size of a forward)
+#   head x K: one forward, then K backward passes of the head from the cut (the maps vary per position)
+#   model x K: one forward, then K backward passes of the whole model to the input (relevance, guided)
+PATH_ROWS = [
+    ("vit-cls", "gradcam", 1, "forward", 1.15), ("vit-cls", "gradcam", 100, "forward", 2.0),
+    ("vit-cls", "gradcam", 1000, "forward", 1.5), ("vit-cls", "gradcampp", 100, "head x K", 1.5),
+    ("vit-cls", "chefer", 10, "model x K", 1.2), ("vit-cls", "grad_rollout", 10, "model x K", 1.5),
+    ("vit-avg", "gradcam", 1, "forward", 1.15), ("vit-avg", "gradcam", 1000, "forward", 4.0),
+    ("swin", "gradcam", 1, "forward", 1.15), ("swin", "gradcam", 1000, "forward", 4.0),
+    ("tv-resnet50", "gradcam", 1, "forward", 1.15), ("tv-resnet50", "gradcam", 1000, "forward", 1.3),
+    ("tv-resnet50", "gradcampp", 1000, "forward", 1.6),
+    ("timm-vgg16", "gradcam", 1000, "head x K", 1.5), ("tv-vgg16", "gradcam", 1000, "head x K", 1.5),
+    ("tv-resnet50-2", "gradcam", 100, "head x K", 1.5),
+    ("resnet50", "elementwise", 1000, "forward", 1.5), ("resnet50", "guided_backprop", 10, "model x K", 1.5),
+]
+
+
+def head_limit(sp, x, n: int):
+    """(setup, setup + n backward passes of the head) for the "head x K" limit: one extract forward and one head
+    forward with the features as leaves, then ``autograd.grad`` per class, the graph kept."""
+    def run(k: int):
+        def go():
+            with torch.enable_grad():
+                feats, rebuild = funcam._src.base.as_features(sp.extract(x))
+                leaves = tuple(m.detach().requires_grad_() for m in feats.maps)
+                out = funcam._src.core.engine.logits_of(sp.head(rebuild(leaves)))
+                for c in range(k):
+                    torch.autograd.grad(out[:, c].sum(), leaves, retain_graph=True, allow_unused=True)
+        return go
+    return run(0), run(n)
+
+
+def model_limit(model, x, n: int):
+    """(setup, setup + n backward passes of the model) for the "model x K" limit: one forward with the input as
+    leaf, then ``autograd.grad`` to the input per class, the graph kept."""
+    def run(k: int):
+        def go():
+            with torch.enable_grad():
+                xx = x.detach().requires_grad_()
+                out = model(xx)
+                for c in range(k):
+                    torch.autograd.grad(out[:, c].sum(), xx, retain_graph=True)
+        return go
+    return run(0), run(n)
+
+
+def captum_guided(model, x, n: int):
+    from captum.attr import GuidedBackprop
+
+    gb = GuidedBackprop(model)
+    return lambda: [gb.attribute(x, target=c) for c in range(n)]
+
+
+def run_paths(names: list[str], batch: int, size: int, a) -> list[dict]:
+    """funcam on each path of ``PATH_ROWS`` whose path is in ``names``, each beside its limit (and for Guided
+    Backprop, captum's): rows as ``run_model``'s, with ``limit_s``, ``x_limit`` and ``target`` added."""
+    rows = []
+    for name in dict.fromkeys(p for p, *_ in PATH_ROWS if p in names):
+        what, make, split_of = PATHS[name]
+        torch.manual_seed(0)
+        model = make().eval()
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        sp = split_of(model, x)
+        settle(model, x)
+        with torch.no_grad():
+            fwd = measure(lambda: model(x), min_time=a.min_time)
+        base = dict(model=what, path=name, batch=batch)
+        rows.append(dict(fwd, **base, method="forward", K=0, who="model forward", note="", x_forward=1.0))
+        limits: dict = {}
+        for path, method, k, limit, target in PATH_ROWS:
+            if path != name:
+                continue
+            classes = torch.arange(k)
+            fn = getattr(funcam, "chefer_relevance" if method == "chefer" else method)
+            if method in ("gradcam", "gradcampp", "elementwise"):
+                call = (lambda fn=fn, classes=classes: fn(sp, x, classes))
+            else:
+                call = (lambda fn=fn, classes=classes: fn(model, x, classes))
+            with torch.no_grad():
+                res = measure(call, min_time=a.min_time)
+            if limit == "forward":
+                limit_s, note = fwd["median_s"], ""
+            else:
+                n = min(k, a.peer_classes)
+                if (limit, n) not in limits:
+                    setup, full = (head_limit(sp, x, n) if limit == "head x K" else model_limit(model, x, n))
+                    # both timed alike (a warm-up call, then at least three): the difference is n backward passes
+                    t0 = measure(setup, min_time=a.min_time)["median_s"]
+                    tn = measure(full, min_time=a.min_time)["median_s"]
+                    limits[(limit, n)] = (t0, (tn - t0) / n)
+                t0, per = limits[(limit, n)]
+                limit_s = t0 + k * per
+                note = f"limit from {n} classes" if n < k else ""
+            row = dict(res, **base, method=method, K=k, who="funcam", limit=limit, limit_s=limit_s,
+                       x_limit=res["median_s"] / limit_s, target=target, note=note,
+                       x_forward=res["median_s"] / fwd["median_s"])
+            rows.append(row)
+            print(f"  [{(time.perf_counter() - T0) / 60:5.1f} min] {what} {method} K={k}: {res['median_s']:.3f} s "
+                  f"({row['x_forward']:.2f}x fwd, {row['x_limit']:.2f}x {limit}) peak {res['peak_mb']:.0f} MB",
+                  file=sys.stderr, flush=True)
+            if method == "guided_backprop" and not a.no_peers:
+                n = min(k, a.peer_classes)
+                peer = measure(captum_guided(model, x, n), min_time=a.min_time, min_repeats=1)
+                peer = dict(peer, median_s=peer["median_s"] * k / n, iqr_s=peer["iqr_s"] * k / n)
+                rows.append(dict(peer, **base, method=method, K=k, who="captum", limit=limit, limit_s=limit_s,
+                                 x_limit=peer["median_s"] / limit_s, target=None,
+                                 note=f"timed over {n} classes, scaled" if n < k else "",
+                                 x_forward=peer["median_s"] / fwd["median_s"]))
+    return rows
+
+
+def paths_markdown(rows: list[dict]) -> str:
+    """One table: each path and method with its time, x forward, its limit and x limit, the target, peak memory."""
+    out = ["| path (one forward) | method | K | time (s) | x forward | limit | limit (s) | x limit | target | met |"
+           " peak MB | note |", "|---|---|---:|---:|---:|---|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        if r["method"] == "forward":
+            fwd = r
+            continue
+        who = "" if r["who"] == "funcam" else f" ({r['who']})"
+        first = f"{r['model']} ({fwd['median_s']:.2f} s)"
+        t = r["target"]
+        met = "" if t is None else "yes" if r["x_limit"] <= t else "**no**"
+        out.append(f"| {first} | {r['method']}{who} | {r['K']} | {r['median_s']:.3f} | {r['x_forward']:.2f} | "
+                   f"{r['limit']} | {r['limit_s']:.3f} | {r['x_limit']:.2f} | {'' if t is None else f'{t:.2f}'} | "
+                   f"{met} | {r['peak_mb']:.0f} | {r['note']} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet50,convnext_tiny,vit_small_patch16_224")
@@ -404,6 +565,8 @@ def main(argv=None) -> None:
     p.add_argument("--compile-ks", default="1000")
     p.add_argument("--compile-methods", default="gradcam,gradcampp", help="methods timed compiled too (comma-separated)")
     p.add_argument("--rollout", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--paths", default=",".join(PATHS),
+                   help=f"paths beyond timm's pooled CNN heads, each beside its limit (comma-separated of {', '.join(PATHS)}; '' for none)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="tiny smoke run (resnet18 at 64 px, B=2, K=1,3)")
@@ -411,7 +574,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.size, a.batch, a.ks, a.vit_ks, a.scaling = "resnet18,vit_tiny_patch16_224", 64, 2, "1,3", "1,3", ""
-        a.peer_classes, a.min_time, a.compile = 2, 0.05, False
+        a.peer_classes, a.min_time, a.compile, a.paths = 2, 0.05, False, "tv-resnet50,resnet50"
     a.compile_ks = [int(v) for v in a.compile_ks.split(",") if v]
     a.compile_methods = a.compile_methods.split(",")
     torch.set_num_threads(a.threads)
@@ -426,6 +589,10 @@ def main(argv=None) -> None:
             continue
         scale = argparse.Namespace(**{**vars(a), "compile": False, "no_peers": True, "rollout": False})
         rows += run_model(first, b, a.size, [1000], ["gradcam"], scale)
+    names = [v for v in a.paths.split(",") if v]
+    if set(names) - set(PATHS):
+        p.error(f"--paths: unknown {sorted(set(names) - set(PATHS))}; expected names of {', '.join(PATHS)}")
+    paths = run_paths(names, a.batch, a.size, a)
     meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "cpu": cpu_name(), "device": "cpu", "size": a.size,
             "total_s": time.perf_counter() - t0}
@@ -436,8 +603,12 @@ def main(argv=None) -> None:
     goals = targets(rows, a.batch)
     print("\nTargets (issue 5; x forward = funcam's time over one model forward of the same batch):\n")
     print(targets_markdown(goals))
+    if paths:
+        print(f"\nPaths beyond timm's pooled CNN heads, B = {a.batch} (x limit = time over the limit of its kind; "
+              "the target is the most x limit allowed):\n")
+        print(paths_markdown(paths))
     with open(a.json, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "targets": goals}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "targets": goals, "paths": paths}, f, indent=2)
 
 
 if __name__ == "__main__":
