@@ -165,9 +165,10 @@ def _mean_mlp_head(model: nn.Module, blk: nn.Module, npre: int) -> Callable | No
         _, slope = torch.func.jvp(mlp.act, (u,), (torch.ones_like(u),))
         out = t + blk.drop_path2(blk.ls2(mlp(_cat(prefix, patches))))  # the head's tokens at s = 0
         pooled = out[:, npre:].mean(dim=1, keepdim=True)  # what forward_head averages
-        # d pooled / d s = ls2 W2 diag(mean_j act'_j) W1, applied to s: (B, C)
-        moved = mlp.fc2.weight @ (slope.mean(dim=1) * (shift @ mlp.fc1.weight.T)).unsqueeze(-1)
-        pooled = pooled + blk.ls2(moved.squeeze(-1)).unsqueeze(1)
+        # d pooled / d s = ls2 W2 diag(mean_j act'_j) W1, applied to s: (B, C); as two 2-D products, which a vmap
+        # over the shift's directions folds into the rows (a batched matrix-vector form copied W2 per direction)
+        moved = nn.functional.linear(slope.mean(dim=1) * nn.functional.linear(shift, mlp.fc1.weight), mlp.fc2.weight)
+        pooled = pooled + blk.ls2(moved).unsqueeze(1)
         return model.forward_head(torch.cat([out[:, :npre], pooled], dim=1))
 
     return shifted
