@@ -337,6 +337,7 @@ def test_typos_are_refused_before_anything_is_written(data, tmp_path):
                                       "or a softmax over tokens): attention rollout and relevance need one; use "
                                       "funcam.gradcam"),
              (["--num-classes", "0"], "argument --num-classes: expected a positive integer, got '0'"),
+             (["--max-memory", "2GB"], "argument --max-memory: expected a positive size such as 512M or 2G, got '2GB'"),
              # the class list of `funcam explain`, with its messages (was "argument --classes: must be ...")
              (["--classes", "3,x"], "--classes must be comma-separated class indices like 281,285 or ranges like "
                                     "10-12; got '3,x'"),
@@ -619,3 +620,12 @@ def test_bad_memory_options_are_refused_before_anything_is_written(data, tmp_pat
         _run(data, tmp_path / "out", images=str(img), **kw)
     assert not (tmp_path / "out").exists()
 
+
+def test_cli_max_memory_reaches_the_run(many, tmp_path, monkeypatch):
+    ref = _direct(many, "gradcam")
+    out = tmp_path / "out"
+    with record_vmap_chunks(monkeypatch) as seen:
+        assert cli_main([str(many["images"]), "--out", str(out), "--model", ARCH, "--checkpoint", many["ckpt"],
+                         "--all-classes", "--workers", "0", "--max-memory", "1", "--quiet"]) == 0
+    assert seen[-70:] == [1] * 70 and len(seen) == 70 + 2, seen  # the blank-image checks, then chunks of one
+    _same_maps(out, ref)
