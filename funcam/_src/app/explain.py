@@ -54,7 +54,7 @@ def validate(model: nn.Module, size: int | tuple[int, int], *, method: str | Non
 
 def explain(model: nn.Module | Split, x: Tensor, *, method: str | None = None, classes: Any = None,
             top_k: int | None = None, layer: str | list[str] | None = None, chunk_size: int | None = None,
-            relu: bool = True) -> CAM:
+            max_memory: int | None = None, relu: bool = True) -> CAM:
     """Maps for ``x (B, C, H, W)`` and the requested classes with any funcam method, by name.
 
     model: the model, or ``funcam.split(model, layer)`` built once and reused across calls (a graph-route split
@@ -62,15 +62,19 @@ def explain(model: nn.Module | Split, x: Tensor, *, method: str | None = None, c
     method: one of ``METHOD_NAMES`` (None: ``default_method(model)``).
     classes / top_k: as in ``funcam.cam``. layer: the cut for CAM methods (``funcam.split``'s ``layer``;
     a list is fused by the mean of per-layer normalised maps at the first layer's resolution); not with a Split.
+    chunk_size: classes per vmapped chunk; None chooses it from ``max_memory``.
+    max_memory: bytes of per-class tensors allowed at once when ``chunk_size`` is None (default 128 MiB), for
+    every method that vmaps over classes (``funcam.cam`` says what each one counts); the maps are the same
+    whatever the chunks, to float rounding.
     Returns ``CAM(maps (B, K, h, w), classes (B, K), logits (B, N))``, detached: explanation only, run
     under ``torch.no_grad()`` so that memory does not grow with K (use ``funcam.cam`` for differentiable maps).
     """
     with torch.no_grad():
-        return _explain(model, x, method, classes, top_k, layer, chunk_size, relu)
+        return _explain(model, x, method, classes, top_k, layer, chunk_size, max_memory, relu)
 
 
 def _explain(target: nn.Module | Split, x: Tensor, method: str | None, classes: Any, top_k: int | None,
-             layer: str | list[str] | None, chunk_size: int | None, relu: bool) -> CAM:
+             layer: str | list[str] | None, chunk_size: int | None, max_memory: int | None, relu: bool) -> CAM:
     if isinstance(target, Split):
         if layer is not None:
             raise ValueError("give layer= to funcam.split, not to explain, when explain is given a Split")
@@ -80,7 +84,8 @@ def _explain(target: nn.Module | Split, x: Tensor, method: str | None, classes: 
     m = methods.get(method or default_method(model), spell=methods.cli_name)
     if not isinstance(target, Split) and (m.kind == "cam" or m.name == "guided_gradcam"):
         target = make_split(model, layer)
-    out = cam(target, x, classes, method=m.name, top_k=top_k, relu=relu, chunk_size=chunk_size)
+    out = cam(target, x, classes, method=m.name, top_k=top_k, relu=relu, chunk_size=chunk_size,
+              max_memory=max_memory)
     if isinstance(out.maps, tuple):
         out = out._replace(maps=fuse(out.maps, normalize_each=True))
     if m.kind == "guided":

@@ -17,8 +17,9 @@ import os
 import sys
 
 from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, \
-    add_model_arguments, add_target_arguments, cannot_write, check_fit, check_out, classes_from_args, layers, \
-    load_from_args, methods_from_args, parse_device, positive, weights_from_args, weights_note
+    add_memory_arguments, add_model_arguments, add_target_arguments, cannot_write, check_fit, check_out, \
+    classes_from_args, layers, load_from_args, methods_from_args, parse_device, positive, weights_from_args, \
+    weights_note
 
 
 def add_parser(sub) -> None:
@@ -33,7 +34,7 @@ def add_parser(sub) -> None:
     add_batch_size_argument(p)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: decode in-process)")
     p.add_argument("--shard-size", type=positive, default=256, help="images per shard file")
-    p.add_argument("--chunk-size", type=positive, help="classes per vmapped chunk (bounds memory for large K)")
+    add_memory_arguments(p)
     p.add_argument("--format", choices=("safetensors", "npz"), default="safetensors")
     p.add_argument("--overlays", action="store_true",
                    help="also write OUT/overlays/<path>__<class>__<method>.png (the 5 best classes of each image)")
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             images, args.out, model, cfg, root=args.dir, method=methods[0],
             classes=classes, top_k=top_k, layer=layers(args.layer),
             batch_size=args.batch_size, num_workers=args.workers, shard_size=args.shard_size, format=args.format,
-            overlays=args.overlays, chunk_size=args.chunk_size, progress=not args.quiet,
+            overlays=args.overlays, chunk_size=args.chunk_size, max_memory=args.max_memory, progress=not args.quiet,
             model_name=weights.name + (" (random weights)" if note else ""), on_error=on_error)
     except DatasetError as e:
         raise UsageError(str(e)) from None

@@ -29,9 +29,10 @@ from funcam._src.app.gallery import Figure, Legend, Section, write_gallery
 from funcam._src.app.images import ImageError, limit_aspect, printable, probe_image, read_image
 from funcam._src.app.models import ModelError, Preprocess, class_names, preprocess, unnormalize
 from funcam._src.app.render import colormap_table, gradient_image, grid, legend_labels, overlay, save_png
-from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, add_model_arguments, \
-    add_output_arguments, add_target_arguments, cannot_write, check_fit, classes_from_args, layers, load_from_args, \
-    methods_from_args, output_from_args, parse_device, safe_stem, weights_from_args, weights_note
+from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, \
+    add_memory_arguments, add_model_arguments, add_output_arguments, add_target_arguments, cannot_write, check_fit, \
+    classes_from_args, layers, load_from_args, methods_from_args, output_from_args, parse_device, safe_stem, \
+    weights_from_args, weights_note
 from funcam._src.core.engine import CAM
 
 GUIDED = ("guided-gradcam", "guided-backprop")
@@ -50,7 +51,7 @@ class Result(NamedTuple):
     rgb: Tensor | None
 
 
-def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool) -> Callable[..., Result]:
+def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool, memory: dict) -> Callable[..., Result]:
     import funcam
     from funcam._src.app.explain import explain
 
@@ -59,12 +60,12 @@ def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool)
         def fn(x: Tensor, classes, top_k) -> Result:
             with torch.no_grad():
                 out = funcam.cam(model if method == "guided-backprop" else sp, x, classes,
-                                 method=method.replace("-", "_"), top_k=top_k)
+                                 method=method.replace("-", "_"), top_k=top_k, **memory)
             # the npz keeps explain()'s map: the strongest absolute response over the colour channels
             return Result(out._replace(maps=out.maps.abs().amax(dim=2)), out.maps)
     else:
         def fn(x: Tensor, classes, top_k) -> Result:
-            return Result(explain(sp, x, method=method, classes=classes, top_k=top_k, relu=relu), None)
+            return Result(explain(sp, x, method=method, classes=classes, top_k=top_k, relu=relu, **memory), None)
 
     return torch.compile(fn) if compile_ else fn
 
@@ -123,12 +124,15 @@ def legend_of(cmap: str, *, guided: bool = False, stops: int = 17) -> Legend:
 
 def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequence[str], *, classes, top_k,
          layer, relu: bool, compile_: bool, batch_size: int, device: torch.device, quiet: bool, out: str,
-         fmt: str, cmap: str, alpha: float, note: str | None) -> tuple[list[Section], int]:
+         fmt: str, cmap: str, alpha: float, note: str | None, chunk_size: int | None = None,
+         max_memory: int | None = None) -> tuple[list[Section], int]:
     """Explain and write every readable item; returns the gallery sections and the number of unreadable items.
-    ``out`` is created before the first file is written (not at all when no item is readable)."""
+    ``out`` is created before the first file is written (not at all when no item is readable). chunk_size /
+    max_memory: as in ``funcam.explain.explain``."""
     from tqdm import tqdm
 
-    fns = {m: _explainer(model, m, layer, relu, compile_) for m in methods}
+    memory = dict(chunk_size=chunk_size, max_memory=max_memory)
+    fns = {m: _explainer(model, m, layer, relu, compile_, memory) for m in methods}
     names = class_names(model)
     sections, failed = [], 0
     bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=True if quiet or len(items) < 2 else None)
@@ -213,6 +217,7 @@ def add_parser(sub) -> None:
     add_device_argument(g)
     g.add_argument("--compile", action="store_true", help="run the explanation under torch.compile")
     add_batch_size_argument(g)
+    add_memory_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar, no predictions on stdout")
     add_output_arguments(p, default_out="funcam-out")
     p.add_argument("--format", choices=("png", "npz"), default="png",
@@ -251,7 +256,8 @@ def explain_command(args: argparse.Namespace) -> int:
         sections, more = _run(model, pre, items_ok, methods, classes=classes, top_k=top_k,
                               layer=layers(args.layer), relu=relu, compile_=args.compile,
                               batch_size=args.batch_size, device=device, quiet=args.quiet,
-                              out=out, fmt=args.format, cmap=cmap, alpha=args.alpha, note=note)
+                              out=out, fmt=args.format, cmap=cmap, alpha=args.alpha, note=note,
+                              chunk_size=args.chunk_size, max_memory=args.max_memory)
         failed += more
         if failed == len(items):
             return 2  # no readable image: each was named on stderr, nothing was written

@@ -1,15 +1,16 @@
 """What the commands share: the parser, the options, how they are read and checked, and the one error type.
 
 Every command builds its parser from these pieces (``add_model_arguments``, ``add_target_arguments``,
-``add_device_argument``, ``add_output_arguments``, ...), so an option means the same, has the same default
-and fails with the same message under every command. Reading an option either returns a checked value or
-raises ``UsageError``, whose message is the one line ``main`` prints after ``funcam: error:``.
+``add_device_argument``, ``add_memory_arguments``, ``add_output_arguments``, ...), so an option means the same,
+has the same default and fails with the same message under every command. Reading an option either returns a
+checked value or raises ``UsageError``, whose message is the one line ``main`` prints after ``funcam: error:``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+from fractions import Fraction
 from typing import NamedTuple, Sequence
 
 import torch
@@ -44,6 +45,22 @@ def positive(text: str) -> int:
         v = 0
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def size_in_bytes(text: str) -> int:
+    """argparse type: a positive number of bytes, plain (``1048576``) or with a binary suffix, any case:
+    ``512M`` / ``512MiB`` = 512 * 2**20, ``1.5G`` / ``1.5GiB``; K, M, G, T (KiB ... TiB) are powers of 1024.
+    A fraction is rounded down to whole bytes (``1.5K`` = 1536); the message names the option."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:ib)?)?\s*", text, flags=re.IGNORECASE | re.ASCII)
+    v = 0
+    if m is not None and (m.group(2) or "." not in m.group(1)):  # a fraction of a byte is no size
+        v = int(Fraction(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size such as 512M or 2G, got {text!r}")
     return v
 
 
@@ -89,6 +106,17 @@ def add_device_argument(g) -> None:
 def add_batch_size_argument(g) -> None:
     g.add_argument("--batch-size", type=positive, default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"images per forward (default {DEFAULT_BATCH_SIZE})")
+
+
+def add_memory_arguments(g) -> None:
+    """--chunk-size, --max-memory: how many classes' tensors exist at once (neither changes the maps)."""
+    from funcam._src.core.engine import DEFAULT_MAX_MEMORY
+
+    g.add_argument("--chunk-size", type=positive, default=None, metavar="N",
+                   help="classes per vmapped chunk (default: chosen from --max-memory)")
+    g.add_argument("--max-memory", type=size_in_bytes, default=None, metavar="SIZE",
+                   help=f"bytes of per-class tensors at once without --chunk-size, e.g. 512M, 2G, 1.5GiB "
+                        f"(default {DEFAULT_MAX_MEMORY // 2**20}M)")
 
 
 def add_output_arguments(p: argparse.ArgumentParser, *, default_out: str) -> None:
