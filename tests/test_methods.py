@@ -60,13 +60,16 @@ def test_cam_and_explain_run_every_entry_by_either_name(name, one_thread):
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])
-@pytest.mark.parametrize("name", [n for n, m in methods.TABLE.items() if m.kind != "rollout"])
+@pytest.mark.parametrize("name", list(methods.TABLE))
 def test_every_method_refuses_a_bad_max_memory(name, bad, one_thread):
-    family = "vit_tiny_patch16_224" if methods.TABLE[name].kind == "relevance" else "resnet18"
+    family = "vit_tiny_patch16_224" if methods.TABLE[name].kind in ("relevance", "rollout") else "resnet18"
     model, x = make_model(family), make_input(family)
-    shortcut = getattr(funcam, {"chefer": "chefer_relevance"}.get(name, name))
-    for call in (lambda **o: funcam.cam(model, x, [1, 2], method=name, **o),
-                 lambda **o: shortcut(model, x, [1, 2], **o)):
+    calls = [lambda **o: funcam.cam(model, x, [1, 2], method=name, **o),
+             lambda **o: explain(model, x, method=methods.cli_name(name), classes=[1, 2], **o)]
+    if methods.TABLE[name].kind != "rollout":  # attention_rollout is class-agnostic and takes neither option
+        shortcut = getattr(funcam, {"chefer": "chefer_relevance"}.get(name, name))
+        calls.append(lambda **o: shortcut(model, x, [1, 2], **o))
+    for call in calls:
         for opts in ({}, {"chunk_size": 1}):  # checked even where chunk_size decides
             with pytest.raises(ValueError, match=r"max_memory must be None or a positive number of bytes"):
                 call(max_memory=bad, **opts)

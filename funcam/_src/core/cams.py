@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from funcam._src import guard as _guard
 from funcam._src.base import CAM, Split
 from funcam._src.core import methods
-from funcam._src.core.engine import class_maps
+from funcam._src.core.engine import _check_chunk, _check_max_memory, class_maps
 from funcam._src.core.guided import guided_backprop_cam, guided_gradcam_cam
 from funcam._src.core.rollout import relevance, rollout_cam
 from funcam._src.core.split import in_chans_of, split as make_split
@@ -66,6 +66,9 @@ def cam(model_or_split: Split | nn.Module, x: Tensor, classes: Any = None, *, me
     if m.kind == "relevance":
         return relevance(model_or_split, x, classes, m.rule, top_k, chunk_size, max_memory)
     if m.kind == "rollout":
+        # one class-agnostic map, nothing per class to chunk: the two are checked, not used
+        _check_chunk(chunk_size)
+        _check_max_memory(max_memory)
         return rollout_cam(model_or_split, x, classes, top_k)
     if m.name == "guided_backprop":
         return guided_backprop_cam(model_or_split, x, classes, top_k, chunk_size, max_memory)
