@@ -5,6 +5,8 @@ for the ViT routes (CLS-pooled prefix-only head, average-pooled MLP linearisatio
 with class indices and with a score callable."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 from timm.models.vgg import VGG
@@ -14,6 +16,7 @@ from torch import nn
 import funcam
 from funcam._src.base import as_features
 from tests._oracle import loop_cams
+from tests.conftest import make_input, make_model, noised
 
 
 def _models():
@@ -61,3 +64,162 @@ def test_shift_jacobian_with_a_score_callable():
     per_class = funcam.gradcam(sp, x, scores, relu=False, chunk_size=7)
     torch.testing.assert_close(fast, per_class, rtol=1e-9, atol=1e-16)
     assert fast.abs().amax() > 0
+
+
+# --- Swin's norm2 cut: the shifted head of funcam._src.cuts.shifted (a (C, C) matrix per image) ---------------------
+
+SWIN = "swin_tiny_patch4_window7_224-narrow"  # C = 32 at the cut, 8x8 tokens
+SWIN_CLASSES = 48  # K > C: the Jacobian path
+
+
+def _swin(num_classes: int = SWIN_CLASSES) -> nn.Module:
+    """A float64 copy of the narrow Swin with its zero-initialised biases noised (the cached model stays as it is)."""
+    return noised(copy.deepcopy(make_model(SWIN, num_classes=num_classes, dtype=torch.float64))).eval()
+
+
+def _swin_input(seed: int = 1) -> torch.Tensor:
+    return make_input(SWIN, seed=seed, dtype=torch.float64)
+
+
+def _class_forms(n: int, b: int):
+    g = torch.Generator().manual_seed(3)
+    per_image = torch.stack([torch.randperm(n, generator=g)[:n - 4] for _ in range(b)])  # (B, K), K = n - 4 > C
+    return {"list": (list(range(n))[::-1], {}), "per_image": (per_image, {}), "top_k": (None, {"top_k": n - 6})}
+
+
+@pytest.mark.parametrize("form", ["list", "per_image", "top_k"])
+def test_swin_shifted_head_equals_per_class_path_and_loop(form, monkeypatch):
+    model, x = _swin(), _swin_input()
+    sp = funcam.split(model)
+    assert sp.layers == ("layers.1.blocks.1.norm2",) and sp.shifted is not None
+    feats = sp.extract(x)
+    c = feats.maps[0].shape[1]
+    classes, kw = _class_forms(SWIN_CLASSES, x.shape[0])[form]
+    from funcam._src.cuts import shifted as shifted_mod
+
+    calls = []
+    real = shifted_mod.norm_mlp_jacobian
+
+    def spy(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(shifted_mod, "norm_mlp_jacobian", spy)
+    fast = funcam.gradcam(sp, x, classes, relu=False, **kw)
+    assert calls, "the shifted head's (C, C) Jacobian was not used"
+    monkeypatch.setattr(shifted_mod, "norm_mlp_jacobian", real)
+    k = fast.shape[1]
+    assert k > c
+    generic = funcam.gradcam(sp._replace(shifted=None), x, classes, relu=False, **kw)  # head(A + t), C jvps
+    per_class = funcam.gradcam(sp, x, classes, relu=False, chunk_size=k // 3, **kw)  # the per-class vjp
+    scale = float(fast.detach().abs().amax())
+    assert scale > 0 and fast.flatten(2).std(-1).min() > 0  # not all zero, not constant
+    torch.testing.assert_close(fast, generic, rtol=1e-9, atol=1e-12 * scale)
+    torch.testing.assert_close(fast, per_class, rtol=1e-9, atol=1e-12 * scale)
+    idx = funcam.cam(sp, x, classes, method="gradcam", relu=False, **kw).classes  # (B, K) as resolved
+    some = [0, k // 2, k - 1]
+    loop = loop_cams(sp, x, lambda out: out.gather(1, idx[:, some]), "gradcam")
+    torch.testing.assert_close(fast[:, some], loop, rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_swin_shifted_head_is_the_head_at_zero_and_costs_no_token_pass_per_direction():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x = _swin(), _swin_input()
+    sp = funcam.split(model)
+    feats = sp.extract(x)
+    zero = x.new_zeros(x.shape[0], feats.maps[0].shape[1])
+    torch.testing.assert_close(sp.shifted(feats, zero), sp.head(feats), rtol=1e-15, atol=0)
+    flops = {}
+    for name, run in [("forward", lambda: model(x)),
+                      ("shifted", lambda: funcam.gradcam(sp, x, torch.arange(SWIN_CLASSES))),
+                      ("generic", lambda: funcam.gradcam(sp._replace(shifted=None), x, torch.arange(SWIN_CLASSES)))]:
+        with FlopCounterMode(display=False) as counter:
+            run()
+        flops[name] = counter.get_total_flops()
+    # measured: forward 15.5M, shifted 26.2M, generic 87.4M (C = 32 passes of the MLP over the 2 x 64 tokens)
+    assert flops["shifted"] < 2 * flops["forward"] and flops["shifted"] < flops["generic"] / 3, flops
+
+
+class _ScaledLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass of another form (twice the norm): only the probe can tell."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _swin_variant(kind: str) -> nn.Module:
+    model = _swin()
+    c = model.num_features
+    if kind == "rms_norm":
+        model.norm = nn.RMSNorm(c, dtype=torch.float64)
+    elif kind == "mlp_norm":
+        blk = model.layers[-1].blocks[-1]
+        blk.mlp.norm = nn.LayerNorm(blk.mlp.fc1.out_features, dtype=torch.float64)
+    elif kind == "layernorm_subclass":
+        model.norm = _ScaledLayerNorm(c, dtype=torch.float64)
+    elif kind == "max_pool":
+        model.reset_classifier(SWIN_CLASSES, global_pool="max")
+        model.double()
+        noised(model)
+    elif kind == "identity_norm":
+        model.norm = nn.Identity()
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["rms_norm", "mlp_norm", "layernorm_subclass", "max_pool", "identity_norm"])
+def test_swin_shifted_head_only_where_its_form_holds(kind):
+    model, x = _swin_variant(kind), _swin_input()
+    sp = funcam.split(model)
+    assert sp.layers == ("layers.1.blocks.1.norm2",)
+    assert (sp.shifted is not None) == (kind == "identity_norm"), kind
+    n = SWIN_CLASSES
+    maps = funcam.gradcam(sp, x, torch.arange(n), relu=False)
+    scale = float(maps.detach().abs().amax())
+    assert scale > 0
+    torch.testing.assert_close(maps, funcam.gradcam(sp, x, torch.arange(n), relu=False, chunk_size=n // 3),
+                               rtol=1e-9, atol=1e-12 * scale)
+    some = [1, n - 2]
+    torch.testing.assert_close(maps[:, some], loop_cams(sp, x, lambda out: out[:, some], "gradcam"),
+                               rtol=1e-9, atol=1e-12 * scale)
+
+
+def test_swin_shifted_head_in_training_mode_runs_the_plain_head(monkeypatch):
+    # no random module (drop rates 0), so the maps are those of eval mode; the parts' training flag picks the route
+    from funcam._src.cuts import shifted as shifted_mod
+
+    model = _swin()
+    for m in model.modules():
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    x = _swin_input()
+    want = funcam.gradcam(funcam.split(model)._replace(shifted=None), x, torch.arange(SWIN_CLASSES), relu=False)
+    sp = funcam.split(model.train(), token_cut="norm2")
+    assert sp.shifted is not None
+    monkeypatch.setattr(shifted_mod, "norm_mlp_jacobian", None)  # not called in training mode
+    got = funcam.gradcam(sp, x, torch.arange(SWIN_CLASSES), relu=False)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12 * float(want.detach().abs().amax()))
+
+
+@pytest.mark.parametrize("norm", ["model", "identity", "no_affine"])
+def test_norm_mlp_jacobian_is_the_jacobian_of_the_pooled_norm(norm):
+    from funcam._src.cuts.shifted import norm_mlp_jacobian
+
+    model = _swin()
+    mlp = model.layers[-1].blocks[-1].mlp
+    c = model.num_features
+    ln = {"model": model.norm, "identity": nn.Identity(),
+          "no_affine": nn.LayerNorm(c, eps=1e-3, elementwise_affine=False, dtype=torch.float64)}[norm]
+    g = torch.Generator().manual_seed(4)
+    f, t = (torch.randn(2, 6, c, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def pooled(s):  # mean_j norm(t_j + mlp(f_j + s)): (B, C) -> (B, C)
+        return ln(t + mlp(f + s[:, None, :])).mean(dim=1)
+
+    jac = torch.func.jacrev(pooled)(f.new_zeros(2, c))  # (B, C, B, C); images do not mix
+    want = torch.stack([jac[b, :, b] for b in range(2)])
+    got = norm_mlp_jacobian(mlp, ln, f, t + mlp(f))
+    assert want.abs().amax() > 0
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got, torch.stack([torch.func.jacfwd(pooled)(f.new_zeros(2, c))[b, :, b]
+                                                 for b in range(2)]), rtol=1e-10, atol=1e-14)

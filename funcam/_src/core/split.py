@@ -79,8 +79,8 @@ def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str |
         extract, head, layers, shifted = timm_cuts.vit_split(model, token_cut)
         return Split(extract, head, in_chans, layers, shifted=shifted)
     if timm_cuts.is_swin(model) and (token_cut is not None or timm_cuts.swin_blocks_ok(model)):
-        extract, head, layers = timm_cuts.swin_split(model, token_cut)
-        return Split(extract, head, in_chans, layers)
+        extract, head, layers, shifted = timm_cuts.swin_split(model, token_cut)
+        return Split(extract, head, in_chans, layers, shifted=shifted)
     if token_cut is not None:
         raise ValueError(f"split: token_cut={token_cut!r} applies to timm ViT and Swin models only, "
                          f"got a {type(model).__name__}")

@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from funcam._src.cuts.attention import attend, is_plain_attention
+from funcam._src.cuts.shifted import swin_norm2_head
 from funcam._src.base import Features
 
 _VIT_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -231,8 +232,9 @@ def prefix_attention(attn: nn.Module, prefix: Tensor, patches: Tensor, shift: Te
     return attn.proj_drop(attn.proj(out))
 
 
-def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable, tuple[str]]:
-    """``(extract, head, (cut name,))`` for a timm SwinTransformer: a token feature of the last block, NHWC -> NCHW."""
+def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Callable, tuple[str], Callable | None]:
+    """``(extract, head, (cut name,), shifted head or None)`` for a timm SwinTransformer: a token feature of the last
+    block, NHWC -> NCHW; the norm2 cut has a shifted head where its form holds (``funcam._src.cuts.shifted``)."""
     stage = model.layers[-1]
     blk = stage.blocks[-1]
     token_cut = token_cut or "norm2"
@@ -274,7 +276,8 @@ def swin_split(model: nn.Module, token_cut: str | None) -> tuple[Callable, Calla
             (fmap,), (t,) = feats.maps, feats.context
             t = t + blk.drop_path2(blk.mlp(rearrange(fmap, "b c h w -> b h w c")))
             return finish(t)
-    return extract, head, (f"layers.{len(model.layers) - 1}.blocks.{len(stage.blocks) - 1}.{token_cut}",)
+    shifted = swin_norm2_head(model, blk) if token_cut == "norm2" else None
+    return extract, head, (f"layers.{len(model.layers) - 1}.blocks.{len(stage.blocks) - 1}.{token_cut}",), shifted
 
 
 def _cat(prefix: Tensor, patches: Tensor) -> Tensor:
