@@ -223,3 +223,28 @@ def test_norm_mlp_jacobian_is_the_jacobian_of_the_pooled_norm(norm):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(got, torch.stack([torch.func.jacfwd(pooled)(f.new_zeros(2, c))[b, :, b]
                                                  for b in range(2)]), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_avg", "swin"])
+def test_compiled_callers_take_the_per_class_path_with_the_same_maps(name, monkeypatch):
+    """Under torch.compile (fullgraph) the Jacobian route is skipped (torch cannot trace jvp through layer_norm inside
+    vmap): the compiled maps equal eager's from the Jacobian route, and the route never ran while compiling."""
+    if name == "swin":
+        model, x = make_model("swin_tiny_patch4_window7_224-narrow"), make_input("swin_tiny_patch4_window7_224-narrow")
+    else:
+        model, size, _ = MODELS[name]
+        model = model.float().eval()
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    sp = funcam.split(model)
+    assert sp.shifted is not None
+    classes = torch.arange(model(x).shape[1])  # K > C
+    with torch.no_grad():
+        eager = funcam.gradcam(sp, x, classes)
+        ran = []
+        real = funcam._src.core.engine._load_jvp_rules
+        monkeypatch.setattr(funcam._src.core.engine, "_load_jvp_rules", lambda: ran.append(1) or real())
+        torch._dynamo.reset()
+        got = torch.compile(lambda xx: funcam.gradcam(sp, xx, classes), fullgraph=True, backend="aot_eager")(x)
+    assert not ran
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
+    assert eager.abs().amax() > 0

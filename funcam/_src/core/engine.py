@@ -167,6 +167,14 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
 
 
+def _load_jvp_rules() -> None:
+    """torch's forward-mode rules for the composite ops that have none of their own (``torch.autograd.forward_ad``
+    loads them the same way); their import warns of a deprecation, once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
 def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, classes: Any, score_fn: Any,
                          top_k: int | None, max_memory: int | None) -> CAM | None:
     """Grad-CAM for many classes from C forward-mode passes (None when K <= C: the per-class vjp is cheaper).
@@ -181,9 +189,11 @@ def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, class
     known = _known_k(classes, top_k)
     if known is not None and known <= c:
         return None  # decided before any head forward: the per-class path costs nothing more at small K
-    with warnings.catch_warnings():  # torch's forward-mode rules import with a deprecation warning, once
-        warnings.simplefilter("ignore", FutureWarning)
-        import torch._decomp.decompositions_for_jvp  # noqa: F401
+    if torch.compiler.is_compiling():
+        # torch 2.14 cannot trace jvp through layer_norm inside vmap (an internal assert on _fw_primal with fake
+        # tensors), which every ViT head has: compiled callers take the per-class path, which traces everywhere
+        return None
+    _load_jvp_rules()
 
     def shifted(t: Tensor) -> Any:
         if split.shifted is not None:
