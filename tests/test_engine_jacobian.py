@@ -248,3 +248,26 @@ def test_compiled_callers_take_the_per_class_path_with_the_same_maps(name, monke
     assert not ran
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5 * float(eager.abs().max()))
     assert eager.abs().amax() > 0
+
+
+def test_shifted_heads_take_the_jacobian_route_from_c_over_32_classes(monkeypatch):
+    """With a shifted head the C passes together cost about a forward, so the route starts at K > C / 32 (C = 192
+    here: K = 7), and its maps equal the per-class path's; without one it starts at K > C."""
+    from funcam._src.core import engine
+
+    model, size, _ = MODELS["vit"]
+    model = model.double().eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    sp = funcam.split(model)
+    c = as_features(sp.extract(x))[0].maps[0].shape[1]
+    runs = []
+    real = engine._load_jvp_rules
+    monkeypatch.setattr(engine, "_load_jvp_rules", lambda: runs.append(1) or real())
+    for k, route in ((c // 32, False), (c // 32 + 1, True)):
+        runs.clear()
+        classes = torch.arange(k) * 3
+        got = funcam.gradcam(sp, x, classes, relu=False)
+        assert bool(runs) == route, (k, runs)
+        torch.testing.assert_close(got, funcam.gradcam(sp, x, classes, relu=False, chunk_size=k), rtol=1e-9, atol=1e-14)
+        assert got.abs().amax() > 0
+    assert engine.jacobian_pays(c + 1, c, False) and not engine.jacobian_pays(c, c, False)

@@ -167,6 +167,14 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
 
 
+def jacobian_pays(k: int, c: int, shifted: bool) -> bool:
+    """Whether K classes cost more by K reverse passes of the head than by C forward passes in the shift. Without a
+    shifted head each of the C passes costs about one reverse pass: K > C. A shifted head's C passes together cost
+    about a forward, so the route pays from a few dozen classes: measured crossovers at B = 8 (224 px) were
+    K = 20-30 on vit_small CLS-pooled (C = 384), 5-10 average-pooled, 20-25 on swin_tiny (C = 768): K > C / 32."""
+    return k > (c // 32 if shifted else c)
+
+
 def _load_jvp_rules() -> None:
     """torch's forward-mode rules for the composite ops that have none of their own (``torch.autograd.forward_ad``
     loads them the same way); their import warns of a deprecation, once."""
@@ -187,7 +195,7 @@ def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, class
     a = feats.maps[0]
     b, c, h, w = a.shape
     known = _known_k(classes, top_k)
-    if known is not None and known <= c:
+    if known is not None and not jacobian_pays(known, c, split.shifted is not None):
         return None  # decided before any head forward: the per-class path costs nothing more at small K
     if torch.compiler.is_compiling():
         # torch 2.14 cannot trace jvp through layer_norm inside vmap (an internal assert on _fw_primal with fake
@@ -211,7 +219,7 @@ def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, class
     out, logits = scores(t0)
     idx, picked = class_indices(out, logits, classes, score_fn, top_k, b)
     k = idx.shape[1]
-    if k <= c or k == 0:
+    if k == 0 or not jacobian_pays(k, c, split.shifted is not None):
         return None
     # per direction: the tangent of the map (B, C, h, w) and as much again inside the head, at most
     per_dir = (b * c if split.shifted is not None else 2 * a.numel()) * a.element_size() * 4
