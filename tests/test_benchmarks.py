@@ -34,6 +34,18 @@ def test_peers_benchmark_smoke(tmp_path):
                and r["who"] == "pytorch-grad-cam")
     t = goals["resnet18 gradcam K=1, speed-up over pytorch-grad-cam >="]
     assert t["measured"] == pgc["median_s"] / mine["median_s"] and t["met"] == (t["measured"] >= 2.0)
+    # the routes beyond timm's pooled heads (--quick: a torchvision graph cut and timm resnet50), each beside its limit
+    paths = json.loads(out.read_text())["paths"]
+    assert {r["path"] for r in paths} == {"tv-resnet50", "resnet50"}
+    timed = [r for r in paths if r["method"] != "forward"]
+    assert {(r["method"], r["limit"]) for r in timed} >= {("gradcam", "forward"), ("guided_backprop", "model x K")}
+    for r in timed:
+        fwd = next(q for q in paths if q["path"] == r["path"] and q["method"] == "forward")
+        assert r["limit_s"] > 0 and r["x_limit"] == r["median_s"] / r["limit_s"]
+        if r["limit"] == "forward":
+            assert r["limit_s"] == fwd["median_s"]
+    assert any(r["who"] == "captum" and r["method"] == "guided_backprop" for r in timed)
+    assert "| path (one forward) | method | K |" in proc.stdout
 
 
 @pytest.mark.slow  # runs the benchmark scripts end to end: a benchmark, not a unit test
