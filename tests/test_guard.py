@@ -159,3 +159,15 @@ def test_empty_batch_and_empty_classes():
     for name in ("chefer", "rollout", "grad-rollout", "gradcam"):
         assert explain(vit, xv[:0], method=name, classes=[2]).maps.shape[:2] == (0, 1)
         assert explain(vit, xv, method=name, classes=[]).maps.shape[:2] == (2, 0)
+
+
+def test_non_finite_attention_reaches_the_rollout_maps_and_raises():
+    # an attention whose scores overflow to inf in the first block: softmax gives NaN, which must not become a map
+    vit = copy.deepcopy(make_model("vit_tiny_patch16_224"))
+    with torch.no_grad():
+        vit.blocks[0].attn.qkv.weight.mul_(1e30)
+    x = make_input("vit_tiny_patch16_224")
+    for fn in (lambda: funcam.attention_rollout(vit, x), lambda: funcam.cam(vit, x, [0], method="rollout"),
+               lambda: funcam.rollout_matrix(vit, x)):
+        with pytest.raises(FloatingPointError, match=r"non-finite (maps|logits) for images \[0, 1\]"):
+            fn()
