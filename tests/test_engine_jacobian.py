@@ -250,9 +250,9 @@ def test_compiled_callers_take_the_per_class_path_with_the_same_maps(name, monke
     assert eager.abs().amax() > 0
 
 
-def test_shifted_heads_take_the_jacobian_route_from_c_over_32_classes(monkeypatch):
-    """With a shifted head the C passes together cost about a forward, so the route starts at K > C / 32 (C = 192
-    here: K = 7), and its maps equal the per-class path's; without one it starts at K > C."""
+def test_shifted_heads_take_the_jacobian_route_from_c_over_16_classes(monkeypatch):
+    """With a shifted head the C passes together cost about a forward, so the route starts at K > C / 16 (C = 192
+    here: K = 13), and its maps equal the per-class path's; without one it starts at K > C."""
     from funcam._src.core import engine
 
     model, size, _ = MODELS["vit"]
@@ -263,7 +263,7 @@ def test_shifted_heads_take_the_jacobian_route_from_c_over_32_classes(monkeypatc
     runs = []
     real = engine._load_jvp_rules
     monkeypatch.setattr(engine, "_load_jvp_rules", lambda: runs.append(1) or real())
-    for k, route in ((c // 32, False), (c // 32 + 1, True)):
+    for k, route in ((c // 16, False), (c // 16 + 1, True)):
         runs.clear()
         classes = torch.arange(k) * 3
         got = funcam.gradcam(sp, x, classes, relu=False)
@@ -271,3 +271,36 @@ def test_shifted_heads_take_the_jacobian_route_from_c_over_32_classes(monkeypatc
         torch.testing.assert_close(got, funcam.gradcam(sp, x, classes, relu=False, chunk_size=k), rtol=1e-9, atol=1e-14)
         assert got.abs().amax() > 0
     assert engine.jacobian_pays(c + 1, c, False) and not engine.jacobian_pays(c, c, False)
+
+
+def _narrow_vgg():
+    torch.manual_seed(5)
+    return VGG(cfg=[16, "M", 32, "M", 32, "M"], num_classes=100, mlp_ratio=1 / 64).double().eval()
+
+
+@pytest.mark.parametrize("size", [32, 56, 64])  # a map smaller than fc1's 7x7 kernel (ConvMlp pools it up first),
+def test_conv_mlp_shifted_head_is_the_head_of_the_shifted_map(size):  # 7x7 (fc2 as a Linear), 8x8 (fc2 a conv)
+    vgg = _narrow_vgg()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    sp = funcam.split(vgg)
+    assert sp.shifted is not None
+    feats = as_features(sp.extract(x))[0]
+    s = torch.randn(2, feats.maps[0].shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    want = vgg.forward_head(feats.maps[0] + s[:, :, None, None])  # exact for any shift, not only at 0
+    torch.testing.assert_close(sp.shifted(feats, s), want, rtol=1e-10, atol=1e-13)
+    classes = torch.arange(100).flip(0)  # K = 100 > C / 16
+    fast = funcam.gradcam(sp, x, classes, relu=False)
+    torch.testing.assert_close(fast, funcam.gradcam(sp, x, classes, relu=False, chunk_size=50), rtol=1e-9, atol=1e-14)
+    torch.testing.assert_close(fast[:, [99, 0]], loop_cams(sp, x, lambda out: out[:, [0, 99]], "gradcam"),
+                               rtol=1e-9, atol=1e-14)
+    assert fast.abs().amax() > 0 and fast.flatten(2).std(-1).min() > 0
+
+
+@pytest.mark.parametrize("kind", ["padded_fc1", "training"])
+def test_conv_mlp_shifted_head_only_where_its_form_holds(kind):
+    vgg = _narrow_vgg()
+    if kind == "padded_fc1":  # border outputs see fewer taps of the kernel: the shift is no longer one product
+        vgg.pre_logits.fc1.padding = (1, 1)
+    else:
+        vgg.train()
+    assert funcam.split(vgg).shifted is None

@@ -64,6 +64,7 @@ def split(model: nn.Module, layer: str | Sequence[str] | None = None, *, token_c
 def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str | None,
            tracer_leaves: Sequence[type], example: Tensor | None) -> Split:
     from funcam._src.cuts import timm as timm_cuts
+    from funcam._src.cuts.shifted import conv_mlp_head
 
     if token_cut not in (None, "norm1", "norm2"):
         raise ValueError(f"split: token_cut must be None, 'norm1' or 'norm2', got {token_cut!r}")
@@ -91,7 +92,9 @@ def _split(model: nn.Module, layer: str | Sequence[str] | None, token_cut: str |
         layout = "NCHW" if compiling else timm_cuts.features_layout(model)
         if layout is not None:
             extract, head, layers = timm_cuts.features_split(model, None if compiling else layout)
-            return Split(extract, head, in_chans, layers, _pooled_head(model) if layout == "NCHW" else None)
+            pooled = _pooled_head(model) if layout == "NCHW" else None
+            shifted = conv_mlp_head(model) if layout == "NCHW" and pooled is None else None
+            return Split(extract, head, in_chans, layers, pooled, shifted=shifted)
     return _graph_split(model, None, example, in_chans)
 
 

@@ -127,3 +127,70 @@ def _form_holds(model: nn.Module, blk: nn.Module, c: int) -> bool:
     tol = max(1e-4, 16 * torch.finfo(p.dtype).eps)
     return (want.shape == got.shape and bool((want - got).abs().amax() <= tol * want.abs().amax())
             and bool((act - alone).abs().amax() <= tol * act.abs().amax()))
+
+
+def conv_mlp_head(model: nn.Module) -> Callable | None:
+    """For a timm model whose ``forward_head`` is ``head(pre_logits(A))`` with a convolutional MLP first
+    (``fc1`` a Conv2d without padding, ``act1``, ``drop``, ``fc2``, ``act2``: VGG's ConvMlp): the head with a shift
+    ``s (B, C)`` added at every position of A, exact for any s.
+
+    ``fc1`` is linear, and without padding every tap of its kernel lands inside the map, so
+    ``fc1(A + s) = fc1(A) + (sum_{kh, kw} W1[:, :, kh, kw]) s`` at every output position (Simonyan & Zisserman
+    2015's fc6 as a 7x7 convolution): the shift enters as one (D, C) product instead of a 7x7 convolution per
+    direction and image. None where that form does not hold, checked on the modules and on a random probe (eval
+    mode, outside a compiled region): padding, groups or dilation in fc1, a model in training mode (dropout),
+    or a head that is not ``head(fc2-part(fc1(A)))``.
+    """
+    pl, head = getattr(model, "pre_logits", None), getattr(model, "head", None)
+    parts = ("fc1", "act1", "drop", "fc2", "act2")
+    if pl is None or head is None or not all(hasattr(pl, p) for p in parts) or not isinstance(pl.fc1, nn.Conv2d):
+        return None
+    fc1 = pl.fc1
+    if tuple(fc1.padding) != (0, 0) or fc1.groups != 1 or tuple(fc1.dilation) != (1, 1) or fc1.padding_mode != "zeros":
+        return None
+    if torch.compiler.is_compiling() or model.training:
+        return None
+
+    fc2 = pl.fc2
+    as_linear = isinstance(fc2, nn.Conv2d) and tuple(fc2.kernel_size) == (1, 1) and tuple(fc2.stride) == (1, 1) \
+        and tuple(fc2.padding) == (0, 0) and fc2.groups == 1
+
+    def rest(z: Tensor) -> Tensor:
+        z = pl.drop(pl.act1(z))
+        if as_linear and z.shape[-2:] == (1, 1):
+            # a 1x1 convolution of a 1x1 map is a Linear: as one, a vmap over the shift's directions folds them into
+            # the rows of one matrix product (the batched convolution ran about 3x slower)
+            z = F.linear(z[:, :, 0, 0], fc2.weight[:, :, 0, 0], fc2.bias)[:, :, None, None]
+        else:
+            z = fc2(z)
+        return head(pl.act2(z))
+
+    def shifted(feats: Features, shift: Tensor) -> Tensor:
+        (a,) = feats.maps
+        if a.shape[-2] < fc1.kernel_size[0] or a.shape[-1] < fc1.kernel_size[1]:
+            # ConvMlp pools a map smaller than its kernel up to the kernel's size first: the plain head then
+            return model.forward_head(a + shift[:, :, None, None])
+        moved = F.linear(shift, fc1.weight.sum(dim=(2, 3)))  # (B, D): the shift's term at every output position
+        return rest(fc1(a) + moved[:, :, None, None])
+
+    if not _conv_mlp_form_holds(model, fc1, shifted):
+        return None
+    return shifted
+
+
+def _conv_mlp_form_holds(model: nn.Module, fc1: nn.Conv2d, shifted: Callable) -> bool:
+    """Whether ``shifted(A, s)`` equals ``forward_head(A + s)`` on a random map at the kernel's size plus one, and a
+    random shift."""
+    p = fc1.weight
+    g = torch.Generator().manual_seed(0)
+    kh, kw = fc1.kernel_size
+    a = torch.randn(2, fc1.in_channels, kh + 1, kw + 1, generator=g, dtype=torch.float64).to(p)
+    s = torch.randn(2, fc1.in_channels, generator=g, dtype=torch.float64).to(p)
+    with torch.no_grad():
+        try:
+            want = model.forward_head(a + s[:, :, None, None])
+            got = shifted(Features((a,), ()), s)
+        except Exception:  # noqa: BLE001 - a part that does not take these shapes: not this form
+            return False
+    tol = max(1e-4, 16 * torch.finfo(p.dtype).eps)
+    return want.shape == got.shape and bool((want - got).abs().amax() <= tol * want.abs().amax())
