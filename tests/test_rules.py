@@ -3,11 +3,15 @@ on random gradients and features in float64: the general rule on (B, C, h, w), t
 method has one (map = sum_c w_c A_c), and the pooled rule on a spatially constant gradient."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+import funcam
 from funcam._src.core import methods, rules
 from tests._oracle import rule
+from tests.conftest import make_model
 
 CAMS = [m for m in methods.TABLE.values() if m.kind == "cam"]
 IDS = [m.name for m in CAMS]
@@ -66,3 +70,32 @@ def test_empty_class_dimension_on_the_pooled_rules():
     _, a = _data(4)
     for m in CAMS:
         assert m.pooled(a.new_zeros(3, 0, 5), a).shape == (3, 0, 4, 6), m.name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_gradcampp_alpha_has_finite_gradients_where_g_is_zero(dtype):
+    # eq. 19's alpha is 0 where g == 0; its backward must not form 0 / eps^2 there (NaN in half precision, where
+    # eps^2 = 1e-12 underflows), and in float32 / float64 the values are the hand formula's
+    g = torch.tensor([[[[0.0, 0.5], [-0.25, 0.0]]], [[[1e-3, 0.0], [0.0, -2.0]]]], dtype=torch.float64)
+    a = torch.tensor([[[[0.0, 1.0], [2.0, 0.0]]], [[[0.5, 0.0], [0.0, 3.0]]]], dtype=torch.float64)
+    g, a = g.to(dtype).requires_grad_(), a.to(dtype).requires_grad_()
+    for fn in (rules.gradcampp_weights, lambda g, a: rules.pooled_gradcampp(g[:, None, :, 0, 0], a)):
+        w = fn(g, a)
+        dg, da = torch.autograd.grad(w.sum(), (g, a))
+        assert torch.isfinite(dg).all() and torch.isfinite(da).all() and torch.isfinite(w).all()
+    gd, ad = g.detach().double(), a.detach().double()
+    s = ad.sum(dim=(2, 3), keepdim=True)
+    alpha = torch.where(gd != 0, gd**2 / (2 * gd**2 + s * gd**3 + rules.GRADCAMPP_EPS), torch.zeros_like(gd))
+    want = (torch.relu(gd) * alpha).sum(dim=(2, 3))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)
+    torch.testing.assert_close(rules.gradcampp_weights(g, a).double(), want, rtol=tol, atol=tol)
+    assert want.abs().amax() > 0
+
+
+def test_gradcampp_maps_of_a_half_precision_model_have_finite_input_gradients():
+    # found by the slow property test: resnet18 in float16 at 33x33, class 0, d maps / d x was NaN everywhere
+    model = copy.deepcopy(make_model("resnet18")).half()
+    x = torch.randn(1, 3, 33, 33, generator=torch.Generator().manual_seed(0)).half().requires_grad_()
+    maps = funcam.cam(model, x, 0, method="gradcampp").maps
+    (gx,) = torch.autograd.grad(maps.sum(), x)
+    assert torch.isfinite(gx).all() and gx.abs().amax() > 0 and maps.abs().amax() > 0

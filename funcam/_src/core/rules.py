@@ -35,10 +35,22 @@ def gradcampp_weights(g: Tensor, a: Tensor) -> Tensor:
 
     alpha = g^2 / (2 g^2 + (sum_hw A) g^3 + eps), alpha = 0 where g == 0; w_c = sum_hw relu(g) alpha.
     """
-    g2 = g * g
-    denom = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g + GRADCAMPP_EPS
-    alpha = torch.where(g != 0, g2 / denom, torch.zeros_like(g))
+    alpha = _gradcampp_alpha(g, a.sum(dim=(2, 3), keepdim=True))
     return (torch.relu(g) * alpha).sum(dim=(2, 3))
+
+
+def _gradcampp_alpha(g: Tensor, s: Tensor) -> Tensor:
+    """alpha = g^2 / (2 g^2 + s g^3 + eps), 0 where g == 0 (s: sum_hw A, broadcast against g), in g's dtype.
+
+    Differentiable without NaN: the denominator is 1 where g == 0 (a where selects 0 there anyway, and its backward
+    would otherwise carry 0 / eps^2), and half-precision gradients are formed in float32, where eps^2 = 1e-12
+    does not underflow to 0 as it does in float16 (where it made d maps / d x NaN)."""
+    work = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    g, s, out = g.to(work), s.to(work), g.dtype
+    g2 = g * g
+    nonzero = g != 0
+    denom = torch.where(nonzero, 2 * g2 + s * g2 * g + GRADCAMPP_EPS, torch.ones_like(g))
+    return torch.where(nonzero, g2 / denom, torch.zeros_like(g)).to(out)
 
 
 def xgradcam_weights(g: Tensor, a: Tensor) -> Tensor:
@@ -100,9 +112,7 @@ def channel_sum(w: Tensor, a: Tensor) -> Tensor:
 
 def pooled_gradcampp(v: Tensor, a: Tensor) -> Tensor:
     """Grad-CAM++ eq. 19 with g = v at all h w positions: w_c = h w relu(v) alpha."""
-    v2 = v * v
-    s = a.sum(dim=(2, 3)).unsqueeze(1)  # (B, 1, C)
-    alpha = torch.where(v != 0, v2 / (2 * v2 + s * v2 * v + GRADCAMPP_EPS), torch.zeros_like(v))
+    alpha = _gradcampp_alpha(v, a.sum(dim=(2, 3)).unsqueeze(1))  # s: (B, 1, C)
     return channel_sum(a.shape[2] * a.shape[3] * torch.relu(v) * alpha, a)
 
 
