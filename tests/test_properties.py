@@ -115,6 +115,26 @@ def _model(key: str, dtype: torch.dtype, requires_grad: bool) -> torch.nn.Module
 
 
 @functools.lru_cache(maxsize=None)
+def repeatable(key: str, dtype: torch.dtype) -> bool:
+    """Whether the model's own forward gives the same logits twice in ``dtype`` at odd sizes. Not always so: torch
+    2.14's bfloat16 CPU kernels on an AVX-512 VM gave convnext_atto logits that moved by up to 0.6 (on logits of
+    size 1), sometimes NaN, from one call to the next at 71x62 (a plain timm model, no funcam involved; 64x64 was
+    repeatable). No comparison with the model can pass there, so the properties leave that dtype out for it."""
+    m = model(key, dtype)
+    with torch.no_grad(), torch.inference_mode(False):
+        for h, w in ((64, 48), (32, 80)) if key in VITS else ((71, 62), (37, 45), (64, 48)):
+            x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h)).to(dtype)
+            first, again = m(x), m(x)
+            if not torch.equal(first, again) and not (first.isnan() & again.isnan()).all():
+                return False
+    return True
+
+
+def dtypes_for(key: str, among=None) -> list[torch.dtype]:
+    return [d for d in (DTYPES if among is None else among) if repeatable(key, d)]
+
+
+@functools.lru_cache(maxsize=None)
 def map_size(key: str, h: int, w: int) -> tuple[int, int]:
     """(h, w) of the feature maps / token grid for an (H, W) input."""
     if key in VITS:
@@ -401,7 +421,7 @@ def abs_terms(key: str, m: torch.nn.Module, x: torch.Tensor, classes: torch.Tens
 
 def check_cam_oracle(data) -> None:
     key = data.draw(st.sampled_from(CNNS + VITS), label="model")
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dtype = data.draw(st.sampled_from(dtypes_for(key)), label="dtype")
     rg = data.draw(st.booleans(), label="requires_grad")
     ctx = data.draw(st.sampled_from(["none", "no_grad", "inference_mode"]), label="context")
     m = model(key, dtype, rg)
@@ -562,7 +582,7 @@ def test_vit_relevance_matches_autograd_reference(data):
 def check_invariance(data) -> None:
     key = data.draw(st.sampled_from(CNNS + VITS), label="model")
     entry = data.draw(st.sampled_from(entries(key)), label="entry")
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dtype = data.draw(st.sampled_from(dtypes_for(key)), label="dtype")
     ctx = data.draw(st.sampled_from(["none", "no_grad", "inference_mode"]), label="context")
     rg = data.draw(st.booleans(), label="requires_grad")
     b = data.draw(st.integers(1, 3), label="B")
@@ -757,7 +777,7 @@ def test_overflow_raises_or_stays_finite(data):
 def check_empty(data) -> None:
     key = data.draw(st.sampled_from(CNNS + VITS), label="model")
     entry = data.draw(st.sampled_from(entries(key)), label="entry")
-    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), label="dtype")
+    dtype = data.draw(st.sampled_from(dtypes_for(key, (torch.float32, torch.float64, torch.bfloat16))), label="dtype")
     m = model(key, dtype)
     which = data.draw(st.sampled_from(["B=0", "K=0", "both"]), label="empty")
     b = 0 if which != "K=0" else data.draw(st.integers(1, 3), label="B")
