@@ -159,6 +159,7 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
     Listed paths are normalised (``./x.png`` is ``x.png``) and each is explained once.
     """
     from funcam._src.app.explain import check_method, default_method, explain, validate
+    from funcam._src.core.engine import _check_chunk, _check_max_memory
 
     t0 = time.perf_counter()
     if format not in FORMATS:
@@ -166,10 +167,9 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
     for arg, v in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg} must be a positive int, got {v!r}")
-    # funcam.cam checks these too, but only at the first batch: after settings.json is written
-    for arg, v, what in (("chunk_size", chunk_size, "int"), ("max_memory", max_memory, "number of bytes")):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{arg} must be None or a positive {what}, got {v!r}")
+    # funcam.cam's own checks, here before settings.json is written (cam meets them only at the first batch)
+    _check_chunk(chunk_size)
+    _check_max_memory(max_memory)
     if classes is not None and top_k is not None:
         raise ValueError("give either classes= or top_k=, not both")
     method = check_method(method or default_method(model))
