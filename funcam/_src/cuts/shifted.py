@@ -1,7 +1,8 @@
-"""A shifted head (``funcam.Split.shifted``) for a Swin cut before the last per-token MLP: the head with a shift
-``s (B, C)`` added to every token of the feature, linearised at ``s = 0``, so that Grad-CAM's Jacobian in ``s``
-(``funcam._src.core.engine._shift_jacobian_maps``) costs one (C, C) matrix per image instead of a pass over every
-token per direction.
+"""Shifted heads (``funcam.Split.shifted``): the head with a shift ``s (B, C)`` added at every position of the
+feature, written so that Grad-CAM's Jacobian in ``s`` (``funcam._src.core.engine._shift_jacobian_maps``) is cheap.
+For a Swin cut before the last per-token MLP (linearised at ``s = 0``): one (C, C) matrix per image instead of a
+pass over every token per direction. For a timm ConvMlp head (VGG; exact for any ``s``): one (D, C) product instead
+of fc1's convolution per direction and image.
 """
 from __future__ import annotations
 
@@ -124,9 +125,7 @@ def _form_holds(model: nn.Module, blk: nn.Module, c: int) -> bool:
             got = model.forward_head(y.mean(dim=(1, 2), keepdim=True))
         except Exception:  # noqa: BLE001 - a part that does not take these shapes: not this form
             return False
-    tol = max(1e-4, 16 * torch.finfo(p.dtype).eps)
-    return (want.shape == got.shape and bool((want - got).abs().amax() <= tol * want.abs().amax())
-            and bool((act - alone).abs().amax() <= tol * act.abs().amax()))
+    return _agrees(got, want) and _agrees(alone, act)
 
 
 def conv_mlp_head(model: nn.Module) -> Callable | None:
@@ -192,5 +191,10 @@ def _conv_mlp_form_holds(model: nn.Module, fc1: nn.Conv2d, shifted: Callable) ->
             got = shifted(Features((a,), ()), s)
         except Exception:  # noqa: BLE001 - a part that does not take these shapes: not this form
             return False
-    tol = max(1e-4, 16 * torch.finfo(p.dtype).eps)
+    return _agrees(got, want)
+
+
+def _agrees(got: Tensor, want: Tensor) -> bool:
+    """The probes' test: the same shape and equal up to 1e-4 (or 16 eps of the dtype) of ``want``'s largest value."""
+    tol = max(1e-4, 16 * torch.finfo(want.dtype).eps)
     return want.shape == got.shape and bool((want - got).abs().amax() <= tol * want.abs().amax())
