@@ -438,33 +438,34 @@ PATH_ROWS = [
 ]
 
 
-def head_limit(sp, x, n: int):
-    """(setup, setup + n backward passes of the head) for the "head x K" limit: one extract forward and one head
-    forward with the features as leaves, then ``autograd.grad`` per class, the graph kept."""
+def _backward_limit(forward, n: int):
+    """(setup, setup + n backward passes): ``forward() -> (output (B, N), leaves)`` under grad mode, then one
+    ``autograd.grad`` of each of n classes to the leaves, the graph kept."""
     def run(k: int):
         def go():
             with torch.enable_grad():
-                feats, rebuild = funcam._src.base.as_features(sp.extract(x))
-                leaves = tuple(m.detach().requires_grad_() for m in feats.maps)
-                out = funcam._src.core.engine.logits_of(sp.head(rebuild(leaves)))
+                out, leaves = forward()
                 for c in range(k):
                     torch.autograd.grad(out[:, c].sum(), leaves, retain_graph=True, allow_unused=True)
         return go
     return run(0), run(n)
 
 
+def head_limit(sp, x, n: int):
+    """The "head x K" limit's two calls: one extract forward and one head forward with the features as leaves."""
+    def forward():
+        feats, rebuild = funcam._src.base.as_features(sp.extract(x))
+        leaves = tuple(m.detach().requires_grad_() for m in feats.maps)
+        return funcam._src.core.engine.logits_of(sp.head(rebuild(leaves))), leaves
+    return _backward_limit(forward, n)
+
+
 def model_limit(model, x, n: int):
-    """(setup, setup + n backward passes of the model) for the "model x K" limit: one forward with the input as
-    leaf, then ``autograd.grad`` to the input per class, the graph kept."""
-    def run(k: int):
-        def go():
-            with torch.enable_grad():
-                xx = x.detach().requires_grad_()
-                out = model(xx)
-                for c in range(k):
-                    torch.autograd.grad(out[:, c].sum(), xx, retain_graph=True)
-        return go
-    return run(0), run(n)
+    """The "model x K" limit's two calls: one forward of the model with the input as leaf."""
+    def forward():
+        xx = x.detach().requires_grad_()
+        return model(xx), (xx,)
+    return _backward_limit(forward, n)
 
 
 def captum_guided(model, x, n: int):
