@@ -7,7 +7,7 @@ import torchvision
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcam
-from conftest import make_input, make_model
+from tests.conftest import make_input, make_model
 
 CLASSES = torch.tensor([1, 4, 7])
 

@@ -23,7 +23,7 @@ from funcam.explain import explain
 from funcam.images import read_image, sample_images
 from funcam.models import load_model, preprocess
 from tests._cli_runner import runner
-from conftest import FullDisk, record_vmap_chunks
+from tests.conftest import FullDisk, record_vmap_chunks
 
 ARCH = "mobilenetv3_small_050"  # 224 px input but only ~25 MFLOPs: a 40-image run takes a few seconds
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import funcam
-from conftest import make_input, make_model
+from tests.conftest import make_input, make_model
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from funcam._src.core import rules
 from funcam._src.core.split import Features
 from funcam._src.core import engine
 from funcam._src.cuts.pooled import averages_first
-from _oracle import loop_cams
-from conftest import make_input, make_model
+from tests._oracle import loop_cams
+from tests.conftest import make_input, make_model
 
 POOLED = ["resnet18", "convnext_atto", "tf_efficientnet_lite0", "regnetx_002", "mobilenetv3_small_050", "densenet121"]
 CLASS_FORMS = {

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from funcam._src.app.gallery import Figure, Legend, Section, render_gallery, write_gallery
-from conftest import FullDisk
+from tests.conftest import FullDisk
 
 
 def test_legend_is_a_gradient_of_the_given_colours_with_escaped_labels():

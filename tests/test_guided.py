@@ -14,7 +14,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcam
-from conftest import make_input, make_model, record_vmap_chunks
+from tests.conftest import make_input, make_model, record_vmap_chunks
 from funcam import guided_backprop, guided_gradcam
 from funcam._src.core.engine import DEFAULT_MAX_MEMORY, auto_chunk_size
 from funcam._src.core.guided import GUIDED_BYTES_PER_INPUT_BYTE

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from conftest import make_input, make_model, record_vmap_chunks
+from tests.conftest import make_input, make_model, record_vmap_chunks
 import funcam
 from funcam import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
 from funcam._src.core.engine import DEFAULT_MAX_MEMORY, auto_chunk_size

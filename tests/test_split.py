@@ -9,7 +9,7 @@ from torch import nn
 
 import funcam
 from funcam._src.core.engine import as_features
-from conftest import make_input, make_model
+from tests.conftest import make_input, make_model
 
 # The fused attention kernel and the explicit softmax used in the ViT head differ by float rounding.
 SPLIT_ATOL = {"vit": 1e-5, "deit": 1e-5}

@@ -1,0 +1,1 @@
+"""Tests of ``funcam._src.app``, one module per source module."""

@@ -1,0 +1,1 @@
+"""Tests of ``funcam._src.cli``, one module per source module."""

@@ -1,0 +1,1 @@
+"""Tests of ``funcam._src.core``, one module per source module."""

@@ -1,0 +1,1 @@
+"""Tests of ``funcam._src.cuts``, one module per source module."""
