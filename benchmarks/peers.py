@@ -114,7 +114,7 @@ def _target_layer(model, name: str):
 
 def loop(model, sp, x, classes, method):
     """One forward and one autograd.grad per class (the tests' oracle)."""
-    rule = funcam._src.core.methods.TABLE[method].rule
+    rule = funcam._src.core.weighted.rule_of(funcam._src.core.methods.TABLE[method].compute).per_class
 
     def run():
         out = []

@@ -20,6 +20,7 @@ from funcam._src.core.cams import (
     guided_gradcam,
     hirescam,
     layercam,
+    rollout,
     xgradcam,
 )
 from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
@@ -58,6 +59,7 @@ __all__ = [
     "load_maps",
     "metrics",
     "normalize",
+    "rollout",
     "rollout_matrix",
     "split",
     "upsample",

@@ -10,11 +10,13 @@ import torch
 
 import funcam
 from funcam._src.core import methods, rules
+from funcam._src.core.weighted import rule_of
 from tests._oracle import rule
 from tests.conftest import make_model
 
-CAMS = [m for m in methods.TABLE.values() if m.kind == "cam"]
-IDS = [m.name for m in CAMS]
+# (name, its Rule) of every channel-weighting CAM of the table
+CAMS = [(n, rule_of(methods.TABLE[n].compute)) for n in methods.CAM_METHODS]
+IDS = [n for n, _ in CAMS]
 
 
 def _data(seed: int, signed_a: bool = True):
@@ -25,33 +27,34 @@ def _data(seed: int, signed_a: bool = True):
     return grad, (a if signed_a else a.abs())
 
 
-@pytest.mark.parametrize("m", CAMS, ids=IDS)
+@pytest.mark.parametrize("name,m", CAMS, ids=IDS)
 @pytest.mark.parametrize("signed_a", [True, False], ids=["signed-A", "post-relu-A"])
-def test_rule_is_the_equation(m, signed_a):
+def test_rule_is_the_equation(name, m, signed_a):
     g, a = _data(0, signed_a)
-    got = m.rule(g, a)
-    want = rule(m.name, g, a)
+    got = m.per_class(g, a)
+    want = rule(name, g, a)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert got.shape == (3, 4, 6) and bool((got != 0).any())
 
 
-@pytest.mark.parametrize("m", [m for m in CAMS if m.weights is not None], ids=lambda m: m.name)
-def test_weights_times_features_is_the_rule(m):
+@pytest.mark.parametrize("name,m", [(n, m) for n, m in CAMS if m.weights is not None],
+                         ids=[n for n, m in CAMS if m.weights is not None])
+def test_weights_times_features_is_the_rule(name, m):
     g, a = _data(1)
     w = m.weights(g, a)
     assert w.shape == (3, 5) and bool((w != 0).any())
-    torch.testing.assert_close(rules.weighted_sum(w, a), m.rule(g, a), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rules.weighted_sum(w, a), m.per_class(g, a), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("m", CAMS, ids=IDS)
+@pytest.mark.parametrize("name,m", CAMS, ids=IDS)
 @pytest.mark.parametrize("signed_a", [True, False], ids=["signed-A", "post-relu-A"])
-def test_pooled_rule_equals_the_rule_on_a_constant_gradient(m, signed_a):
+def test_pooled_rule_equals_the_rule_on_a_constant_gradient(name, m, signed_a):
     _, a = _data(2, signed_a)
     v = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)  # (B, K, C)
     v[:, 2, 1] = 0
     got = m.pooled(v, a)
     g = v[..., None, None].expand(3, 7, 5, 4, 6)  # g[b, k, c, i, j] = v[b, k, c]
-    want = torch.stack([m.rule(g[:, k], a) for k in range(7)], dim=1)
+    want = torch.stack([m.per_class(g[:, k], a) for k in range(7)], dim=1)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert got.shape == (3, 7, 4, 6) and bool((got != 0).any())
 
@@ -68,8 +71,8 @@ def test_gradcampp_eq19_by_hand_on_one_channel():
 
 def test_empty_class_dimension_on_the_pooled_rules():
     _, a = _data(4)
-    for m in CAMS:
-        assert m.pooled(a.new_zeros(3, 0, 5), a).shape == (3, 0, 4, 6), m.name
+    for name, m in CAMS:
+        assert m.pooled(a.new_zeros(3, 0, 5), a).shape == (3, 0, 4, 6), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])

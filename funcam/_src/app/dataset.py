@@ -25,7 +25,12 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from tqdm import tqdm
+
 from funcam._src.app import shards as _shards
+from funcam._src.app.explain import check_method, default_method, explain, method_of, validate
+from funcam._src.core.cams import target_for
+from funcam._src.core.request import check_chunk_size, check_max_memory
 from funcam._src.app.files import append_text, write_text
 from funcam._src.app.shards import DatasetError, FORMATS
 
@@ -158,9 +163,6 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
     same ``out`` raises ``DatasetError`` naming the process that holds it.
     Listed paths are normalised (``./x.png`` is ``x.png``) and each is explained once.
     """
-    from funcam._src.app.explain import check_method, default_method, explain, validate
-    from funcam._src.core.engine import _check_chunk, _check_max_memory
-
     t0 = time.perf_counter()
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -168,8 +170,8 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg} must be a positive int, got {v!r}")
     # funcam.cam's own checks, here before settings.json is written (cam meets them only at the first batch)
-    _check_chunk(chunk_size)
-    _check_max_memory(max_memory)
+    check_chunk_size(chunk_size)
+    check_max_memory(max_memory)
     if classes is not None and top_k is not None:
         raise ValueError("give either classes= or top_k=, not both")
     method = check_method(method or default_method(model))
@@ -179,8 +181,10 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
         classes = [int(c) for c in classes]
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+    # split once (a graph-route model is captured once per input size, not once per batch or check), then
     # everything the maps depend on, checked on one blank image before anything is written
-    n_out = validate(model, config.size, method=method, layer=layer)
+    target = target_for(method_of(method), model, layer)
+    n_out = validate(target, config.size, method=method)
     if classes == "all":
         classes = list(range(n_out))
     bad = [c for c in classes or () if not 0 <= c < n_out]
@@ -231,12 +235,6 @@ def explain_dataset(images: str | Sequence[str], out: str, model: nn.Module, con
                                              num_workers=num_workers, collate_fn=_collate)
         opts = dict(method=method, classes=classes, top_k=None if classes is not None else (top_k or 1),
                     chunk_size=chunk_size, max_memory=max_memory)
-        # split once: a graph-route model is captured once per input size, not once per batch
-        from funcam._src.core.split import split
-
-        target = split(model, layer)
-        from tqdm import tqdm
-
         bar = tqdm(total=sum(sizes[s] for s in mine), unit="img", disable=True if not progress or rank else None,
                    desc="explain" if world == 1 else f"rank 0 of {world}", smoothing=0.1)
         shard, rows, errors, errs_total = None, [], [], 0

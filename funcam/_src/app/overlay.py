@@ -80,10 +80,10 @@ def write_overlays(out: str, paths: list[str], x: Tensor, maps: Tensor, classes:
                    method: str, names: list[str] | None) -> None:
     """The overlays of a batch of images (see the module docstring), each written atomically; ``names``: class
     names by index (None: shown as ``class N``)."""
-    from funcam._src.app.explain import GUIDED_METHODS, METHOD_TITLES
+    from funcam._src.app.explain import METHOD_TITLES, drawn_as_gradient, method_of
     from funcam._src.app.render import grid, save_png
 
-    guided = method in GUIDED_METHODS
+    guided = drawn_as_gradient(method_of(method))
     tiles = overlay_tiles(x, maps, config, guided=guided)
     probs = logits.float().softmax(-1).gather(1, classes)
     title = METHOD_TITLES.get(method, method)

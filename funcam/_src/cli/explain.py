@@ -22,21 +22,22 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from funcam._src.app.explain import METHOD_TITLES
+from funcam._src.app.explain import METHOD_TITLES, cmap_for, drawn_as_gradient, fold, method_of
 from funcam._src.app.files import write_npz
 from funcam._src.app.gallery import Figure, Legend, Section, write_gallery
-from funcam._src.app.images import ImageError, limit_aspect, printable, probe_image, read_image
-from funcam._src.app.models import ModelError, Preprocess, class_names, preprocess, unnormalize
+from funcam._src.app.images import SAMPLES, ImageError, limit_aspect, printable, probe_image, read_image, \
+    sample_images
+from funcam._src.app.models import ModelError, Preprocess, class_names, load_model, preprocess, unnormalize
 from funcam._src.app.render import colormap_table, gradient_image, grid, legend_labels, overlay, save_png
 from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, \
     add_memory_arguments, add_model_arguments, add_output_arguments, add_target_arguments, cannot_write, check_fit, \
-    classes_from_args, layers, load_from_args, methods_from_args, output_from_args, parse_device, safe_stem, \
-    weights_from_args, weights_note
-from funcam._src.core.engine import CAM
-
-GUIDED = ("guided-gradcam", "guided-backprop")
-
+    classes_from_args, layers, load_from_args, method_options, methods_from_args, output_from_args, parse_device, \
+    safe_stem, targets_from_args, weights_from_args, weights_note
+from funcam._src.base import CAM
+from funcam._src.core.cams import cam
+from funcam._src.core.split import split
 
 class Item(NamedTuple):
     stem: str              # sanitised output name
@@ -46,26 +47,20 @@ class Item(NamedTuple):
 
 class Result(NamedTuple):
     """One method's output for a batch: ``cam`` as ``funcam.explain.explain`` returns it (maps (B, K, h, w)),
-    and for the guided methods the signed gradients ``rgb (B, K, 3, H, W)`` they are drawn from."""
+    and for the methods drawn as gradient images the signed gradients ``rgb (B, K, 3, H, W)`` they are drawn from."""
     cam: CAM
     rgb: Tensor | None
 
 
-def _explainer(model: nn.Module, method: str, layer, relu: bool, compile_: bool, memory: dict) -> Callable[..., Result]:
-    import funcam
-    from funcam._src.app.explain import explain
+def _explainer(method: str, target, options: dict, compile_: bool, memory: dict) -> Callable[..., Result]:
+    """One batch's explanation by ``method`` of ``target`` (a split made once, or the model)."""
+    m = method_of(method)
 
-    sp = funcam.split(model, layer)  # once: a graph-route model is captured once per input size, not per batch
-    if method in GUIDED:
-        def fn(x: Tensor, classes, top_k) -> Result:
-            with torch.no_grad():
-                out = funcam.cam(model if method == "guided-backprop" else sp, x, classes,
-                                 method=method.replace("-", "_"), top_k=top_k, **memory)
-            # the npz keeps explain()'s map: the strongest absolute response over the colour channels
-            return Result(out._replace(maps=out.maps.abs().amax(dim=2)), out.maps)
-    else:
-        def fn(x: Tensor, classes, top_k) -> Result:
-            return Result(explain(sp, x, method=method, classes=classes, top_k=top_k, relu=relu, **memory), None)
+    def fn(x: Tensor, classes, top_k) -> Result:
+        with torch.no_grad():
+            out = cam(target, x, classes, method=m.name, top_k=top_k, **memory, **options)
+        # the npz keeps explain()'s map; a gradient image is drawn from the gradient itself
+        return Result(fold(m, out), out.maps if drawn_as_gradient(m) else None)
 
     return torch.compile(fn) if compile_ else fn
 
@@ -122,17 +117,17 @@ def legend_of(cmap: str, *, guided: bool = False, stops: int = 17) -> Legend:
     return Legend(colors, legend_labels(cmap), f"colour scale ({cmap}): {what}{note}")
 
 
-def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequence[str], *, classes, top_k,
-         layer, relu: bool, compile_: bool, batch_size: int, device: torch.device, quiet: bool, out: str,
-         fmt: str, cmap: str, alpha: float, note: str | None, chunk_size: int | None = None,
+def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], targets: dict, *, classes, top_k,
+         options: dict, compile_: bool, batch_size: int, device: torch.device, quiet: bool, out: str,
+         fmt: str, cmaps: dict, alpha: float, note: str | None, chunk_size: int | None = None,
          max_memory: int | None = None) -> tuple[list[Section], int]:
     """Explain and write every readable item; returns the gallery sections and the number of unreadable items.
-    ``out`` is created before the first file is written (not at all when no item is readable). chunk_size /
-    max_memory: as in ``funcam.explain.explain``."""
-    from tqdm import tqdm
-
+    ``targets``: method -> what it explains (``targets_from_args``); ``options``: method -> its own options;
+    ``cmaps``: method -> its colour map. ``out`` is created before the first file is written (not at all when no
+    item is readable). chunk_size / max_memory: as in ``funcam.explain.explain``."""
     memory = dict(chunk_size=chunk_size, max_memory=max_memory)
-    fns = {m: _explainer(model, m, layer, relu, compile_, memory) for m in methods}
+    methods = list(targets)
+    fns = {m: _explainer(m, t, options.get(m, {}), compile_, memory) for m, t in targets.items()}
     names = class_names(model)
     sections, failed = [], 0
     bar = tqdm(total=len(items), unit="img", file=sys.stderr, disable=True if quiet or len(items) < 2 else None)
@@ -170,14 +165,14 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], methods: Sequ
                 write_npz(_inside(out, f"{it.stem}.npz"), arrays)
                 continue
             sections.append(_write_pngs(out, it, shown[b], results, b, idx[b].tolist(), label, probs[b].tolist(),
-                                        cmap=cmap, alpha=alpha, note=note))
+                                        cmaps=cmaps, alpha=alpha, note=note))
         bar.update(len(chunk))
     bar.close()
     return sections, failed
 
 
 def _write_pngs(out: str, it: Item, shown: Tensor, results: dict, b: int, idx: list, label: list, probs: list,
-                *, cmap: str, alpha: float, note: str | None) -> Section:
+                *, cmaps: dict, alpha: float, note: str | None) -> Section:
     """Overlays ``{stem}_{method}_c{class}.png``, the input ``{stem}_input.png``, the grid ``{stem}_grid.png``
     (rows = methods, columns = the input and the classes, a colour scale under heatmap rows)."""
     tiles, rows = [], []
@@ -186,7 +181,7 @@ def _write_pngs(out: str, it: Item, shown: Tensor, results: dict, b: int, idx: l
         if r.rgb is not None:  # guided: the gradient itself, as an image
             over = gradient_image(r.rgb[b:b + 1].detach().float().cpu())[0]  # (K, 3, S, S)
         else:
-            over = overlay(shown[None], r.cam.maps[b:b + 1].detach().float().cpu(), alpha=alpha, cmap=cmap)[0]
+            over = overlay(shown[None], r.cam.maps[b:b + 1].detach().float().cpu(), alpha=alpha, cmap=cmaps[m])[0]
         tiles.append(torch.cat([shown[None], over]))
         row = [Figure(f"{it.stem}_input.png", f"{it.label} (model input)")]
         for k, c in enumerate(idx):
@@ -196,10 +191,10 @@ def _write_pngs(out: str, it: Item, shown: Tensor, results: dict, b: int, idx: l
         rows.append(row)
     save_png(shown, _inside(out, f"{it.stem}_input.png"))
     titles = [METHOD_TITLES.get(m, m) for m in results]
-    heat = any(r.rgb is None for r in results.values())
+    heat = [m for m, r in results.items() if r.rgb is None]
     g = grid(torch.stack(tiles), row_labels=titles,
              col_labels=[tag.strip() or "input"] + [f"{n} {p:.2f}" for n, p in zip(label, probs)],
-             legend=cmap if heat else None, row_label_width=140)
+             legend=cmaps[heat[0]] if heat else None, row_label_width=140)
     save_png(g, _inside(out, f"{it.stem}_grid.png"))
     predicted = ", ".join(f"{n} {p:.2f}" for n, p in zip(label, probs))
     return Section(it.label, f"{tag}predicted: {predicted}", rows, Figure(f"{it.stem}_grid.png", "comparison grid (PNG)"))
@@ -248,15 +243,17 @@ def explain_command(args: argparse.Namespace) -> int:
     # --- the model, then the methods and classes on one blank image; still nothing written
     model, pre = load_from_args(weights, device)
     methods = methods_from_args(args, model)
-    check_fit(model, pre, methods, classes=classes, top_k=top_k, layer=layers(args.layer))
+    options = method_options(args, methods)
+    targets = targets_from_args(model, methods, layers(args.layer))
+    check_fit(targets, pre, classes=classes, top_k=top_k, options=options)
+    cmaps = {m: cmap_for(method_of(m), args.cmap, relu) for m in methods}
     note = weights_note(weights)
     if note:
         print(f"funcam: warning: {note}", file=sys.stderr)
     try:
-        sections, more = _run(model, pre, items_ok, methods, classes=classes, top_k=top_k,
-                              layer=layers(args.layer), relu=relu, compile_=args.compile,
-                              batch_size=args.batch_size, device=device, quiet=args.quiet,
-                              out=out, fmt=args.format, cmap=cmap, alpha=args.alpha, note=note,
+        sections, more = _run(model, pre, items_ok, targets, classes=classes, top_k=top_k, options=options,
+                              compile_=args.compile, batch_size=args.batch_size, device=device, quiet=args.quiet,
+                              out=out, fmt=args.format, cmaps=cmaps, alpha=args.alpha, note=note,
                               chunk_size=args.chunk_size, max_memory=args.max_memory)
         failed += more
         if failed == len(items):
@@ -264,7 +261,8 @@ def explain_command(args: argparse.Namespace) -> int:
         if args.format == "png":
             intro = f"model {weights.name}, methods {', '.join(methods)}" + (f"; {note.upper()}" if note else "")
             page = write_gallery(out, sections, title="funcam explain", intro=intro,
-                                 legend=legend_of(cmap, guided=any(m in GUIDED for m in methods)))
+                                 legend=legend_of(cmaps[methods[0]], guided=any(
+                                     drawn_as_gradient(method_of(m)) for m in methods)))
             if not args.quiet:
                 print(f"wrote {page}")
     except OSError as e:  # a full disk, a read-only --out, ...
@@ -273,9 +271,6 @@ def explain_command(args: argparse.Namespace) -> int:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from funcam._src.app.images import SAMPLES, sample_images
-    from funcam._src.app.models import load_model
-
     out, cmap, relu = output_from_args(args)
     device = parse_device(args.device)
     try:
@@ -284,12 +279,15 @@ def demo_command(args: argparse.Namespace) -> int:
     except (ModelError, ImageError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     items = [Item(name, name, photos[name]) for name in SAMPLES]
-    methods = ["gradcam", "gradcampp"]
+    model = model.to(device)
+    sp = split(model)
+    targets = {"gradcam": sp, "gradcampp": sp}
     try:
         # One batched call per method for all six photos (B=6, K=3).
-        sections, _ = _run(model.to(device), pre, items, methods, classes=None, top_k=3, layer=None, relu=relu,
-                           compile_=False, batch_size=len(items), device=device, quiet=args.quiet, out=out,
-                           fmt="png", cmap=cmap, alpha=args.alpha, note=None)
+        sections, _ = _run(model, pre, items, targets, classes=None, top_k=3,
+                           options={m: {"relu": relu} for m in targets}, compile_=False, batch_size=len(items),
+                           device=device, quiet=args.quiet, out=out, fmt="png", cmaps=dict.fromkeys(targets, cmap),
+                           alpha=args.alpha, note=None)
         page = write_gallery(out, sections, title="funcam demo", legend=legend_of(cmap),
                              intro="EfficientNet-Lite0 (ImageNet weights), top-3 classes per photo, Grad-CAM and "
                                    "Grad-CAM++ from one batched call each; overlays on the model's 224x224 input.")

@@ -11,13 +11,19 @@ import argparse
 import os
 import re
 from fractions import Fraction
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
+from funcam._src.app.explain import METHOD_NAMES, check_method, default_method, validate
 from funcam._src.app.images import printable
-from funcam._src.app.models import DEFAULT_MODEL, ModelError, Preprocess
+from funcam._src.app.models import DEFAULT_MODEL, WHEELS, ModelError, Preprocess, check_model_name, load_model, \
+    read_checkpoint
+from funcam._src.app.render import CMAPS
+from funcam._src.core.methods import TABLE, cli_name, get
+from funcam._src.core.request import DEFAULT_MAX_MEMORY, Option
+from funcam._src.core.split import split
 
 # The same for every command. Top-1: the predicted class, funcam.cam's and explain_dataset's default, and
 # what explain-dir has always recorded (a different default would refuse to resume its runs). 16 images per
@@ -80,10 +86,9 @@ def add_model_arguments(g) -> None:
 
 
 def add_target_arguments(g, *, several_methods: bool, all_classes: bool = False) -> None:
-    """--method, --classes / --top-k (/ --all-classes), --layer."""
+    """--method, --classes / --top-k (/ --all-classes), --layer, and every method's own options."""
     g.add_argument("--method", default=None, metavar="NAME[,NAME...]" if several_methods else "NAME",
-                   help="gradcam, gradcampp, xgradcam, hirescam, layercam, rollout, chefer, guided-gradcam, ... "
-                        "(default: chefer for ViTs, gradcam otherwise)")
+                   help=f"one of {', '.join(METHOD_NAMES)} (default: chefer for ViTs, gradcam otherwise)")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--classes", default=None, metavar="I,J,...",
                        help="class indices to explain, e.g. 281,285 or 3,7,10-12")
@@ -94,7 +99,46 @@ def add_target_arguments(g, *, several_methods: bool, all_classes: bool = False)
     if all_classes:
         which.add_argument("--all-classes", action="store_true", help="every class of the model (K = N)")
     g.add_argument("--layer", default=None, metavar="NAME[,NAME...]",
-                   help="cut layer(s) for CAM methods (default: the last feature map)")
+                   help="cut layer(s) for the methods at a cut (default: the last feature map)")
+    for name, (opt, users) in command_line_options().items():
+        g.add_argument("--" + name.replace("_", "-"), type=opt.cli, default=None, dest="opt_" + name,
+                       help=f"{opt.help} (default {opt.default!r}; {', '.join(users)})")
+
+
+def command_line_options() -> dict[str, tuple[Option, list[str]]]:
+    """Every method option the command line offers, once: name -> (its spec, the methods that take it)."""
+    found: dict[str, tuple[Option, list[str]]] = {}
+    for name, m in TABLE.items():
+        for o in m.options:
+            if o.cli is not None:
+                found.setdefault(o.name, (o, []))[1].append(cli_name(name))
+    return found
+
+
+def method_options(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, dict]:
+    """Per method (command-line spelling), the options given on the command line that it takes (``--signed``
+    gives ``relu=False`` to the methods with a ReLU option); ``UsageError`` for an option none of them takes."""
+    given = {name: getattr(args, "opt_" + name) for name in command_line_options()
+             if getattr(args, "opt_" + name, None) is not None}
+    if getattr(args, "signed", False):
+        given["relu"] = False
+    out: dict[str, dict] = {}
+    for m in methods:
+        names = {o.name for o in get(m).options}
+        out[m] = {k: v for k, v in given.items() if k in names}
+    unused = [k for k in given if k != "relu" and not any(k in o for o in out.values())]
+    if unused:
+        users = command_line_options()[unused[0]][1]
+        raise UsageError(f"--{unused[0].replace('_', '-')} applies to {', '.join(users)}, not to the methods "
+                         f"chosen ({', '.join(methods)})")
+    for m, opts in out.items():
+        for o in get(m).options:
+            if o.name in opts:
+                try:
+                    opts[o.name] = o.check(opts[o.name])
+                except (TypeError, ValueError) as e:
+                    raise UsageError(f"--{o.name.replace('_', '-')}: {e}") from None
+    return out
 
 
 def add_device_argument(g) -> None:
@@ -110,8 +154,6 @@ def add_batch_size_argument(g) -> None:
 
 def add_memory_arguments(g) -> None:
     """--chunk-size, --max-memory: how many classes' tensors exist at once (neither changes the maps)."""
-    from funcam._src.core.engine import DEFAULT_MAX_MEMORY
-
     g.add_argument("--chunk-size", type=positive, default=None, metavar="N",
                    help="classes per vmapped chunk (default: chosen from --max-memory)")
     g.add_argument("--max-memory", type=size_in_bytes, default=None, metavar="SIZE",
@@ -121,8 +163,6 @@ def add_memory_arguments(g) -> None:
 
 def add_output_arguments(p: argparse.ArgumentParser, *, default_out: str) -> None:
     """--out, --cmap, --alpha, --signed (the commands that draw maps)."""
-    from funcam._src.app.render import CMAPS
-
     g = p.add_argument_group("output")
     g.add_argument("--out", default=default_out, metavar="DIR", help=f"output folder (default {default_out})")
     g.add_argument("--cmap", choices=CMAPS, default=None, help="colormap (default jet; bwr with --signed)")
@@ -248,12 +288,10 @@ def weights_from_args(args: argparse.Namespace) -> Weights:
     """--model, its weights and --num-classes, checked before any model is built: the name exists, a timm
     model has a source of weights (never random ones unless --random-weights says so), and the checkpoint is a
     safe, non-empty, finite state dict (read here, once)."""
-    from funcam._src.app.models import _WHEELS, check_model_name, read_checkpoint
-
     name = args.model or DEFAULT_MODEL
     try:
         check_model_name(name)
-        if name not in _WHEELS and not (args.checkpoint or args.pretrained or args.random_weights):
+        if name not in WHEELS and not (args.checkpoint or args.pretrained or args.random_weights):
             raise UsageError(f"--model {name} needs weights: add --pretrained (timm's weights, downloaded once), "
                              f"--checkpoint FILE (your own), or --random-weights (an untrained network: its maps "
                              f"mean nothing)")
@@ -265,8 +303,6 @@ def weights_from_args(args: argparse.Namespace) -> Weights:
 
 def load_from_args(weights: Weights, device: torch.device) -> tuple[nn.Module, Preprocess]:
     """Build the checked model with its weights, on ``device``; ``UsageError`` with the reason."""
-    from funcam._src.app.models import load_model
-
     try:
         model, pre = load_model(weights.name, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
                                 random_weights=weights.random, num_classes=weights.num_classes)
@@ -283,34 +319,41 @@ def weights_note(weights: Weights) -> str | None:
 
 
 def methods_from_args(args: argparse.Namespace, model: nn.Module) -> list[str]:
-    """``--method a,b`` -> normalised method names (default ``default_method(model)``), and ``--layer``
-    checked on the model; raises ``UsageError`` naming the valid choices."""
-    from funcam._src.app.explain import check_method, default_method
-
+    """``--method a,b`` -> normalised method names (default ``default_method(model)``); raises ``UsageError``
+    naming the valid choices."""
     try:
-        methods = [check_method(m.strip()) for m in (args.method or default_method(model)).split(",")]
+        return [check_method(m.strip()) for m in (args.method or default_method(model)).split(",")]
     except ValueError as e:
         raise UsageError(f"--method: {e}") from None
-    if args.layer is not None and any(m not in ("rollout", "grad-rollout", "chefer") for m in methods):
-        from funcam._src.core.split import split
 
+
+def targets_from_args(model: nn.Module, methods: Sequence[str], layer) -> dict[str, Any]:
+    """What each method explains: one split of ``model`` at ``layer`` shared by every method at a cut (a graph-route
+    model is captured once per input size for all of them), the model itself for the others. ``UsageError`` for a
+    layer that cannot be cut, or ``--layer`` with a method of the whole model."""
+    whole = [m for m in methods if get(m).needs != "split"]
+    if layer is not None and whole:
+        raise UsageError(f"--layer does not apply to {', '.join(whole)}: {'it explains' if len(whole) == 1 else 'they explain'} "
+                         f"the whole model, not the features at a cut")
+    sp = None
+    if len(whole) < len(methods):
         try:
-            split(model, layers(args.layer))
+            sp = split(model, layer)
         except (ValueError, TypeError) as e:
-            raise UsageError(f"--layer: {str(e).splitlines()[0]}") from None
-    return methods
+            what = "--layer" if layer is not None else f"--method {next(m for m in methods if m not in whole)}"
+            raise UsageError(f"{what}: {str(e).splitlines()[0]}") from None
+    return {m: model if m in whole else sp for m in methods}
 
 
-def check_fit(model: nn.Module, pre: Preprocess, methods: Sequence[str], *, classes: Sequence[int] | None,
-              top_k: int | None, layer) -> int:
-    """Each method on one blank image (``funcam.explain.validate``), then ``classes`` / ``top_k`` against the
-    model's N classes; returns N. Nothing is written; ``UsageError`` names the option at fault."""
-    from funcam._src.app.explain import validate
-
+def check_fit(targets: dict[str, Any], pre: Preprocess, *, classes: Sequence[int] | None, top_k: int | None,
+              options: dict[str, dict]) -> int:
+    """Each method on its target (``targets_from_args``) and one blank image (``funcam.explain.validate``), then
+    ``classes`` / ``top_k`` against the model's N classes; returns N. Nothing is written; ``UsageError`` names the
+    option at fault."""
     n = None
-    for m in methods:
+    for m, target in targets.items():
         try:
-            n = validate(model, pre.size, method=m, layer=layer)
+            n = validate(target, pre.size, method=m, **options.get(m, {}))
         except (ValueError, TypeError) as e:
             raise UsageError(f"--method {m}: {str(e).splitlines()[0]}") from None
     bad = [c for c in classes or () if not 0 <= c < n]

@@ -15,107 +15,41 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from funcam._src import guard as _guard
-from funcam._src.base import CAM, Reduce, Split, as_features
-from funcam._src.core.rules import channel_sum
+from funcam._src.base import CAM, Features, Split, as_features
+from funcam._src.core import request
+from funcam._src.core.request import DEFAULT_MAX_MEMORY, Request, auto_chunk_size
+from funcam._src.core.rules import Rule, channel_sum
+
+__all__ = ["DEFAULT_MAX_MEMORY", "auto_chunk_size", "class_indices", "class_maps", "class_vjp", "jacobian_pays",
+           "logits_of", "logits_or_output", "resolve_classes"]
+
 
 def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
-    """Class indices ``(B, K)`` from ``classes`` ((K,), (B, K), int, list) or the top-k of ``logits (B, N)``."""
-    b, n = logits.shape
-    if classes is None:
-        k = 1 if top_k is None else top_k
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-            raise ValueError(f"top_k must be an int in [1, {n}] (the number of classes), got {top_k!r}")
-        return logits.detach().topk(k, dim=1).indices
-    if top_k is not None:
-        raise ValueError("give either classes= or top_k=, not both")
-    if isinstance(classes, int) and not isinstance(classes, bool):
-        classes = [classes]
-    if isinstance(classes, (list, tuple)):
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
-            raise TypeError(f"classes must be integers, got {classes!r}")
-        if classes and not all(0 <= c < n for c in classes):  # before torch.tensor: ints beyond int64 overflow
-            raise ValueError(f"classes must lie in [0, {n}) (the model has {n} classes), got values from "
-                             f"{min(classes)} to {max(classes)}")
-        classes = torch.tensor(classes, dtype=torch.long, device=logits.device).reshape(-1)
-    if not isinstance(classes, Tensor):
-        raise TypeError(f"classes must be an int, a list of ints, a LongTensor (K,) or (B, K), or a callable "
-                        f"logits -> (B, K) scores; got {type(classes).__name__}")
-    if classes.dtype == torch.bool or classes.is_floating_point() or classes.is_complex():
-        raise TypeError(f"classes must be an integer tensor, got dtype {classes.dtype}")
-    if classes.ndim == 1:
-        classes = classes.unsqueeze(0).expand(b, -1)
-    elif classes.ndim != 2 or classes.shape[0] != b:
-        raise ValueError(f"classes must have shape (K,) or (B, K) = ({b}, K), got shape {tuple(classes.shape)}")
-    classes = classes.to(device=logits.device, dtype=torch.long)
-    if not torch.compiler.is_compiling() and classes.numel():
-        lo, hi = int(classes.min()), int(classes.max())
-        if lo < 0 or hi >= n:
-            raise ValueError(f"classes must lie in [0, {n}) (the model has {n} classes), got values from {lo} to {hi}")
-    return classes
+    """Class indices ``(B, K)`` from ``classes`` ((K,), (B, K), int, list) or the top-k of ``logits (B, N)``: the
+    same checks as ``funcam.cam`` (``request.parse`` then ``request.resolve``), for callers without a Request."""
+    return request.resolve(request.parse(classes=classes, top_k=top_k), logits)
 
 
-# Bytes of per-class tensors alive at once when chunk_size is automatic: the general path's (B, C, h, w)
-# gradients, the fast path's (B, C) gradients and the rule's temporaries. Chunks this small stay closer to the
-# caches, and ran fastest on both paths (benchmarks/memory.py; the numbers are in benchmarks/README.md).
-DEFAULT_MAX_MEMORY = 128 * 2**20
+def class_maps(split: Split, x: Tensor, req: Request, rule: Rule) -> CAM:
+    """Maps ``rule.per_class(dlogit_k/dA, A)`` for every image and requested class (``req``; see ``funcam.cam``).
 
-
-def auto_chunk_size(per_class_bytes: int, k: int, max_memory: int | None) -> int | None:
-    """Classes per vmapped chunk so that about ``max_memory`` bytes of per-class tensors exist at once.
-
-    None (no chunking) when all ``k`` classes fit. The estimate counts the gradient at the maps and a few
-    same-sized temporaries; it bounds what funcam allocates, not what the model's own vjp needs.
-    """
-    _check_max_memory(max_memory)
-    budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-    chunk = max(1, budget // max(1, per_class_bytes))
-    return None if chunk >= k else chunk
-
-
-def _check_max_memory(max_memory: Any) -> None:
-    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory < 1):
-        raise ValueError(f"max_memory must be None or a positive number of bytes, got {max_memory!r}")
-
-
-def _check_chunk(chunk_size: Any) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-
-
-def class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, *, top_k: int | None = None,
-               chunk_size: int | None = None, weights: Reduce | None = None, pooled_reduce: Reduce | None = None,
-               max_memory: int | None = None, mean_rule: bool = False) -> CAM:
-    """Maps ``reduce(dlogit_k/dA, A)`` for every image and class; see ``funcam.cam`` for the arguments.
-
-    weights: when the rule's map is ``sum_c w_c A_c``, its ``(g, A) -> w (B, C)``: the maps then come from
+    rule.weights: when the rule's map is ``sum_c w_c A_c``, its ``(g, A) -> w (B, C)``: the maps then come from
         one batched product outside the vmap.
-    pooled_reduce: the same rule for a spatially constant gradient, ``(v (B, K, C), A) -> (B, K, h, w)``;
+    rule.pooled: the same rule for a spatially constant gradient, ``(v (B, K, C), A) -> (B, K, h, w)``;
     used when ``split.pooled`` says the head starts with global average pooling (the exact fast path).
-    mean_rule: the rule's channel weights are the spatial mean of the gradient (Grad-CAM): with fewer channels
+    rule.mean: the rule's channel weights are the spatial mean of the gradient (Grad-CAM): with fewer channels
     than classes they come from the head's Jacobian in a shift added at every position, C forward-mode passes
     instead of K reverse ones (``_shift_jacobian_maps``); not when ``chunk_size`` asks for the per-class path.
     """
-    _check_chunk(chunk_size)
-    _check_max_memory(max_memory)  # also when chunk_size wins: a bad budget is an error either way
-    if callable(classes) and top_k is not None:
-        raise ValueError("top_k does not apply when classes is a callable")
-    return _class_maps(split, x, classes, reduce, top_k, chunk_size, weights, pooled_reduce, max_memory,
-                       mean_rule and chunk_size is None)
-
-
-def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: int | None, chunk_size: int | None,
-                weights: Reduce | None, pooled_reduce: Reduce | None, max_memory: int | None,
-                mean_rule: bool = False) -> CAM:
-    score_fn = classes if callable(classes) else None
+    score_fn = req.score_fn
     feats, rebuild = as_features(split.extract(x))
     maps = feats.maps
     # a static Pooled is a function of the map alone (no context); a graph route's lookup binds the context itself
     pooled = split.pooled(feats) if callable(split.pooled) else None if feats.context else split.pooled
-    if pooled is not None and pooled_reduce is not None and len(maps) == 1 and maps[0].ndim == 4:
-        return _pooled_maps(pooled, maps[0], classes, score_fn, pooled_reduce, top_k, chunk_size, max_memory,
-                            split.layers, split.module)
-    if mean_rule and len(maps) == 1 and maps[0].ndim == 4:
-        out = _shift_jacobian_maps(split, feats, rebuild, classes, score_fn, top_k, max_memory)
+    if pooled is not None and rule.pooled is not None and len(maps) == 1 and maps[0].ndim == 4:
+        return _pooled_maps(pooled, maps[0], req, rule.pooled, split.layers, split.module)
+    if rule.mean and req.chunk_size is None and len(maps) == 1 and maps[0].ndim == 4:
+        out = _shift_jacobian_maps(split, feats, rebuild, req)
         if out is not None:
             return out
     # A chained head recomputes maps[1:] from maps[0]; feeding them detached keeps outer autograd from
@@ -130,41 +64,45 @@ def _class_maps(split: Split, x: Tensor, classes: Any, reduce: Reduce, top_k: in
         return logits, logits
 
     out, vjp_fn, logits = torch.func.vjp(scores, *primals, has_aux=True)
-    idx, picked = class_indices(out, logits, classes, score_fn, top_k, x.shape[0])
+    idx, picked = class_indices(out, logits, req, x.shape[0])
     b, k = idx.shape
     if k == 0:
         empty = tuple(m.new_zeros((b, 0) + tuple(m.shape[2:])) for m in maps)
         return CAM(empty[0] if len(empty) == 1 else empty, picked, logits)
     cot = _one_hot(idx, out.shape[1], out.dtype)
-    if chunk_size is None:
-        # the (B, C, h, w) gradient per map, and about as much again for the products the rules form
-        per_class = sum(4 * m.numel() * m.element_size() for m in maps)
-        chunk_size = auto_chunk_size(per_class, k, max_memory)
-
-    per_class = weights if weights is not None else reduce
+    # the (B, C, h, w) gradient per map, and about as much again for the products the rules form
+    chunk_size = req.chunk(sum(4 * m.numel() * m.element_size() for m in maps), k)
+    per_class = rule.weights if rule.weights is not None else rule.per_class
 
     def per_class_maps(ct: Tensor) -> tuple[Tensor, ...]:
         grads = vjp_fn(ct)
-        # and the gradient's largest magnitude: an exactly zero gradient for every class is an error, not a map
+        # and the gradient's largest magnitude: an exactly zero gradient for every class is worth a warning
         return tuple(per_class(g, a) for g, a in zip(grads, maps)) + (
             torch.stack([g.detach().abs().amax() for g in grads]).amax(),)
 
-    if chunk_size is not None and chunk_size < k and _keeps_graph(maps):
-        # Differentiable maps (grad mode on): each chunk's per-class backward would stay in the autograd graph
-        # until the maps die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and maps
-        # and recomputes its backward when the maps are differentiated, so max_memory bounds this case too.
-        parts = [checkpoint(torch.func.vmap(per_class_maps, chunk_size=chunk_size), ct, use_reentrant=False)
-                 for ct in cot.split(chunk_size)]
-        per = tuple(torch.cat(p, dim=0) for p in zip(*parts))
-    else:
-        per = torch.func.vmap(per_class_maps, chunk_size=chunk_size)(cot)  # each (K, B, C) or (K, B, h, w)
-    *per, reached = per
+    *per, reached = _vmap_chunks(per_class_maps, cot, chunk_size, maps)
     _guard.check_reached(reached, split.layers, split.module)
-    if weights is not None:
+    if rule.weights is not None:
         result = tuple(channel_sum(w.movedim(0, 1), a) for w, a in zip(per, maps))
     else:
         result = tuple(p.movedim(0, 1) for p in per)
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
+
+
+def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple) -> Any:
+    """``vmap(fn)(cot)`` over the K cotangents ``cot (K, ...)``, ``chunk_size`` at a time.
+
+    Differentiable results (grad mode on): each chunk's per-class backward would stay in the autograd graph until
+    the results die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and results and
+    recomputes its backward when they are differentiated, so max_memory bounds this case too."""
+    k = cot.shape[0]
+    if chunk_size is not None and chunk_size < k and _keeps_graph(primals):
+        parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size), ct, use_reentrant=False)
+                 for ct in cot.split(chunk_size)]
+        if isinstance(parts[0], Tensor):
+            return torch.cat(parts, dim=0)
+        return tuple(torch.cat(p, dim=0) for p in zip(*parts))
+    return torch.func.vmap(fn, chunk_size=chunk_size)(cot)
 
 
 def jacobian_pays(k: int, c: int, shifted: bool) -> bool:
@@ -184,8 +122,7 @@ def _load_jvp_rules() -> None:
         import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 
-def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, classes: Any, score_fn: Any,
-                         top_k: int | None, max_memory: int | None) -> CAM | None:
+def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, req: Request) -> CAM | None:
     """Grad-CAM for many classes from C forward-mode passes (None when K <= C: the per-class vjp is cheaper).
 
     Grad-CAM's weight w_kc = mean_hw d s_k / dA_chw is (1 / hw) d s_k / d t_c for a shift t (B, C) added at every
@@ -195,7 +132,8 @@ def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, class
     """
     a = feats.maps[0]
     b, c, h, w = a.shape
-    known = _known_k(classes, top_k)
+    known = req.known_k
+    score_fn = req.score_fn
     if known is not None and not jacobian_pays(known, c, split.shifted is not None):
         return None  # decided before any head forward: the per-class path costs nothing more at small K
     if torch.compiler.is_compiling():
@@ -218,32 +156,19 @@ def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, class
 
     t0 = a.new_zeros(b, c)
     out, logits = scores(t0)
-    idx, picked = class_indices(out, logits, classes, score_fn, top_k, b)
+    idx, picked = class_indices(out, logits, req, b)
     k = idx.shape[1]
     if k == 0 or not jacobian_pays(k, c, split.shifted is not None):
         return None
     # per direction: the tangent of the map (B, C, h, w) and as much again inside the head, at most
     per_dir = (b * c if split.shifted is not None else 2 * a.numel()) * a.element_size() * 4
-    chunk = auto_chunk_size(per_dir, c, max_memory)
+    chunk = auto_chunk_size(per_dir, c, req.max_memory)
     units = torch.eye(c, dtype=a.dtype, device=a.device).unsqueeze(1).expand(c, b, c)  # (C, B, C)
     jac = torch.func.vmap(lambda u: torch.func.jvp(lambda t: scores(t)[0], (t0,), (u,))[1], chunk_size=chunk)(units)
     jac = jac.permute(1, 2, 0)  # (B, N, C): d s_n / d t_c
     _guard.check_reached(jac.detach().abs().amax(dim=(0, 2)), split.layers, split.module)
     wts = jac if score_fn is not None else jac.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
     return CAM(channel_sum(wts / (h * w), a), picked, logits)
-
-
-def _known_k(classes: Any, top_k: int | None) -> int | None:
-    """How many classes ``classes`` / ``top_k`` ask for, when that is known without the logits (None otherwise)."""
-    if classes is None:
-        return top_k if isinstance(top_k, int) and not isinstance(top_k, bool) else 1 if top_k is None else None
-    if isinstance(classes, int) and not isinstance(classes, bool):
-        return 1
-    if isinstance(classes, (list, tuple)):
-        return len(classes)
-    if isinstance(classes, Tensor) and classes.ndim in (1, 2):
-        return classes.shape[-1]
-    return None
 
 
 def _keeps_graph(maps: tuple[Tensor, ...]) -> bool:
@@ -274,29 +199,19 @@ def logits_or_output(out: Any) -> Any:
     return t if isinstance(t, Tensor) and t.ndim == 2 else out
 
 
-def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
-              reduce: Callable[[tuple[Tensor, ...], Any], Tensor], *, top_k: int | None, chunk_size: int | None,
-              empty: Callable[[int], Tensor], per_class_bytes: int, max_memory: int | None = None) -> CAM:
-    """``reduce(d score_k / d primals, aux)`` for every class k in one vjp vmapped over one-hot cotangents.
+def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], req: Request,
+              reduce: Callable[[tuple[Tensor, ...], Any], Tensor], *, empty: Callable[[int], Tensor],
+              per_class_bytes: int) -> CAM:
+    """``reduce(d score_k / d primals, aux)`` for every requested class k in one vjp vmapped over one-hot cotangents.
 
-    For explanations whose inputs are not feature maps (attention relevance, guided input gradients).
-    forward(*primals) -> (logits (B, N), aux). reduce(grads, aux) -> per-class map (B, ...), run under vmap.
+    For explanations whose inputs are not feature maps (attention relevance, input gradients, relevance rules).
+    forward(*primals) -> (model output, aux). reduce(grads, aux) -> per-class map (B, ...), run under vmap.
     empty(B) -> (B, 0, ...) for K == 0. Returns CAM(maps (B, K, ...), classes (B, K) or None, logits).
     per_class_bytes: the caller's estimate of what one vmapped class holds (its gradients at the primals, the
-    backward's per-class activation gradients, reduce's temporaries); with ``chunk_size`` None, the classes run
-    in chunks of ``auto_chunk_size(per_class_bytes, K, max_memory)``.
+    backward's per-class activation gradients, reduce's temporaries); the classes run in chunks of
+    ``req.chunk(per_class_bytes, K)``.
     """
-    _check_chunk(chunk_size)
-    _check_max_memory(max_memory)
-    if callable(classes) and top_k is not None:
-        raise ValueError("top_k does not apply when classes is a callable")
-    return _class_vjp(forward, primals, classes, reduce, top_k, chunk_size, empty, per_class_bytes, max_memory)
-
-
-def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor, ...], classes: Any,
-               reduce: Callable[[tuple[Tensor, ...], Any], Tensor], top_k: int | None, chunk_size: int | None,
-               empty: Callable[[int], Tensor], per_class_bytes: int, max_memory: int | None) -> CAM:
-    score_fn = classes if callable(classes) else None
+    score_fn = req.score_fn
 
     def scores(*p: Tensor) -> tuple[Tensor, tuple[Any, Any]]:
         out, aux = forward(*p)
@@ -306,26 +221,19 @@ def _class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor
         return logits, (logits, aux)
 
     out, vjp_fn, (logits, aux) = torch.func.vjp(scores, *primals, has_aux=True)
-    idx, picked = class_indices(out, logits, classes, score_fn, top_k, None)
+    idx, picked = class_indices(out, logits, req, None)
     if idx.shape[1] == 0:
         return CAM(empty(idx.shape[0]), picked, logits)
     cot = _one_hot(idx, out.shape[1], out.dtype)
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(per_class_bytes, cot.shape[0], max_memory)
-    per_class = torch.func.vmap(lambda ct: reduce(vjp_fn(ct), aux), chunk_size=chunk_size)
-    if chunk_size is not None and chunk_size < cot.shape[0] and _keeps_graph(primals + (logits,)):
-        # differentiable maps: checkpoint each chunk, as the CAM path does, so K classes' backward graphs are not
-        # all kept at once
-        per = torch.cat([checkpoint(per_class, ct, use_reentrant=False) for ct in cot.split(chunk_size)])
-    else:
-        per = per_class(cot)  # (K, B, ...)
+    per = _vmap_chunks(lambda ct: reduce(vjp_fn(ct), aux), cot, req.chunk(per_class_bytes, cot.shape[0]),
+                       primals + (logits,))  # (K, B, ...)
     return CAM(per.movedim(0, 1), picked, logits)
 
 
-def class_indices(out: Tensor, logits: Tensor, classes: Any, score_fn: Any, top_k: int | None, b: int | None):
+def class_indices(out: Tensor, logits: Tensor, req: Request, b: int | None) -> tuple[Tensor, Tensor | None]:
     """(idx (B, K) of the columns of ``out`` to explain, class indices to report or None)."""
-    if score_fn is None:
-        idx = resolve_classes(classes, top_k, logits)
+    if req.score_fn is None:
+        idx = request.resolve(req, logits)
         return idx, idx
     if not isinstance(out, Tensor) or out.ndim != 2 or (b is not None and out.shape[0] != b):
         got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}"
@@ -338,8 +246,7 @@ def _one_hot(idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return (idx.T.unsqueeze(-1) == torch.arange(n, device=idx.device)).to(dtype)
 
 
-def _pooled_maps(pooled: Any, a: Tensor, classes: Any, score_fn: Any, pooled_reduce: Reduce,
-                 top_k: int | None, chunk_size: int | None, max_memory: int | None, layers: Any = (),
+def _pooled_maps(pooled: Any, a: Tensor, req: Request, pooled_reduce: Callable, layers: Any = (),
                  module: Any = None) -> CAM:
     """The exact fast path for heads that start with global average pooling (``funcam.split.Pooled``).
 
@@ -350,10 +257,11 @@ def _pooled_maps(pooled: Any, a: Tensor, classes: Any, score_fn: Any, pooled_red
     b, c, h, w = a.shape
     z = a.mean(dim=(2, 3))
     clf = pooled.classifier
+    score_fn = req.score_fn
     if clf is not None and score_fn is None:
         pre, vjp_fn = torch.func.vjp(pooled.pre_logits, z)
         logits = clf(pre)
-        idx = resolve_classes(classes, top_k, logits)
+        idx = request.resolve(req, logits)
         picked = idx
         cot = clf.weight[idx].movedim(1, 0)  # (K, B, D): the vjp of a Linear at a one-hot cotangent
     else:
@@ -363,16 +271,14 @@ def _pooled_maps(pooled: Any, a: Tensor, classes: Any, score_fn: Any, pooled_red
             return (score_fn(lg) if score_fn else lg), lg
 
         out, vjp_fn, logits = torch.func.vjp(scores, z, has_aux=True)
-        idx, picked = class_indices(out, logits, classes, score_fn, top_k, b)
+        idx, picked = class_indices(out, logits, req, b)
         cot = _one_hot(idx, out.shape[1], out.dtype)
     k = idx.shape[1]
     if k == 0:
         return CAM(a.new_zeros((b, 0, h, w)), picked, logits)
-    if chunk_size is None:
-        # per class: its cotangent and gradient at z, the rule's same-sized temporaries on (B, C) (Grad-CAM++'s
-        # closed form holds about six at once) and its (B, h, w) map
-        per_class = (2 * b * cot.shape[-1] + 8 * b * c + b * h * w) * a.element_size()
-        chunk_size = auto_chunk_size(per_class, k, max_memory)
+    # per class: its cotangent and gradient at z, the rule's same-sized temporaries on (B, C) (Grad-CAM++'s closed
+    # form holds about six at once) and its (B, h, w) map
+    chunk_size = req.chunk((2 * b * cot.shape[-1] + 8 * b * c + b * h * w) * a.element_size(), k)
     # Chunk by chunk of classes: the (k, B, C) gradients at z from one vmapped vjp of the small pooled head,
     # then the chunk's maps from one batched product, so only one chunk's temporaries exist at once.
     step = k if chunk_size is None else chunk_size

@@ -32,9 +32,10 @@ from torch.overrides import TorchFunctionMode
 from funcam._src import guard as _guard
 from funcam._src.cuts.attention import explicit_sdpa
 from funcam._src.base import CAM, Split
-from funcam._src.core import methods
+from funcam._src.core import rules
 from funcam._src.core.engine import class_maps, class_vjp
 from funcam._src.core.postprocess import upsample
+from funcam._src.core.request import Request
 
 
 class _GuidedClamp(torch.autograd.Function):
@@ -101,8 +102,7 @@ class _GuidedReLUMode(TorchFunctionMode):
 GUIDED_BYTES_PER_INPUT_BYTE = 64
 
 
-def guided_backprop_cam(target: nn.Module | Split, x: Tensor, classes: Any, top_k: int | None = None,
-                        chunk_size: int | None = None, max_memory: int | None = None) -> CAM:
+def guided_backprop_cam(target: nn.Module | Split, x: Tensor, req: Request) -> CAM:
     """Guided Backprop (Springenberg et al. 2015): ``CAM(maps = d score_k / dx (B, K, C, H, W) with every ReLU's
     backward replaced by the guided rule, classes, logits)``; one forward, one vjp, vmapped over the K one-hot
     cotangents in chunks bounded by ``max_memory`` (``GUIDED_BYTES_PER_INPUT_BYTE`` x the input's bytes per
@@ -121,22 +121,19 @@ def guided_backprop_cam(target: nn.Module | Split, x: Tensor, classes: Any, top_
                              f"ViTs, funcam.chefer_relevance")
         return logits, ()
 
-    return class_vjp(forward, (x,), classes, lambda grads, _: grads[0], top_k=top_k, chunk_size=chunk_size,
-                     empty=lambda b: x.new_zeros((b, 0) + tuple(x.shape[1:])), max_memory=max_memory,
+    return class_vjp(forward, (x,), req, lambda grads, _: grads[0],
+                     empty=lambda b: x.new_zeros((b, 0) + tuple(x.shape[1:])),
                      per_class_bytes=GUIDED_BYTES_PER_INPUT_BYTE * x.numel() * x.element_size())
 
 
-def guided_gradcam_cam(split: Split, x: Tensor, classes: Any, top_k: int | None = None,
-                       chunk_size: int | None = None, max_memory: int | None = None) -> CAM:
+def guided_gradcam_cam(split: Split, x: Tensor, req: Request) -> CAM:
     """Guided Grad-CAM (Selvaraju et al. 2017, sec. 3.1): Guided Backprop times Grad-CAM (ReLU'd, at the split's
     cut) upsampled bilinearly to (H, W): ``CAM(maps (B, K, C, H, W), classes, logits)``. Both explain the same
     class indices: those resolved from the guided forward's logits (a ``classes`` callable is passed to both and
     scored on the same logits). ``max_memory`` bounds each of the two vmaps in turn."""
-    gb = guided_backprop_cam(split, x, classes, top_k, chunk_size, max_memory)
-    same = classes if gb.classes is None else gb.classes
-    gc = methods.TABLE["gradcam"]
-    cams = class_maps(split, x, same, gc.rule, chunk_size=chunk_size, weights=gc.weights, pooled_reduce=gc.pooled,
-                      mean_rule=gc.mean, max_memory=max_memory).maps
+    gb = guided_backprop_cam(split, x, req)
+    same = req if gb.classes is None else req.with_classes(gb.classes)
+    cams = class_maps(split, x, same, rules.GRADCAM).maps
     if isinstance(cams, tuple):
         raise ValueError(f"guided_gradcam takes one layer, got a split at {list(split.layers)}")
     return gb._replace(maps=gb.maps * upsample(torch.relu(cams), x.shape[-2:]).unsqueeze(2))

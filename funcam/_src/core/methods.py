@@ -1,15 +1,20 @@
-"""The one table of funcam's methods: adding a method is one entry here, with its equation in ``rules``
-(channel-weighting CAMs), ``rollout`` (attention relevance) or ``guided`` (input gradients).
+"""The one table of funcam's methods: each entry carries its own computation.
 
-Every method is computed by ``funcam.cam(model_or_split, x, classes, method=name)``; ``kind`` says how:
+Adding a method is one entry here, its equations in the module that computes it, and its tests; ``funcam.cam``,
+its shortcuts (``funcam.gradcam``, ...), ``funcam.explain.explain``, the command line (``--method`` and the
+method's own options), the gallery and the README's method list all read this table.
 
-* ``"cam"``: ``rule(g, A)`` on the gradient ``g = d score_k / dA`` and the features ``A`` of a split, per class,
-  inside the vmap (``weights``: the channel weights when the map is ``sum_c w_c A_c``; ``pooled``: the same rule
-  for a spatially constant gradient, the average-pool fast path). Maps ``(B, K, h, w)`` at feature resolution.
-* ``"relevance"``: ``rule(row, dscore/dA_l, A_l)`` folds each attention layer's probabilities and their gradient
-  into the readout row. Maps ``(B, K, h, w)`` on the token grid.
-* ``"rollout"``: class-agnostic attention rollout, the same map repeated for the K classes.
-* ``"guided"``: input gradients under the guided ReLU rule, ``(B, K, C, H, W)`` at input resolution.
+An entry says:
+
+* ``compute(target, x, request) -> CAM``: the computation. ``target`` is a ``Split`` when ``needs == "split"`` (the
+  caller splits a model first, at ``layer=`` when given), else the model (or a Split, for its captured graph).
+* ``needs``: ``"split"`` (features at a cut: the CAM families), ``"attention"`` (a transformer's attention
+  probabilities), ``"model"`` (the whole model: input gradients, relevance rules).
+* ``output``: ``"map"``, maps ``(B, K, h, w)`` at feature (token-grid) or input resolution; ``"input"``,
+  per-channel input attributions ``(B, K, C, H, W)``, which ``explain`` folds to one map per pixel by ``fold``.
+* ``options``: the method's own keyword options (``request.Option``), checked once at the entry.
+* ``signed``: the maps carry evidence for and against (drawn with a diverging colour scale); ``agnostic``: one map
+  per image whatever the class (repeated over the K requested classes).
 
 The command line spells each name with dashes (``gradcam-max``); both spellings are accepted everywhere.
 """
@@ -18,56 +23,80 @@ from __future__ import annotations
 import difflib
 from typing import Callable, NamedTuple
 
-from funcam._src.base import Reduce
 from funcam._src.core import rules
-from funcam._src.core.rollout import chefer_step, grad_rollout_step
+from funcam._src.core.guided import guided_backprop_cam, guided_gradcam_cam
+from funcam._src.core.request import Option
+from funcam._src.core.rollout import ROLLOUT_OPTIONS, Relevance, chefer_step, grad_rollout_step, rollout_cam
+from funcam._src.core.weighted import CAM_OPTIONS, GradientCAM
 
-KINDS = ("cam", "relevance", "rollout", "guided")
+NEEDS = ("split", "attention", "model")
+OUTPUTS = ("map", "input")
+FOLDS = ("absmax", "sum")
 
 
 class Method(NamedTuple):
-    """name: ``funcam.cam(method=name)``; title: how captions, grid rows and overlays name it; kind: one of
-    ``KINDS``; reference: the paper (and equation); rule / weights / pooled: see the module docstring; mean: the
-    channel weights are the spatial mean of the gradient (Grad-CAM), which the engine may take from the head's
-    Jacobian in a shift added at every position (fewer forward passes than classes)."""
+    """name: ``funcam.cam(method=name)``; title: how captions, grid rows and overlays name it; reference: the paper
+    (and equation) or the peer it reproduces; compute, needs, output, options, signed, agnostic: see the module
+    docstring; fold: for ``output == "input"``, how ``explain`` makes one map per pixel from the colour channels
+    (``"absmax"``: the largest absolute value, ``"sum"``: the signed sum); use: when to reach for it, one line."""
 
     name: str
     title: str
-    kind: str
     reference: str
-    rule: Callable | None = None
-    weights: Reduce | None = None
-    pooled: Callable | None = None
-    mean: bool = False
+    compute: Callable
+    needs: str = "split"
+    output: str = "map"
+    options: tuple[Option, ...] = ()
+    signed: bool = False
+    agnostic: bool = False
+    fold: str = "absmax"
+    use: str = ""
+
+
+def _cam(name: str, title: str, reference: str, rule: rules.Rule, use: str) -> Method:
+    return Method(name, title, reference, GradientCAM(rule), options=CAM_OPTIONS, use=use)
 
 
 TABLE: dict[str, Method] = {m.name: m for m in (
-    Method("gradcam", "Grad-CAM", "cam", "Selvaraju et al. 2017, eq. 1-2",
-           rules.gradcam, rules.gradcam_weights, rules.channel_sum, mean=True),
-    Method("gradcam_max", "Grad-CAM (max)", "cam", "Selvaraju et al. 2017, eq. 1 with max-pooled gradients",
-           rules.gradcam_max, rules.gradcam_max_weights, rules.channel_sum),
-    Method("gradcampp", "Grad-CAM++", "cam", "Chattopadhyay et al. 2018, eq. 19",
-           rules.gradcampp, rules.gradcampp_weights, rules.pooled_gradcampp),
-    Method("xgradcam", "XGrad-CAM", "cam", "Fu et al. 2020, eq. 11",
-           rules.xgradcam, rules.xgradcam_weights, rules.pooled_xgradcam),
-    Method("hirescam", "HiResCAM", "cam", "Draelos & Carin 2020, eq. 4",
-           rules.hirescam, None, rules.channel_sum),
-    Method("elementwise", "Element-wise Grad-CAM", "cam", "pytorch-grad-cam's GradCAMElementWise",
-           rules.elementwise, None, rules.pooled_elementwise),
-    Method("layercam", "LayerCAM", "cam", "Jiang et al. 2021, eq. 5-6",
-           rules.layercam, None, rules.pooled_layercam),
-    Method("argmax_channel", "argmax channel", "cam", "the channel with the largest Grad-CAM weight",
-           rules.argmax_channel, None, rules.pooled_argmax_channel),
-    Method("rollout", "attention rollout", "rollout", "Abnar & Zuidema 2020, sec. 3"),
-    Method("grad_rollout", "grad rollout", "relevance", "gradient-weighted rollout (jacobgil/vit-explain)",
-           grad_rollout_step),
-    Method("chefer", "Chefer relevance", "relevance", "Chefer, Gur & Wolf 2021, eq. 5-6", chefer_step),
-    Method("guided_gradcam", "Guided Grad-CAM", "guided", "Selvaraju et al. 2017, sec. 3.1"),
-    Method("guided_backprop", "Guided Backprop", "guided", "Springenberg et al. 2015"),
+    _cam("gradcam", "Grad-CAM", "Selvaraju et al. 2017, eq. 1-2",
+         rules.GRADCAM,
+         "the default for CNNs: fast, class-specific, coarse"),
+    _cam("gradcam_max", "Grad-CAM (max)", "Selvaraju et al. 2017, eq. 1 with max-pooled gradients",
+         rules.Rule(rules.gradcam_max, rules.gradcam_max_weights, rules.channel_sum),
+         "Grad-CAM with the largest gradient as channel weight"),
+    _cam("gradcampp", "Grad-CAM++", "Chattopadhyay et al. 2018, eq. 19",
+         rules.Rule(rules.gradcampp, rules.gradcampp_weights, rules.pooled_gradcampp),
+         "several instances of a class in one image"),
+    _cam("xgradcam", "XGrad-CAM", "Fu et al. 2020, eq. 11",
+         rules.Rule(rules.xgradcam, rules.xgradcam_weights, rules.pooled_xgradcam),
+         "Grad-CAM with activation-normalised weights"),
+    _cam("hirescam", "HiResCAM", "Draelos & Carin 2020, eq. 4",
+         rules.Rule(rules.hirescam, None, rules.channel_sum),
+         "a map that provably reflects the locations the score used"),
+    _cam("elementwise", "Element-wise Grad-CAM", "pytorch-grad-cam's GradCAMElementWise",
+         rules.Rule(rules.elementwise, None, rules.pooled_elementwise),
+         "HiResCAM with the positive products only"),
+    _cam("layercam", "LayerCAM", "Jiang et al. 2021, eq. 5-6",
+         rules.Rule(rules.layercam, None, rules.pooled_layercam),
+         "finer maps at earlier layers (fuse several with layer=[...])"),
+    _cam("argmax_channel", "argmax channel", "the channel with the largest Grad-CAM weight",
+         rules.Rule(rules.argmax_channel, None, rules.pooled_argmax_channel),
+         "what the single most important channel sees"),
+    Method("rollout", "attention rollout", "Abnar & Zuidema 2020, sec. 3", rollout_cam, needs="attention",
+           options=ROLLOUT_OPTIONS, agnostic=True, use="what a ViT attends to, whatever the class"),
+    Method("grad_rollout", "grad rollout", "gradient-weighted rollout (jacobgil/vit-explain)",
+           Relevance(grad_rollout_step), needs="attention",
+           use="class-specific attention flow in ViTs"),
+    Method("chefer", "Chefer relevance", "Chefer, Gur & Wolf 2021, eq. 5-6", Relevance(chefer_step),
+           needs="attention", use="the default for ViTs: class-specific, sharp"),
+    Method("guided_gradcam", "Guided Grad-CAM", "Selvaraju et al. 2017, sec. 3.1", guided_gradcam_cam,
+           output="input", use="fine detail inside the Grad-CAM region (ReLU models)"),
+    Method("guided_backprop", "Guided Backprop", "Springenberg et al. 2015", guided_backprop_cam, needs="model",
+           output="input", use="edges the network responds to (ReLU models; not class-discriminative)"),
 )}
 
-# funcam.METHODS: the channel-weighting CAM methods, the ones that apply to every split
-CAM_METHODS = tuple(n for n, m in TABLE.items() if m.kind == "cam")
+# funcam.METHODS: the channel-weighting CAM methods of the Grad-CAM family (a Rule on the gradient at a cut)
+CAM_METHODS = tuple(n for n, m in TABLE.items() if m.options is CAM_OPTIONS)
 
 
 def cli_name(name: str) -> str:
@@ -86,3 +115,12 @@ def get(method: object, *, spell: Callable[[str], str] = str) -> Method:
         raise ValueError(f"method must be one of {', '.join(names)}; got {method!r}"
                          + (f" (did you mean {near[0]!r}?)" if near else ""))
     return m
+
+
+def describe(m: Method) -> str:
+    """A shortcut's docstring from its entry: what it computes, its shapes, its options."""
+    shape = "(B, K, C, H, W) per-channel input attributions" if m.output == "input" else "maps (B, K, h, w)"
+    opts = "".join(f"\n    {o.name} (default {o.default!r}): {o.help}" for o in m.options)
+    return (f"{m.title} ({m.reference}): x (B, C, H, W) -> {shape}.\n\n    {m.use}.\n    Arguments as "
+            f"``funcam.cam(model_or_split, x, classes, method={m.name!r}, ...)``"
+            + (f"; options:{opts}" if opts else "."))

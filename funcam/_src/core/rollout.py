@@ -34,6 +34,7 @@ from funcam._src.cuts.attention import attention_output, attention_probs, is_pla
 from funcam._src import guard as _guard
 from funcam._src.base import CAM
 from funcam._src.core.engine import class_indices, class_vjp, logits_or_output
+from funcam._src.core.request import Option, Request
 from funcam._src.core.split import Split
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -240,24 +241,58 @@ def _rollout(model: Any, x: Tensor, head_fusion: str = "mean", discard_ratio: fl
     return _to_grid(src, row[:, 0]), logits_or_output(out)
 
 
-def rollout_cam(model: Any, x: Tensor, classes: Any, top_k: int | None) -> CAM:
+def rollout_cam(model: Any, x: Tensor, req: Request) -> CAM:
     """``funcam.cam(..., method="rollout")``: the class-agnostic map repeated for the K requested classes (or the K
     columns of a score callable), with the logits of the same forward."""
-    if callable(classes) and top_k is not None:
-        raise ValueError("top_k does not apply when classes is a callable")
-    m, logits = _rollout(model, x)
-    score_fn = classes if callable(classes) else None
-    idx, picked = class_indices(score_fn(logits) if score_fn else logits, logits, classes, score_fn, top_k, x.shape[0])
+    o = req.options
+    m, logits = _rollout(model, x, o["head_fusion"], o["discard_ratio"], o["start_block"])
+    idx, picked = class_indices(req.score_fn(logits) if req.score_fn else logits, logits, req, x.shape[0])
     return CAM(m.unsqueeze(1).expand(-1, idx.shape[1], -1, -1), picked, logits)
 
 
-def relevance(model: Any, x: Tensor, classes: Any, step: Callable[[Tensor, Tensor, Tensor], Tensor],
-              top_k: int | None = None, chunk_size: int | None = None, max_memory: int | None = None) -> CAM:
+def _check_discard(v: Any) -> float:
+    _check_rollout_args("mean", v, 0, 1)
+    return v
+
+
+def _check_start(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"start_block must be an int >= 0 (and below the model's number of blocks), got {v!r}")
+    return v
+
+
+def _check_fusion(v: Any) -> str:
+    _check_rollout_args(v, 0.0, 0, 1)
+    return v
+
+
+# attention rollout's options (``attention_rollout``'s keywords), for ``funcam.cam(..., method="rollout")``
+ROLLOUT_OPTIONS = (
+    Option("head_fusion", "mean", _check_fusion, "how heads are fused: mean, max or min", str),
+    Option("discard_ratio", 0.0, _check_discard, "fraction in [0, 1) of each fused matrix's smallest entries zeroed",
+           float),
+    Option("start_block", 0, _check_start, "the first block rolled out", int),
+)
+
+Step = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class Relevance(NamedTuple):
+    """Class-specific attention relevance with one layer's ``step(row, d score_k / dA_l, A_l) -> row``, as a method's
+    computation (``funcam.cam`` with ``method="grad_rollout"`` or ``"chefer"``)."""
+
+    step: Step
+
+    def __call__(self, model: Any, x: Tensor, req: Request) -> CAM:
+        return relevance(model, x, req, self.step)
+
+
+def relevance(model: Any, x: Tensor, req: Request, step: Step) -> CAM:
     """Class-specific attention relevance: per attention layer, from the last to the first,
     ``row <- step(row, d score_k / dA_l, A_l)`` on the readout row; the maps are its patch columns on the token
     grid, ``(B, K, h, w)``. One forward, one vjp at zero-valued taps on the probabilities, vmapped over the K
-    one-hot cotangents (``funcam.cam`` with ``method="grad_rollout"`` or ``"chefer"``), in chunks of classes
-    bounded by ``max_memory`` (``relevance_bytes_per_class``) unless ``chunk_size`` is given."""
+    one-hot cotangents, in chunks of classes bounded by ``max_memory`` (``relevance_bytes_per_class``) unless
+    ``chunk_size`` is given."""
     src = source(model, x)
     b = x.shape[0]
     gh, gw = src.grid
@@ -271,8 +306,7 @@ def relevance(model: Any, x: Tensor, classes: Any, step: Callable[[Tensor, Tenso
             row = step(row, g.to(row.dtype), a.to(row.dtype))
         return _to_grid(src, row[:, 0])
 
-    return class_vjp(lambda *d: src.run(x, d), deltas, classes, reduce, top_k=top_k, chunk_size=chunk_size,
-                     empty=lambda bb: x.new_zeros(bb, 0, gh, gw), max_memory=max_memory,
+    return class_vjp(lambda *d: src.run(x, d), deltas, req, reduce, empty=lambda bb: x.new_zeros(bb, 0, gh, gw),
                      per_class_bytes=relevance_bytes_per_class(deltas, x, token_width(src.module)))
 
 

@@ -6,6 +6,8 @@ caller, at feature resolution (``relu=False`` keeps signed maps).
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,23 @@ from torch import Tensor
 # (eq. 19) and of XGrad-CAM's normaliser.
 GRADCAMPP_EPS = 1e-6
 XGRADCAM_EPS = 1e-7
+
+
+class Rule(NamedTuple):
+    """A channel-weighting CAM's equation in the forms the engine can use (``funcam._src.core.engine.class_maps``).
+
+    per_class: ``(g (B, C, h, w), A) -> map (B, h, w)``, run inside the vmap over classes.
+    weights: when the map is ``sum_c w_c A_c``, ``(g, A) -> w (B, C)``; the maps then come from one batched product.
+    pooled: the same equation for a spatially constant gradient, ``(v (B, K, C), A) -> (B, K, h, w)`` (heads that
+        start with global average pooling).
+    mean: the channel weights are the spatial mean of the gradient (Grad-CAM), which the engine may take from the
+        head's Jacobian in a shift added at every position.
+    """
+
+    per_class: Callable[[Tensor, Tensor], Tensor]
+    weights: Callable[[Tensor, Tensor], Tensor] | None = None
+    pooled: Callable[[Tensor, Tensor], Tensor] | None = None
+    mean: bool = False
 
 
 def weighted_sum(w: Tensor, a: Tensor) -> Tensor:
@@ -141,3 +160,7 @@ def pooled_argmax_channel(v: Tensor, a: Tensor) -> Tensor:
 def pooled_layercam(v: Tensor, a: Tensor) -> Tensor:
     """LayerCAM eq. 5-6 with g = v: sum_c relu(v_c) A_c."""
     return channel_sum(torch.relu(v), a)
+
+
+# Grad-CAM's equation in every form (eq. 1-2): its table entry and Guided Grad-CAM share it.
+GRADCAM = Rule(gradcam, gradcam_weights, channel_sum, mean=True)
