@@ -46,8 +46,9 @@ from torch.overrides import TorchFunctionMode
 from torchvision.models.convnext import CNBlockConfig
 
 import funcam
+from tests._oracle import cut_loop as cut_oracle
+from tests._oracle import rule
 from tests.conftest import noised
-from tests._oracle import cut_loop as cut_oracle, rule
 
 transformers = pytest.importorskip("transformers")
 
