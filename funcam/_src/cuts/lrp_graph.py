@@ -1,0 +1,384 @@
+"""LRP on a captured graph: every op of the model's ATen graph (``funcam.cuts.capture``) rewritten by its rule.
+
+The rules (``lrp_rules``) act on ops, not on module classes, so they apply to any model ``torch.export`` captures:
+a rule set (``RULES``) says what each kind of op becomes. Which ops carry relevance is read from the graph: an op
+gets a rule only where its value depends on the input through a gradient path; the model's parameters, position
+tables and masks are copied as they are. The kinds:
+
+* linear or piecewise linear ops (reshapes, slicing, concatenation, sums and means, padding, linear / conv layers
+  under AttnLRP, ReLU, max pooling, ...): their gradient is already the rule (LRP-0 in the Gradient x Input
+  formulation; winner-takes-all at max pooling), so they are copied;
+* element-wise activations (GELU, SiLU, sigmoid, tanh, hardswish, ...): the identity rule;
+* normalisations (LayerNorm, RMSNorm, GroupNorm, batch norm on batch statistics) and the statistics a hand-written
+  one computes (``var``, ``std``, ``rsqrt``, ``sqrt``, vector norms, an input-dependent divisor): the standard
+  deviation held constant, the mean keeping its gradient;
+* products of two input-dependent values (``mul``, ``matmul``, ``bmm``, ``einsum``): the uniform rule; the fused
+  ``scaled_dot_product_attention`` written out with it; the softmax keeps its gradient (AttnLRP) or is held
+  constant (CP-LRP);
+* under a zennit composite: conv layers by the composite's rule (z+, alpha2-beta1, gamma, and flat or z^B at the
+  first layer), linear layers by LRP-epsilon, each eval-mode batch norm that follows a conv / linear layer merged
+  into it (zennit's canonizer), any other one passed (``Pass``), average pooling and the sum of two input-dependent
+  values (a residual connection) by LRP-epsilon without weights (zennit's ``Norm`` and its ResNet canonizer's ``Sum``).
+
+An op that depends on the input and is none of these raises ValueError naming it and its module: a wrong rule would
+give a silently wrong map.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+from funcam._src.cuts import lrp_rules as R
+from funcam._src.cuts.capture import Bound, Captured, _scopes, build, copy_node, unflatten
+
+PLAIN = frozenset("""view reshape _unsafe_view permute transpose t expand expand_as squeeze unsqueeze flatten unflatten
+contiguous clone alias slice select narrow index_select index gather take_along_dim cat stack split split_with_sizes
+chunk unbind roll flip repeat tile repeat_interleave pad constant_pad_nd reflection_pad1d reflection_pad2d
+replication_pad1d replication_pad2d pixel_shuffle pixel_unshuffle unfold im2col col2im dropout native_dropout
+feature_dropout alpha_dropout to _to_copy type_as lift_fresh_copy neg sum cumsum tril triu diagonal movedim swapaxes
+as_strided upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_bilinear2d upsample_bicubic2d
+upsample_linear1d _upsample_bilinear2d_aa _upsample_nearest_exact2d grid_sampler grid_sampler_2d channel_shuffle
+native_channel_shuffle masked_fill where scatter scatter_add index_add index_put select_scatter slice_scatter copy
+max_pool1d max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool1d
+adaptive_max_pool2d amax amin max min maximum minimum sort topk relu relu6 hardtanh leaky_relu prelu rrelu clamp
+clamp_min clamp_max abs threshold linear conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d
+conv_transpose3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d mean
+add sub rsub mul div matmul bmm mm einsum baddbmm addmm batch_norm softmax _softmax _safe_softmax
+getitem""".split())
+ACTIVATIONS = frozenset("""gelu silu sigmoid tanh hardswish hardsigmoid mish elu selu celu softplus log_sigmoid erf exp
+pow sin cos softsign tanhshrink square log log1p expm1""".split())
+STATISTICS = frozenset("rsqrt sqrt var var_mean std std_mean linalg_vector_norm norm reciprocal frobenius_norm".split())
+CONSTANT = frozenset("""zeros_like ones_like empty_like full_like rand_like randn_like new_zeros new_ones new_empty
+new_full detach _assert_tensor_metadata""".split())
+NORMS = frozenset("layer_norm rms_norm group_norm".split())
+SOFTMAX = frozenset("softmax _softmax _safe_softmax".split())
+PRODUCTS = frozenset("mul matmul bmm mm einsum baddbmm addmm".split())
+CONVS = frozenset("conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d".split())
+POOLS = frozenset("avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d "
+                  "mean".split())
+SUMS = frozenset(("add", "sub"))
+# ops whose output is >= 0, and ops whose output is >= 0 when their input-dependent inputs are: a conv rule then
+# skips the negative inputs' term (zero), one conv instead of two
+NONNEG = frozenset("relu relu6 sigmoid hardsigmoid softmax _softmax _safe_softmax abs exp".split())
+KEEPS_SIGN = frozenset("""view reshape _unsafe_view permute transpose t expand squeeze unsqueeze flatten unflatten
+contiguous clone alias slice select index_select index gather cat stack split chunk unbind roll flip repeat pad
+constant_pad_nd dropout to _to_copy max_pool1d max_pool2d max_pool3d max_pool2d_with_indices adaptive_max_pool2d
+amax max avg_pool2d adaptive_avg_pool2d mean sum upsample_nearest2d upsample_bilinear2d getitem add mul""".split())
+# (op, argument position) where a model tensor enters additively: its relevance is ``p * dR/dp`` (bias terms)
+ADDITIVE_AT = {"linear": (2,), "layer_norm": (3,), "group_norm": (3,), "batch_norm": (2, 3), "baddbmm": (0,),
+               "addmm": (0,)} | {c: (2,) for c in CONVS}
+CARRIERS = frozenset("""view reshape _unsafe_view permute transpose t expand squeeze unsqueeze flatten unflatten
+contiguous clone alias slice select index index_select gather repeat to _to_copy type_as getitem""".split())
+
+
+class RuleSet(NamedTuple):
+    """What the ops of a captured graph become. cp: CP-LRP's constant attention probabilities. conv: the rule of
+    conv layers (``lrp_rules`` z+, alpha-beta, gamma), None: their gradient. linear: LRP-epsilon at linear layers.
+    first: the rule of the first layer reading the input (flat, z^B), ``first_ops`` the ops it applies to.
+    canonize: zennit's layer map elsewhere (batch norm merged or passed, Norm at average pooling and residual sums).
+    one: the explained score's relevance is 1 (zennit), not its value (lxt)."""
+
+    name: str
+    reference: str
+    cp: bool = False
+    conv: Callable | None = None
+    linear: bool = False
+    first: Callable | None = None
+    first_ops: frozenset = CONVS
+    canonize: bool = False
+    one: bool = False
+
+
+_ZENNIT = dict(linear=True, canonize=True, one=True)
+RULES = {r.name: r for r in (
+    RuleSet("attnlrp", "Achtibat et al. 2024 (AttnLRP), as lxt 2.1's efficient mode"),
+    RuleSet("cplrp", "Ali et al. 2022 (CP-LRP), as lxt 2.1's efficient mode", cp=True),
+    RuleSet("epsilon_plus", "zennit EpsilonPlus: z+ at conv, epsilon at linear layers", conv=R.zplus, **_ZENNIT),
+    RuleSet("epsilon_plus_flat", "zennit EpsilonPlusFlat: EpsilonPlus, flat at the first layer", conv=R.zplus,
+            first=R.flat, first_ops=CONVS | {"linear"}, **_ZENNIT),
+    RuleSet("epsilon_alpha2_beta1", "zennit EpsilonAlpha2Beta1: alpha2-beta1 at conv, epsilon at linear layers",
+            conv=R.alpha_beta, **_ZENNIT),
+    RuleSet("epsilon_gamma_box", "zennit EpsilonGammaBox: z^B at the first conv, gamma 0.25 at the others, "
+            "epsilon at linear layers", conv=R.gamma_rule, first=R.zbox, **_ZENNIT),
+)}
+
+
+class LrpGraph(NamedTuple):
+    """A model's forward with LRP rules, for one input signature.
+
+    bound: the rewritten graph, ``bound.gm(*model_tensors, x, t, low, high)``; t: a zero tap shaped like x that
+    receives the first layer's relevance under flat / z^B (``tap``); low, high: z^B's input bounds.
+    additive: indices into ``bound.names`` of the model tensors entering additively (biases, position embeddings,
+    class tokens, batch-norm means): ``sum p * dR/dp`` over them is the relevance the bias terms absorb.
+    widest: bytes per image of the widest input-dependent value (for chunking classes).
+    """
+
+    bound: Bound
+    cap: Captured
+    tap: bool
+    additive: tuple[int, ...]
+    widest: int
+
+    def run(self, model: nn.Module, x: Tensor, t: Tensor, low: Tensor, high: Tensor,
+            tensors: list | None = None) -> Any:
+        """The model's output (its own structure) from the rewritten forward."""
+        outs = self.bound.gm(*(self.bound.fetch(model) if tensors is None else tensors), x, t, low, high)
+        return unflatten(self.cap, outs)
+
+
+def op_name(n: fx.Node) -> str:
+    """``aten.add_.Tensor`` -> "add_"; ``operator.getitem`` -> "getitem"."""
+    return getattr(n.target, "__name__", str(n.target)).split(".")[0]
+
+
+def where(n: fx.Node) -> str:
+    scopes = _scopes(n)
+    return f"{n.name} in {scopes[-1][1]} ({scopes[-1][2]})" if scopes else n.name
+
+
+def bind(n: fx.Node) -> dict[str, Any]:
+    """An ATen node's arguments by name, defaults filled in."""
+    out = {}
+    for i, a in enumerate(n.target._schema.arguments):
+        if i < len(n.args):
+            out[a.name] = n.args[i]
+        elif a.name in n.kwargs:
+            out[a.name] = n.kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+def functional(n: fx.Node) -> Any:
+    """The out-of-place overload of an in-place ATen op (``relu_`` -> ``relu``), else the node's own target."""
+    name = op_name(n)
+    if not name.endswith("_") or name.startswith("_") or not isinstance(n.target, torch._ops.OpOverload):
+        return n.target
+    return getattr(getattr(torch.ops.aten, name[:-1]), n.target._overloadname)
+
+
+def floating(n: Any) -> bool:
+    """Whether a node's value holds floating tensors (the only values with gradients)."""
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return any(isinstance(t, Tensor) and t.is_floating_point() for t in pytree.tree_leaves(v))
+
+
+class _Rewrite:
+    """One rewrite of a captured graph under a rule set: the new graph, each old node's value in it (``env``), the
+    old nodes that carry a gradient from the input (``dep``) and those known to be >= 0 (``nonneg``)."""
+
+    def __init__(self, cap: Captured, rules: RuleSet):
+        self.cap, self.rules, self.g, self.env = cap, rules, fx.Graph(), {}
+        # every model tensor a leading placeholder, in the capture's order (``build`` binds them by name)
+        for p in cap.graph.nodes:
+            if p.op == "placeholder" and p is not cap.x:
+                self.env[p] = self.g.placeholder(p.name)
+                self.env[p].meta = dict(p.meta, funcam_tensor=p.name)
+        self.x, self.t, self.low, self.high = (self.g.placeholder(s) for s in ("x", "t", "low", "high"))
+        self.env[cap.x] = self.x
+        self.dep, self.nonneg = {cap.x}, set()
+        self.tap = False  # a first-layer rule sends relevance to t
+        self.merged = merges(cap) if rules.canonize else {}
+
+    def call(self, fn: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        return self.g.call_function(fn, fx.map_arg(args, self.env.__getitem__), fx.map_arg(kwargs, self.env.__getitem__))
+
+    def new(self, fn: Any, *args: Any, **kwargs: Any) -> fx.Node:
+        """A call whose arguments are already nodes of the new graph."""
+        return self.g.call_function(fn, args, kwargs)
+
+    def copy(self, n: fx.Node) -> fx.Node:
+        new = copy_node(self.g, n, self.env, self.cap)
+        new.target = functional(n)
+        return new
+
+    def run(self) -> fx.Graph:
+        for n in self.cap.graph.nodes:
+            if n.op in ("placeholder", "output"):
+                continue
+            if op_name(n) in CONSTANT or not floating(n) or not any(a in self.dep for a in n.all_input_nodes):
+                self.env[n] = copy_node(self.g, n, self.env, self.cap)  # constant w.r.t. the input
+                continue
+            new, carries = self.rule(n)
+            self.env[n] = new
+            if functional(n) is not n.target and n.args and isinstance(n.args[0], fx.Node):
+                self.env[n.args[0]] = new  # an in-place op answered out of place: later readers see the new value
+            if carries:
+                self.dep.add(n)
+            name = op_name(n).rstrip("_")
+            ins = [a for a in n.all_input_nodes if floating(a)]
+            if name in NONNEG or (name in KEEPS_SIGN and ins and all(a in self.nonneg for a in ins)):
+                self.nonneg.add(n)
+        outs = []
+        for o in self.cap.outputs:
+            v = self.env[o] if isinstance(o, fx.Node) else o
+            outs.append(self.g.call_function(R.to_one, (v,)) if self.rules.one and o in self.dep else v)
+        self.g.output(tuple(outs))
+        return self.g
+
+    def rule(self, n: fx.Node) -> tuple[fx.Node, bool]:
+        """(n's value in the new graph, whether it carries a gradient from the input)."""
+        r, name = self.rules, op_name(n)
+        base = name[:-1] if functional(n) is not n.target else name
+        if base in CONVS or base == "linear":
+            return self.layer(n, base), True
+        if n in self.merged.values():
+            # zennit's canonizer leaves the merged batch norm computing x / sqrt(1 + eps): kept, for equal maps
+            return self.new(operator.mul, self.env[n.args[0]], (1 + bind(n)["eps"]) ** -0.5), True
+        if base == "batch_norm":
+            return self.batch_norm(n), True
+        if base in NORMS:
+            return self.call(getattr(R, base), *n.args, **n.kwargs), True
+        if base in SOFTMAX:
+            return (self.new(torch.ops.aten.detach.default, self.copy(n)), False) if r.cp else (self.copy(n), True)
+        if base == "scaled_dot_product_attention":
+            a = bind(n)
+            deps = tuple(a[k] in self.dep for k in ("query", "key", "value"))
+            return self.call(R.sdpa, *(a[k] for k in ("query", "key", "value", "attn_mask", "dropout_p", "is_causal",
+                                                     "scale", "enable_gqa")), deps=deps, cp=r.cp), True
+        if base in PRODUCTS:
+            deps = [isinstance(a, fx.Node) and a in self.dep for a in pytree.tree_leaves(n.args)
+                    if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), Tensor)]
+            if base in ("baddbmm", "addmm"):
+                deps[0] = False  # the added input is not a factor of the product
+            if sum(deps) < 2:
+                return self.copy(n), True
+            return self.call(R.product, functional(n), tuple(deps), *n.args, **n.kwargs), True
+        if base == "div" and len(n.args) > 1 and n.args[1] in self.dep:
+            return self.call(R.divide, *n.args, **n.kwargs), n.args[0] in self.dep
+        if base in ACTIVATIONS:
+            ins = [a for a in n.all_input_nodes if a in self.dep]
+            if len(ins) != 1:
+                raise self.no_rule(n, "an element-wise op of several input-dependent values")
+            return self.new(R.identity_rule, self.copy(n), self.env[ins[0]]), True
+        if base in STATISTICS:
+            return self.new(torch.ops.aten.detach.default, self.copy(n)), False
+        if r.canonize and (base in POOLS or (base in SUMS and sum(a in self.dep for a in n.all_input_nodes) == 2)):
+            return self.new(R.epsilon, self.copy(n)), True
+        if base in PLAIN:
+            return self.copy(n), True
+        raise self.no_rule(n, "an op")
+
+    def no_rule(self, n: fx.Node, what: str) -> ValueError:
+        return ValueError(f"lrp: no LRP rule for {what} in the captured graph: {op_name(n)} ({where(n)}), whose value "
+                          f"depends on the input; the rule sets cover linear and piecewise linear ops, element-wise "
+                          f"activations, normalisations, products, softmax and attention (funcam/_src/cuts/lrp_graph.py)")
+
+    def layer(self, n: fx.Node, base: str) -> fx.Node:
+        """A conv or linear layer: merged with the batch norm after it (under a composite), then its rule."""
+        r, a = self.rules, bind(n)
+        names = [arg.name for arg in n.target._schema.arguments]
+        x, w, b = (a[k] for k in names[:3])
+        if w in self.dep or b in self.dep:
+            raise self.no_rule(n, f"a {base} layer with input-dependent weights")
+        rest = tuple(a[k] for k in names[3:])
+        op = functional(n)
+        if n in self.merged:
+            bn = bind(self.merged[n])
+            transposed = base.startswith("conv_transpose") or (base == "convolution" and a["transposed"])
+            wb = self.call(R.merge_batch_norm, w, b, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"],
+                           bn["eps"], transposed)
+            w, b = (self.g.call_function(operator.getitem, (wb, i)) for i in (0, 1))
+        else:
+            w, b = self.env[w], None if b is None else self.env[b]
+        if r.first is not None and not self.tap and base in r.first_ops:
+            if x is not self.cap.x:
+                raise ValueError(f"lrp: rule={r.name!r} applies its first-layer rule to the first {base} layer, which "
+                                 f"must read the input itself; in this graph it reads {x.name} ({where(n)})")
+            self.tap = True
+            extra = (self.low, self.high) if r.first is R.zbox else ()
+            return self.g.call_function(r.first, (op, rest, self.x, self.t, w, b) + extra)
+        rest = fx.map_arg(rest, self.env.__getitem__)
+        if base != "linear" and r.conv is not None:
+            return self.g.call_function(r.conv, (op, rest, self.env[x], w, b), {"nonneg": x in self.nonneg})
+        y = self.g.call_function(op, (self.env[x], w, b) + rest)
+        return self.g.call_function(R.epsilon, (y,)) if base == "linear" and r.linear else y
+
+    def batch_norm(self, n: fx.Node) -> fx.Node:
+        """Batch norm not merged: on batch statistics (training mode) the standard deviation held constant; in eval
+        mode an affine map, its gradient under AttnLRP, zennit's ``Pass`` under a composite."""
+        a = bind(n)
+        if a["training"] or a["running_mean"] is None:
+            return self.call(R.batch_norm_batch_stats, a["input"], a["weight"], a["bias"], a["eps"])
+        new = self.copy(n)
+        return self.new(R.identity_rule, new, self.env[a["input"]]) if self.rules.canonize else new
+
+
+def merges(cap: Captured) -> dict[fx.Node, fx.Node]:
+    """conv / linear node -> the eval-mode batch norm that is its only reader (zennit's ``SequentialMergeBatchNorm``
+    merges a batch norm into the layer right before it); grouped transposed convs are left unmerged."""
+    out = {}
+    for n in cap.graph.nodes:
+        if n.op != "call_function" or op_name(n) != "batch_norm":
+            continue
+        a = bind(n)
+        src = a["input"]
+        if a["training"] or a["running_mean"] is None or not isinstance(src, fx.Node) or len(src.users) != 1:
+            continue
+        base = op_name(src)
+        if base == "linear" or (base in CONVS and not (base.startswith("conv_transpose") and bind(src)["groups"] != 1)):
+            out[src] = n
+    return out
+
+
+def additive(cap: Captured, dep: set) -> tuple[int, ...]:
+    """Indices (among the model's tensors, in the capture's order) of those that enter an input-dependent value
+    additively, through reshapes and indexing: biases, batch-norm means, position embeddings, class tokens."""
+    tensors = [p for p in cap.graph.nodes if p.op == "placeholder" and p is not cap.x]
+    found = []
+    for i, p in enumerate(tensors):
+        frontier, hit = [p], False
+        while frontier and not hit:
+            v = frontier.pop()
+            for u in v.users:
+                name = op_name(u).rstrip("_")
+                if name in CARRIERS and u not in dep:
+                    frontier.append(u)
+                elif u in dep and (name in SUMS | {"cat", "stack"} or any(
+                        i_ < len(u.args) and u.args[i_] is v for i_ in ADDITIVE_AT.get(name, ()))):
+                    hit = True
+        if hit:
+            found.append(i)
+    return tuple(found)
+
+
+def widest(cap: Captured, dep: set) -> int:
+    """Bytes per image of the widest input-dependent value."""
+    best = 0
+    for n in dep:
+        for t in pytree.tree_leaves(n.meta.get("val")):
+            if isinstance(t, Tensor):
+                best = max(best, optimization_hint(t.numel()) * t.element_size())
+    return best // max(1, cap.batch)
+
+
+def lrp_graph(model: nn.Module, x: Tensor, rules: RuleSet) -> LrpGraph:
+    """``model``'s forward on inputs shaped like ``x (B, C, H, W)`` with ``rules``, checked at a probe input: its
+    output equals ``model(x)`` (the rules change gradients only; merged batch norms round differently)."""
+    from funcam._src.cuts.auto import probe_input
+    from funcam._src.cuts.capture import capture
+
+    cap = capture(model, x)
+    rw = _Rewrite(cap, rules)
+    graph = rw.run()
+    lg = LrpGraph(build(cap, graph, f"lrp_{rules.name}"), cap, rw.tap, additive(cap, rw.dep), widest(cap, rw.dep))
+    ex = probe_input(x)
+    devices = [ex.device] if ex.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        want = [t for t in pytree.tree_leaves(model(ex)) if isinstance(t, Tensor)]
+        torch.manual_seed(0)
+        got = [t for t in pytree.tree_leaves(lg.run(model, ex, torch.zeros_like(ex), ex, ex)) if isinstance(t, Tensor)]
+    # plus the merged batch norms' factors 1 / sqrt(1 + eps) (zennit's), each about eps / 2 off
+    tol = max(1e-4, 16 * torch.finfo(ex.dtype).eps) + sum(bind(bn)["eps"] for bn in rw.merged.values())
+    if len(want) != len(got) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=tol, atol=tol)
+                                    for a, b in zip(want, got) if a.is_floating_point()):
+        raise ValueError(f"lrp: the graph captured from {type(model).__name__} with rule={rules.name!r} does not "
+                         f"reproduce model(x); the forward may depend on values or state that the capture fixed")
+    return lg
