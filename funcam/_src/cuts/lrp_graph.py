@@ -1,14 +1,17 @@
 """LRP on a captured graph: every op of the model's ATen graph (``funcam.cuts.capture``) rewritten by its rule.
 
 The rules (``lrp_rules``) act on ops, not on module classes, so they apply to any model ``torch.export`` captures:
-a rule set (``RULES``) says what each kind of op becomes. Which ops carry relevance is read from the graph: an op
-gets a rule only where its value depends on the input through a gradient path; the model's parameters, position
-tables and masks are copied as they are. The kinds:
+a rule set (``lrp_ops.RULES``) says what each kind of op becomes. Which ops carry relevance is read from the graph:
+an op gets a rule only where its value depends on the input through a gradient path; the model's parameters,
+position tables and masks are copied as they are. The kinds:
 
 * linear or piecewise linear ops (reshapes, slicing, concatenation, sums and means, padding, linear / conv layers
   under AttnLRP, ReLU, max pooling, ...): their gradient is already the rule (LRP-0 in the Gradient x Input
   formulation; winner-takes-all at max pooling), so they are copied;
-* element-wise activations (GELU, SiLU, sigmoid, tanh, hardswish, ...): the identity rule;
+* element-wise activations through the origin (GELU, SiLU, tanh, hardswish, ...): the identity rule; gates that
+  are not (sigmoid, hardsigmoid, exp, softplus: squeeze-excitation, gated units) held constant, so that the product
+  with the gated value gives that value all relevance ("signal-take-all", Arras et al. 2017), which for
+  a hand-written ``x * sigmoid(x)`` equals SiLU's identity rule;
 * normalisations (LayerNorm, RMSNorm, GroupNorm, batch norm on batch statistics) and the statistics a hand-written
   one computes (``var``, ``std``, ``rsqrt``, ``sqrt``, vector norms, an input-dependent divisor): the standard
   deviation held constant, the mean keeping its gradient;
@@ -26,7 +29,7 @@ give a silently wrong map.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -35,78 +38,30 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from funcam._src.cuts import lrp_rules as R
-from funcam._src.cuts.capture import Bound, Captured, _scopes, build, copy_node, unflatten
-
-PLAIN = frozenset("""view reshape _unsafe_view permute transpose t expand expand_as squeeze unsqueeze flatten unflatten
-contiguous clone alias slice select narrow index_select index gather take_along_dim cat stack split split_with_sizes
-chunk unbind roll flip repeat tile repeat_interleave pad constant_pad_nd reflection_pad1d reflection_pad2d
-replication_pad1d replication_pad2d pixel_shuffle pixel_unshuffle unfold im2col col2im dropout native_dropout
-feature_dropout alpha_dropout to _to_copy type_as lift_fresh_copy neg sum cumsum tril triu diagonal movedim swapaxes
-as_strided upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_bilinear2d upsample_bicubic2d
-upsample_linear1d _upsample_bilinear2d_aa _upsample_nearest_exact2d grid_sampler grid_sampler_2d channel_shuffle
-native_channel_shuffle masked_fill where scatter scatter_add index_add index_put select_scatter slice_scatter copy
-max_pool1d max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool1d
-adaptive_max_pool2d amax amin max min maximum minimum sort topk relu relu6 hardtanh leaky_relu prelu rrelu clamp
-clamp_min clamp_max abs threshold linear conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d
-conv_transpose3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d mean
-add sub rsub mul div matmul bmm mm einsum baddbmm addmm batch_norm softmax _softmax _safe_softmax
-getitem""".split())
-ACTIVATIONS = frozenset("""gelu silu sigmoid tanh hardswish hardsigmoid mish elu selu celu softplus log_sigmoid erf exp
-pow sin cos softsign tanhshrink square log log1p expm1""".split())
-STATISTICS = frozenset("rsqrt sqrt var var_mean std std_mean linalg_vector_norm norm reciprocal frobenius_norm".split())
-CONSTANT = frozenset("""zeros_like ones_like empty_like full_like rand_like randn_like new_zeros new_ones new_empty
-new_full detach _assert_tensor_metadata""".split())
-NORMS = frozenset("layer_norm rms_norm group_norm".split())
-SOFTMAX = frozenset("softmax _softmax _safe_softmax".split())
-PRODUCTS = frozenset("mul matmul bmm mm einsum baddbmm addmm".split())
-CONVS = frozenset("conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d".split())
-POOLS = frozenset("avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d "
-                  "mean".split())
-SUMS = frozenset(("add", "sub"))
-# ops whose output is >= 0, and ops whose output is >= 0 when their input-dependent inputs are: a conv rule then
-# skips the negative inputs' term (zero), one conv instead of two
-NONNEG = frozenset("relu relu6 sigmoid hardsigmoid softmax _softmax _safe_softmax abs exp".split())
-KEEPS_SIGN = frozenset("""view reshape _unsafe_view permute transpose t expand squeeze unsqueeze flatten unflatten
-contiguous clone alias slice select index_select index gather cat stack split chunk unbind roll flip repeat pad
-constant_pad_nd dropout to _to_copy max_pool1d max_pool2d max_pool3d max_pool2d_with_indices adaptive_max_pool2d
-amax max avg_pool2d adaptive_avg_pool2d mean sum upsample_nearest2d upsample_bilinear2d getitem add mul""".split())
-# (op, argument position) where a model tensor enters additively: its relevance is ``p * dR/dp`` (bias terms)
-ADDITIVE_AT = {"linear": (2,), "layer_norm": (3,), "group_norm": (3,), "batch_norm": (2, 3), "baddbmm": (0,),
-               "addmm": (0,)} | {c: (2,) for c in CONVS}
-CARRIERS = frozenset("""view reshape _unsafe_view permute transpose t expand squeeze unsqueeze flatten unflatten
-contiguous clone alias slice select index index_select gather repeat to _to_copy type_as getitem""".split())
-
-
-class RuleSet(NamedTuple):
-    """What the ops of a captured graph become. cp: CP-LRP's constant attention probabilities. conv: the rule of
-    conv layers (``lrp_rules`` z+, alpha-beta, gamma), None: their gradient. linear: LRP-epsilon at linear layers.
-    first: the rule of the first layer reading the input (flat, z^B), ``first_ops`` the ops it applies to.
-    canonize: zennit's layer map elsewhere (batch norm merged or passed, Norm at average pooling and residual sums).
-    one: the explained score's relevance is 1 (zennit), not its value (lxt)."""
-
-    name: str
-    reference: str
-    cp: bool = False
-    conv: Callable | None = None
-    linear: bool = False
-    first: Callable | None = None
-    first_ops: frozenset = CONVS
-    canonize: bool = False
-    one: bool = False
-
-
-_ZENNIT = dict(linear=True, canonize=True, one=True)
-RULES = {r.name: r for r in (
-    RuleSet("attnlrp", "Achtibat et al. 2024 (AttnLRP), as lxt 2.1's efficient mode"),
-    RuleSet("cplrp", "Ali et al. 2022 (CP-LRP), as lxt 2.1's efficient mode", cp=True),
-    RuleSet("epsilon_plus", "zennit EpsilonPlus: z+ at conv, epsilon at linear layers", conv=R.zplus, **_ZENNIT),
-    RuleSet("epsilon_plus_flat", "zennit EpsilonPlusFlat: EpsilonPlus, flat at the first layer", conv=R.zplus,
-            first=R.flat, first_ops=CONVS | {"linear"}, **_ZENNIT),
-    RuleSet("epsilon_alpha2_beta1", "zennit EpsilonAlpha2Beta1: alpha2-beta1 at conv, epsilon at linear layers",
-            conv=R.alpha_beta, **_ZENNIT),
-    RuleSet("epsilon_gamma_box", "zennit EpsilonGammaBox: z^B at the first conv, gamma 0.25 at the others, "
-            "epsilon at linear layers", conv=R.gamma_rule, first=R.zbox, **_ZENNIT),
-)}
+from funcam._src.cuts.capture import Bound, Captured, build, copy_node, unflatten
+from funcam._src.cuts.lrp_ops import (
+    ACTIVATIONS,
+    ADDITIVE_AT,
+    CARRIERS,
+    CONSTANT,
+    CONVS,
+    GATES,
+    KEEPS_SIGN,
+    NONNEG,
+    NORMS,
+    PLAIN,
+    POOLS,
+    PRODUCTS,
+    SOFTMAX,
+    STATISTICS,
+    SUMS,
+    RuleSet,
+    bind,
+    floating,
+    functional,
+    op_name,
+    where,
+)
 
 
 class LrpGraph(NamedTuple):
@@ -132,43 +87,6 @@ class LrpGraph(NamedTuple):
         return unflatten(self.cap, outs)
 
 
-def op_name(n: fx.Node) -> str:
-    """``aten.add_.Tensor`` -> "add_"; ``operator.getitem`` -> "getitem"."""
-    return getattr(n.target, "__name__", str(n.target)).split(".")[0]
-
-
-def where(n: fx.Node) -> str:
-    scopes = _scopes(n)
-    return f"{n.name} in {scopes[-1][1]} ({scopes[-1][2]})" if scopes else n.name
-
-
-def bind(n: fx.Node) -> dict[str, Any]:
-    """An ATen node's arguments by name, defaults filled in."""
-    out = {}
-    for i, a in enumerate(n.target._schema.arguments):
-        if i < len(n.args):
-            out[a.name] = n.args[i]
-        elif a.name in n.kwargs:
-            out[a.name] = n.kwargs[a.name]
-        else:
-            out[a.name] = a.default_value if a.has_default_value() else None
-    return out
-
-
-def functional(n: fx.Node) -> Any:
-    """The out-of-place overload of an in-place ATen op (``relu_`` -> ``relu``), else the node's own target."""
-    name = op_name(n)
-    if not name.endswith("_") or name.startswith("_") or not isinstance(n.target, torch._ops.OpOverload):
-        return n.target
-    return getattr(getattr(torch.ops.aten, name[:-1]), n.target._overloadname)
-
-
-def floating(n: Any) -> bool:
-    """Whether a node's value holds floating tensors (the only values with gradients)."""
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return any(isinstance(t, Tensor) and t.is_floating_point() for t in pytree.tree_leaves(v))
-
-
 class _Rewrite:
     """One rewrite of a captured graph under a rule set: the new graph, each old node's value in it (``env``), the
     old nodes that carry a gradient from the input (``dep``) and those known to be >= 0 (``nonneg``)."""
@@ -187,7 +105,8 @@ class _Rewrite:
         self.merged = merges(cap) if rules.canonize else {}
 
     def call(self, fn: Any, *args: Any, **kwargs: Any) -> fx.Node:
-        return self.g.call_function(fn, fx.map_arg(args, self.env.__getitem__), fx.map_arg(kwargs, self.env.__getitem__))
+        get = self.env.__getitem__
+        return self.g.call_function(fn, fx.map_arg(args, get), fx.map_arg(kwargs, get))
 
     def new(self, fn: Any, *args: Any, **kwargs: Any) -> fx.Node:
         """A call whose arguments are already nodes of the new graph."""
@@ -257,7 +176,7 @@ class _Rewrite:
             if len(ins) != 1:
                 raise self.no_rule(n, "an element-wise op of several input-dependent values")
             return self.new(R.identity_rule, self.copy(n), self.env[ins[0]]), True
-        if base in STATISTICS:
+        if base in STATISTICS or base in GATES:
             return self.new(torch.ops.aten.detach.default, self.copy(n)), False
         if r.canonize and (base in POOLS or (base in SUMS and sum(a in self.dep for a in n.all_input_nodes) == 2)):
             return self.new(R.epsilon, self.copy(n)), True
@@ -268,7 +187,7 @@ class _Rewrite:
     def no_rule(self, n: fx.Node, what: str) -> ValueError:
         return ValueError(f"lrp: no LRP rule for {what} in the captured graph: {op_name(n)} ({where(n)}), whose value "
                           f"depends on the input; the rule sets cover linear and piecewise linear ops, element-wise "
-                          f"activations, normalisations, products, softmax and attention (funcam/_src/cuts/lrp_graph.py)")
+                          f"activations, normalisations, products, softmax and attention (funcam/_src/cuts/lrp_ops.py)")
 
     def layer(self, n: fx.Node, base: str) -> fx.Node:
         """A conv or linear layer: merged with the batch norm after it (under a composite), then its rule."""
@@ -306,7 +225,8 @@ class _Rewrite:
         a = bind(n)
         if a["training"] or a["running_mean"] is None:
             return self.call(R.batch_norm_batch_stats, a["input"], a["weight"], a["bias"], a["eps"])
-        new = self.copy(n)
+        new = self.call(R.batch_norm_affine, a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"],
+                        a["eps"])
         return self.new(R.identity_rule, new, self.env[a["input"]]) if self.rules.canonize else new
 
 

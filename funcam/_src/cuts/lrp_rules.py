@@ -122,6 +122,17 @@ def batch_norm_batch_stats(x: Tensor, weight: Tensor | None, bias: Tensor | None
     return y if bias is None else y + bias.reshape(shape)
 
 
+def batch_norm_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                      eps: float) -> Tensor:
+    """Eval-mode batch norm as the affine map it is, ``(x - mean) * weight / sqrt(var + eps) + bias`` (its gradient
+    is LRP-0's); written out so that the running mean, an additive term, has a gradient too (the fused kernel has
+    none)."""
+    shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+    scale = torch.rsqrt(var + eps) if weight is None else weight * torch.rsqrt(var + eps)
+    y = (x - mean.reshape(shape)) * scale.reshape(shape)
+    return y if bias is None else y + bias.reshape(shape)
+
+
 def product(op: Callable, deps: Sequence[bool], *args: Any) -> Any:
     """``op(*args)`` for a product (mul, matmul, bmm, einsum's operands): with n > 1 input-dependent factors
     (``deps`` per tensor argument, in order), each gets ``1/n`` of the gradient (the uniform rule, AttnLRP eq. 7);
