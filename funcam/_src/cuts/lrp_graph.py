@@ -164,7 +164,7 @@ class _Rewrite:
         if base in PRODUCTS:
             deps = [isinstance(a, fx.Node) and a in self.dep for a in pytree.tree_leaves(n.args)
                     if isinstance(a, fx.Node) and isinstance(a.meta.get("val"), Tensor)]
-            if base in ("baddbmm", "addmm"):
+            if base in ("baddbmm", "addmm", "addcmul"):
                 deps[0] = False  # the added input is not a factor of the product
             if sum(deps) < 2:
                 return self.copy(n), True
@@ -253,6 +253,8 @@ def additive(cap: Captured, dep: set) -> tuple[int, ...]:
     tensors = [p for p in cap.graph.nodes if p.op == "placeholder" and p is not cap.x]
     found = []
     for i, p in enumerate(tensors):
+        if not floating(p):
+            continue
         frontier, hit = [p], False
         while frontier and not hit:
             v = frontier.pop()

@@ -15,31 +15,33 @@ from torch import Tensor
 from funcam._src.cuts import lrp_rules as R
 from funcam._src.cuts.capture import _scopes
 
-PLAIN = frozenset("""view reshape _unsafe_view permute transpose t expand expand_as squeeze unsqueeze flatten unflatten
-contiguous clone alias slice select narrow index_select index gather take_along_dim cat stack split split_with_sizes
-chunk unbind roll flip repeat tile repeat_interleave pad constant_pad_nd reflection_pad1d reflection_pad2d
-replication_pad1d replication_pad2d pixel_shuffle pixel_unshuffle unfold im2col col2im dropout native_dropout
-feature_dropout alpha_dropout to _to_copy type_as lift_fresh_copy neg sum cumsum tril triu diagonal movedim swapaxes
-as_strided upsample_nearest1d upsample_nearest2d upsample_nearest3d upsample_bilinear2d upsample_bicubic2d
-upsample_linear1d _upsample_bilinear2d_aa _upsample_nearest_exact2d grid_sampler grid_sampler_2d channel_shuffle
-native_channel_shuffle masked_fill where scatter scatter_add index_add index_put select_scatter slice_scatter copy
-max_pool1d max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool1d
-adaptive_max_pool2d amax amin max min maximum minimum sort topk relu relu6 hardtanh leaky_relu prelu rrelu clamp
-clamp_min clamp_max abs threshold linear conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d
-conv_transpose3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d mean
-add sub rsub mul div matmul bmm mm einsum baddbmm addmm batch_norm softmax _softmax _safe_softmax
-getitem""".split())
-# element-wise activations through the origin (act(0) = 0): the identity rule; those that are not (sigmoid and the
-# like, the gates of squeeze-excitation, gated units and ConViT) would divide by values near 0 in it: held constant
-ACTIVATIONS = frozenset("""gelu silu tanh hardswish mish elu selu celu erf pow sin softsign tanhshrink square log1p
-expm1""".split())
+PLAIN = frozenset("""view reshape view_as reshape_as _unsafe_view permute transpose t expand expand_as squeeze unsqueeze
+flatten unflatten contiguous clone alias slice select narrow index_select index gather take_along_dim cat
+stack split split_with_sizes chunk unsafe_chunk unsafe_split unbind roll flip repeat tile repeat_interleave
+pad constant_pad_nd reflection_pad1d reflection_pad2d replication_pad1d replication_pad2d pixel_shuffle
+pixel_unshuffle unfold im2col col2im dropout native_dropout feature_dropout alpha_dropout to _to_copy
+type_as lift_fresh_copy neg sum cumsum tril triu diagonal movedim swapaxes as_strided upsample_nearest1d
+upsample_nearest2d upsample_nearest3d upsample_bilinear2d upsample_bicubic2d upsample_linear1d
+_upsample_bilinear2d_aa _upsample_nearest_exact2d grid_sampler grid_sampler_2d channel_shuffle
+native_channel_shuffle masked_fill where scatter scatter_add index_add index_put select_scatter
+slice_scatter copy max_pool1d max_pool2d max_pool3d max_pool2d_with_indices max_pool3d_with_indices
+adaptive_max_pool1d adaptive_max_pool2d amax amin max min maximum minimum sort topk relu
+leaky_relu prelu rrelu clamp clamp_min clamp_max abs threshold linear conv1d conv2d conv3d convolution
+conv_transpose1d conv_transpose2d conv_transpose3d avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d
+adaptive_avg_pool2d adaptive_avg_pool3d mean add sub rsub mul div matmul bmm mm einsum baddbmm addmm addcmul
+batch_norm softmax _softmax _safe_softmax getitem""".split())
+# element-wise activations through the origin (act(0) = 0): the identity rule (ReLU6's clip too, where the gradient
+# would lose the clipped part; ReLU's and leaky ReLU's gradient is the rule already); those that are not (sigmoid
+# and the like, the gates of squeeze-excitation, gated units and ConViT) would divide by values near 0: held constant
+ACTIVATIONS = frozenset("""relu6 hardtanh gelu silu tanh hardswish mish elu selu celu erf pow sin softsign tanhshrink
+square log1p expm1""".split())
 GATES = frozenset("sigmoid hardsigmoid exp softplus log_sigmoid cos log".split())
 STATISTICS = frozenset("rsqrt sqrt var var_mean std std_mean linalg_vector_norm norm reciprocal frobenius_norm".split())
 CONSTANT = frozenset("""zeros_like ones_like empty_like full_like rand_like randn_like new_zeros new_ones new_empty
 new_full detach _assert_tensor_metadata""".split())
 NORMS = frozenset("layer_norm rms_norm group_norm".split())
 SOFTMAX = frozenset("softmax _softmax _safe_softmax".split())
-PRODUCTS = frozenset("mul matmul bmm mm einsum baddbmm addmm".split())
+PRODUCTS = frozenset("mul matmul bmm mm einsum baddbmm addmm addcmul".split())
 CONVS = frozenset("conv1d conv2d conv3d convolution conv_transpose1d conv_transpose2d conv_transpose3d".split())
 POOLS = frozenset("avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d "
                   "mean".split())
@@ -48,14 +50,16 @@ SUMS = frozenset(("add", "sub"))
 # skips the negative inputs' term (zero), one conv instead of two
 NONNEG = frozenset("relu relu6 sigmoid hardsigmoid softmax _softmax _safe_softmax abs exp".split())
 KEEPS_SIGN = frozenset("""view reshape _unsafe_view permute transpose t expand squeeze unsqueeze flatten unflatten
-contiguous clone alias slice select index_select index gather cat stack split chunk unbind roll flip repeat pad
-constant_pad_nd dropout to _to_copy max_pool1d max_pool2d max_pool3d max_pool2d_with_indices adaptive_max_pool2d
-amax max avg_pool2d adaptive_avg_pool2d mean sum upsample_nearest2d upsample_bilinear2d getitem add mul""".split())
+contiguous clone alias slice select index_select index gather cat stack split chunk unbind roll flip repeat
+pad constant_pad_nd dropout to _to_copy max_pool1d max_pool2d max_pool3d max_pool2d_with_indices
+adaptive_max_pool2d amax max avg_pool2d adaptive_avg_pool2d mean sum upsample_nearest2d upsample_bilinear2d
+getitem add mul""".split())
 # (op, argument position) where a model tensor enters additively: its relevance is ``p * dR/dp`` (bias terms)
 ADDITIVE_AT = {"linear": (2,), "layer_norm": (3,), "group_norm": (3,), "batch_norm": (2, 3), "baddbmm": (0,),
-               "addmm": (0,)} | {c: (2,) for c in CONVS}
-CARRIERS = frozenset("""view reshape _unsafe_view permute transpose t expand squeeze unsqueeze flatten unflatten
-contiguous clone alias slice select index index_select gather repeat to _to_copy type_as getitem""".split())
+               "addmm": (0,), "addcmul": (0,)} | {c: (2,) for c in CONVS}
+CARRIERS = frozenset("""view reshape view_as reshape_as _unsafe_view permute transpose t expand squeeze unsqueeze
+flatten unflatten contiguous clone alias slice select index index_select gather repeat to _to_copy type_as
+getitem""".split())
 
 
 class RuleSet(NamedTuple):
