@@ -27,6 +27,7 @@ from funcam._src.app.dataset import explain_dataset, load_maps
 from funcam._src.guard import TrainingModeWarning
 from funcam._src.core.postprocess import fuse, normalize, upsample
 from funcam._src.core.rollout import attention_rollout, block_attentions, rollout_matrix
+from funcam._src.core.lrp import lrp
 from funcam._src.base import CAM, Features, Split
 from funcam._src.core.split import check_split, split
 
@@ -56,6 +57,7 @@ __all__ = [
     "hirescam",
     "layercam",
     "load_maps",
+    "lrp",
     "metrics",
     "normalize",
     "rollout_matrix",

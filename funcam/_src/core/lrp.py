@@ -39,6 +39,7 @@ from funcam._src.core.engine import class_vjp, logits_of, resolve_classes
 from funcam._src.core.split import in_chans_of
 from funcam._src.cuts import lrp_rules
 from funcam._src.cuts.auto import signature
+from funcam._src.cuts.capture import capture
 from funcam._src.cuts.lrp_graph import LrpGraph, lrp_graph
 from funcam._src.cuts.lrp_ops import RULES, RuleSet
 
@@ -48,7 +49,8 @@ LRP_RULES = tuple(RULES)
 # that activation's gradient and the few of the layer being differentiated (its input's, the rule's temporaries).
 LRP_BYTES_PER_WIDEST = 6
 
-_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(signature, rule): LrpGraph}
+# model -> {(signature, rule name): LrpGraph, (signature, None): its capture, shared by the rule sets}
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -61,8 +63,10 @@ def rule_set(rule: Any) -> RuleSet:
 
 def graph_for(model: nn.Module, x: Tensor, rules: RuleSet) -> LrpGraph:
     """The model's rewritten graph for ``x``'s signature (input size, dtype, device, training flags) and ``rules``,
-    captured on first use and kept while the model lives (the graph reads the model's tensors at every call)."""
-    key = (signature(model, x), rules.name)
+    made on first use from the signature's one capture, and kept while the model lives (the graph reads the model's
+    tensors at every call)."""
+    sig = signature(model, x)
+    key = (sig, rules.name)
     graphs = _GRAPHS.get(model)
     lg = None if graphs is None else graphs.get(key)
     if lg is None:
@@ -73,7 +77,10 @@ def graph_for(model: nn.Module, x: Tensor, rules: RuleSet) -> LrpGraph:
             graphs = _GRAPHS.setdefault(model, {})
             lg = graphs.get(key)
             if lg is None:
-                lg = graphs[key] = lrp_graph(model, x, rules)
+                cap = graphs.get((sig, None))
+                if cap is None:
+                    cap = graphs[(sig, None)] = capture(model, x)
+                lg = graphs[key] = lrp_graph(model, x, rules, cap)
     return lg
 
 

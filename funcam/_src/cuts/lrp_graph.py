@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from funcam._src.cuts import lrp_rules as R
-from funcam._src.cuts.capture import Bound, Captured, build, copy_node, unflatten
+from funcam._src.cuts.auto import probe_input
+from funcam._src.cuts.capture import Bound, Captured, build, capture, copy_node, unflatten
 from funcam._src.cuts.lrp_ops import (
     ACTIVATIONS,
     ADDITIVE_AT,
@@ -280,13 +281,11 @@ def widest(cap: Captured, dep: set) -> int:
     return best // max(1, cap.batch)
 
 
-def lrp_graph(model: nn.Module, x: Tensor, rules: RuleSet) -> LrpGraph:
+def lrp_graph(model: nn.Module, x: Tensor, rules: RuleSet, cap: Captured | None = None) -> LrpGraph:
     """``model``'s forward on inputs shaped like ``x (B, C, H, W)`` with ``rules``, checked at a probe input: its
-    output equals ``model(x)`` (the rules change gradients only; merged batch norms round differently)."""
-    from funcam._src.cuts.auto import probe_input
-    from funcam._src.cuts.capture import capture
-
-    cap = capture(model, x)
+    output equals ``model(x)`` (the rules change gradients only; merged batch norms round differently). cap: the
+    model's capture for x's signature, to rewrite it once more (the rewrite leaves it as it is); None: captured now."""
+    cap = capture(model, x) if cap is None else cap
     rw = _Rewrite(cap, rules)
     graph = rw.run()
     lg = LrpGraph(build(cap, graph, f"lrp_{rules.name}"), cap, rw.tap, additive(cap, rw.dep), widest(cap, rw.dep))
