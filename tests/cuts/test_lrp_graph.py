@@ -178,3 +178,40 @@ class Atan(nn.Module):
 def test_an_op_without_a_rule_is_named():
     with pytest.raises(ValueError, match=r"no LRP rule for an op in the captured graph: atan \(atan"):
         lrp_graph(Atan().eval(), torch.randn(2, 4, 8, 8), RULES["attnlrp"])
+
+
+class Tokens(nn.Module):
+    """Patches -> tokens -> LayerNorm (the module, or written out with var_mean and rsqrt) -> GELU MLP -> mean."""
+
+    def __init__(self, by_hand: bool):
+        super().__init__()
+        self.by_hand = by_hand
+        self.embed, self.norm, self.fc1, self.fc2 = nn.Conv2d(3, 8, 4, 4), nn.LayerNorm(8), nn.Linear(8, 16), \
+            nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        if self.by_hand:
+            var, mean = torch.var_mean(t, dim=-1, keepdim=True, correction=0)
+            t = (t - mean) * torch.rsqrt(var + self.norm.eps) * self.norm.weight + self.norm.bias
+        else:
+            t = self.norm(t)
+        return self.fc2(F.gelu(self.fc1(t))).mean(dim=1)
+
+
+def test_a_hand_written_layer_norm_gets_layer_norms_rule():
+    """var_mean and rsqrt held constant, the centring and the products with constants kept: the same relevance as
+    the LayerNorm op's rule (standard deviation constant)."""
+    from funcam._src.core.lrp import lrp
+
+    torch.manual_seed(0)
+    a = Tokens(False).double().eval()
+    with torch.no_grad():
+        a.norm.weight.normal_()
+        a.norm.bias.normal_()
+    b = Tokens(True).double().eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 16, 16, generator=gen(), dtype=torch.float64)
+    want = lrp(a, x, [0, 3]).maps
+    assert bool(want.abs().max() > 0)
+    torch.testing.assert_close(lrp(b, x, [0, 3]).maps, want)

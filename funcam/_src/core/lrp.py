@@ -47,6 +47,8 @@ LRP_RULES = tuple(RULES)
 
 # Bytes one vmapped class of ``lrp`` holds, per byte of the model's widest input-dependent activation (per image):
 # that activation's gradient and the few of the layer being differentiated (its input's, the rule's temporaries).
+# With 4 input sizes on top, measured as the resident memory per extra class in one unchunked vmap at 112 px, B = 2
+# (attnlrp / epsilon_plus): resnet18 9.2 / 8.0 MiB, estimate 10.3; vit_small 4.5 / 3.5 MiB, estimate 4.7.
 LRP_BYTES_PER_WIDEST = 6
 
 # model -> {(signature, rule name): LrpGraph, (signature, None): its capture, shared by the rule sets}
@@ -137,7 +139,7 @@ def lrp(model_or_split: nn.Module | Split, x: Tensor, classes: Any = None, *, ru
     if not isinstance(per_channel, bool):
         raise TypeError(f"per_channel must be a bool, got {type(per_channel).__name__}")
     lo, hi = box(x, low, high, rules)
-    lg = _guard.run(model, lambda: graph_for(model, x, rules))
+    lg = graph_for(model, x, rules)
     t = torch.zeros_like(x)
 
     def forward(*p: Tensor) -> tuple[Any, tuple]:

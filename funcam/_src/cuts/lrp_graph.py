@@ -118,6 +118,16 @@ class _Rewrite:
         new.target = functional(n)
         return new
 
+    def constant(self, n: fx.Node) -> fx.Node:
+        """``n`` computed from detached inputs: its value, held constant (no gradient, any number of outputs)."""
+        env = dict(self.env)
+        for a in n.all_input_nodes:
+            if a in self.dep:
+                env[a] = self.new(torch.ops.aten.detach.default, self.env[a])
+        new = copy_node(self.g, n, env, self.cap)
+        new.target = functional(n)
+        return new
+
     def run(self) -> fx.Graph:
         for n in self.cap.graph.nodes:
             if n.op in ("placeholder", "output"):
@@ -127,10 +137,11 @@ class _Rewrite:
                 continue
             new, carries = self.rule(n)
             self.env[n] = new
-            if functional(n) is not n.target and n.args and isinstance(n.args[0], fx.Node):
+            mutated = functional(n) is not n.target and n.args and isinstance(n.args[0], fx.Node)
+            if mutated:
                 self.env[n.args[0]] = new  # an in-place op answered out of place: later readers see the new value
             if carries:
-                self.dep.add(n)
+                self.dep.update((n, n.args[0]) if mutated else (n,))
             name = op_name(n).rstrip("_")
             ins = [a for a in n.all_input_nodes if floating(a)]
             if name in NONNEG or (name in KEEPS_SIGN and ins and all(a in self.nonneg for a in ins)):
@@ -156,7 +167,7 @@ class _Rewrite:
         if base in NORMS:
             return self.call(getattr(R, base), *n.args, **n.kwargs), True
         if base in SOFTMAX:
-            return (self.new(torch.ops.aten.detach.default, self.copy(n)), False) if r.cp else (self.copy(n), True)
+            return (self.constant(n), False) if r.cp else (self.copy(n), True)
         if base == "scaled_dot_product_attention":
             a = bind(n)
             deps = tuple(a[k] in self.dep for k in ("query", "key", "value"))
@@ -177,8 +188,11 @@ class _Rewrite:
             if len(ins) != 1:
                 raise self.no_rule(n, "an element-wise op of several input-dependent values")
             return self.new(R.identity_rule, self.copy(n), self.env[ins[0]]), True
+        if base in ("var_mean", "std_mean"):
+            a = bind(n)
+            return self.call(R.statistic_and_mean, functional(n), a["dim"], a["keepdim"], *n.args, **n.kwargs), True
         if base in STATISTICS or base in GATES:
-            return self.new(torch.ops.aten.detach.default, self.copy(n)), False
+            return self.constant(n), False
         if r.canonize and (base in POOLS or (base in SUMS and sum(a in self.dep for a in n.all_input_nodes) == 2)):
             return self.new(R.epsilon, self.copy(n)), True
         if base in PLAIN:

@@ -133,6 +133,13 @@ def batch_norm_affine(x: Tensor, weight: Tensor | None, bias: Tensor | None, mea
     return y if bias is None else y + bias.reshape(shape)
 
 
+def statistic_and_mean(op: Callable, over: Any, keep: bool, x: Tensor, *args: Any, **kwargs: Any) -> tuple:
+    """``var_mean`` / ``std_mean`` (``op``) in a hand-written normalisation: the statistic held constant, the mean
+    keeping its gradient, as in LayerNorm's rule."""
+    stat, _ = op(x.detach(), *args, **kwargs)
+    return stat, x.mean() if over is None else x.mean(dim=over, keepdim=keep)
+
+
 def product(op: Callable, deps: Sequence[bool], *args: Any) -> Any:
     """``op(*args)`` for a product (mul, matmul, bmm, einsum's operands): with n > 1 input-dependent factors
     (``deps`` per tensor argument, in order), each gets ``1/n`` of the gradient (the uniform rule, AttnLRP eq. 7);
