@@ -92,12 +92,12 @@ def tv_vit() -> nn.Module:
     return noised(model).double().eval()  # torchvision zero-initialises the head
 
 
-def hf_vit() -> nn.Module:
+def hf_vit(attention: str = "eager") -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
     cfg = ViTConfig(image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=2, hidden_size=16,
-                    intermediate_size=32, num_labels=10, attn_implementation="eager")
+                    intermediate_size=32, num_labels=10, attn_implementation=attention)
     return ViTForImageClassification(cfg).double().eval()
 
 
@@ -157,6 +157,15 @@ def test_equals_lxt_on_vision_transformers(family, rule):
     assert rel_err(got.maps.detach(), want) <= TOL
     assert nn.LayerNorm.forward is nn.modules.normalization.LayerNorm.forward  # lxt's patches undone
     assert "original_forward" not in vars(nn.MultiheadAttention)
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", pytest.param("cplrp", marks=pytest.mark.slow)])
+def test_fused_attention_gets_the_same_rules(rule):
+    """Hugging Face's ViT with its default sdpa attention (one fused op in the graph, rewritten) explains as with
+    eager attention (matmuls and softmax in the graph, each by its rule), which lxt patches."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eager = lrp(hf_vit("eager"), x, CLASSES, rule=rule).maps
+    torch.testing.assert_close(lrp(hf_vit("sdpa"), x, CLASSES, rule=rule).maps, eager)
 
 
 # --- zennit 0.5 ---------------------------------------------------------------------------------------------------
