@@ -381,3 +381,19 @@ def test_model_left_as_it_was():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert hooks == [(len(m._forward_hooks), len(m._backward_hooks)) for m in model.modules()]
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_compiles_with_fullgraph():
+    """After one eager call (the graph capture), ``lrp`` traces whole under ``torch.compile(fullgraph=True)``, equals
+    eager, and a second same-shape call does not recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = Gated().eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = lrp(model, x, [1, 4]).maps.detach()
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda inp: lrp(model, inp, [1, 4]).maps, fullgraph=True, backend=counter)
+    torch.testing.assert_close(fn(x).detach(), want)
+    fn(x + 1)
+    assert counter.frame_count == 1
