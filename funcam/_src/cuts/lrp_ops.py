@@ -13,7 +13,6 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from funcam._src.cuts import lrp_rules as R
-from funcam._src.cuts.capture import _scopes
 
 PLAIN = frozenset("""view reshape view_as reshape_as _unsafe_view permute transpose t expand expand_as squeeze unsqueeze
 flatten unflatten contiguous clone alias slice select narrow index_select index gather take_along_dim cat
@@ -100,8 +99,12 @@ def op_name(n: fx.Node) -> str:
 
 
 def where(n: fx.Node) -> str:
-    scopes = _scopes(n)
-    return f"{n.name} in {scopes[-1][1]} ({scopes[-1][2]})" if scopes else n.name
+    """The node and the innermost module it ran in, for error messages: "gelu_3 in blocks.1.mlp.act (GELU)"."""
+    stack = [(path, cls) for path, cls in (n.meta.get("nn_module_stack") or {}).values() if path]
+    if not stack:
+        return n.name
+    path, cls = stack[-1]
+    return f"{n.name} in {path} ({cls if isinstance(cls, str) else getattr(cls, '__qualname__', cls)})"
 
 
 def bind(n: fx.Node) -> dict[str, Any]:
