@@ -161,9 +161,12 @@ def test_rewrite_reproduces_the_model_and_merges_its_batch_norms():
     t = torch.zeros_like(x)
     with torch.no_grad():
         torch.testing.assert_close(lg.run(model, x, t, x, x), model(x), rtol=1e-4, atol=1e-5)
-    names = [lg.bound.names[i] for i in lg.additive]
-    assert "fc.bias" in names and "bn1.bias" in names and "bn1.running_mean" in names
-    assert not any(n.endswith("weight") or n.endswith("running_var") for n in names)
+    assert lg.n_scales == 0
+    # the budget's rewrite: each of the 20 merged biases and fc's bias times its own scale, the model still
+    budget = lrp_graph(model, x, RULES["epsilon_plus"], cap=lg.cap, budget=True)
+    assert budget.n_scales == 21
+    with torch.no_grad():
+        torch.testing.assert_close(budget.run(model, x, t, x, x, x.new_ones(21)), model(x), rtol=1e-4, atol=1e-5)
 
 
 class Atan(nn.Module):

@@ -51,7 +51,7 @@ LRP_RULES = tuple(RULES)
 # (attnlrp / epsilon_plus): resnet18 9.2 / 8.0 MiB, estimate 10.3; vit_small 4.5 / 3.5 MiB, estimate 4.7.
 LRP_BYTES_PER_WIDEST = 6
 
-# model -> {(signature, rule name): LrpGraph, (signature, None): its capture, shared by the rule sets}
+# model -> {(signature, rule name, budget): LrpGraph, (signature, None): its capture, shared by the rule sets}
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -63,12 +63,12 @@ def rule_set(rule: Any) -> RuleSet:
     return RULES[rule.replace("-", "_")]
 
 
-def graph_for(model: nn.Module, x: Tensor, rules: RuleSet) -> LrpGraph:
-    """The model's rewritten graph for ``x``'s signature (input size, dtype, device, training flags) and ``rules``,
-    made on first use from the signature's one capture, and kept while the model lives (the graph reads the model's
-    tensors at every call)."""
+def graph_for(model: nn.Module, x: Tensor, rules: RuleSet, budget: bool = False) -> LrpGraph:
+    """The model's rewritten graph for ``x``'s signature (input size, dtype, device, training flags) and ``rules``
+    (``budget``: with its additive constants scaled, for ``lrp_budget``), made on first use from the signature's one
+    capture, and kept while the model lives (the graph reads the model's tensors at every call)."""
     sig = signature(model, x)
-    key = (sig, rules.name)
+    key = (sig, rules.name, budget)
     graphs = _GRAPHS.get(model)
     lg = None if graphs is None else graphs.get(key)
     if lg is None:
@@ -82,7 +82,7 @@ def graph_for(model: nn.Module, x: Tensor, rules: RuleSet) -> LrpGraph:
                 cap = graphs.get((sig, None))
                 if cap is None:
                     cap = graphs[(sig, None)] = capture(model, x)
-                lg = graphs[key] = lrp_graph(model, x, rules, cap)
+                lg = graphs[key] = lrp_graph(model, x, rules, cap, budget)
     return lg
 
 
@@ -157,9 +157,9 @@ def lrp(model_or_split: nn.Module | Split, x: Tensor, classes: Any = None, *, ru
 
 class Budget(NamedTuple):
     """Where the relevance of each image and class went, all ``(B, K)``: ``start``, put at the explained score (its
-    value under AttnLRP / CP-LRP, 1 under a composite); ``input``, the input relevance's sum; ``bias``, the sum of
-    ``p * dR/dp`` over the model's tensors that enter additively (biases, batch-norm means, position embeddings, class
-    tokens). A conservative rule set has ``input + bias == start``."""
+    value under AttnLRP / CP-LRP, 1 under a composite); ``input``, the input relevance's sum; ``bias``, what the
+    constants that enter input-dependent values additively absorb (biases, batch-norm shifts, position embeddings,
+    class tokens, attention biases): ``c * dR/dc`` summed. A conservative rule set has ``input + bias == start``."""
 
     start: Tensor
     input: Tensor
@@ -168,33 +168,31 @@ class Budget(NamedTuple):
 
 def lrp_budget(model: nn.Module, x: Tensor, classes: Any, *, rule: str = "attnlrp", low: Any = None,
                high: Any = None) -> Budget:
-    """``Budget`` of ``lrp(model, x, classes, rule=rule)``, one image and class at a time (an audit, not a fast path).
+    """``Budget`` of ``lrp(model, x, classes, rule=rule)``, one image and class at a time (an audit, not a fast path;
+    the constants' relevance comes from a second rewrite of the graph that scales each of them by a tap).
     classes: ints, ``(K,)`` or ``(B, K)`` class indices."""
     model = module_of(model)
     rules = rule_set(rule)
     lo, hi = box(x, low, high, rules)
-    lg = graph_for(model, x, rules)
+    lg = graph_for(model, x, rules, budget=True)
+    ones = x.new_ones(lg.n_scales)
     with torch.no_grad():
-        logits = logits_of(lg.run(model, x, torch.zeros_like(x), lo, hi))
+        logits = logits_of(lg.run(model, x, torch.zeros_like(x), lo, hi, ones))
     idx = resolve_classes(classes, None, logits)
-    tensors = lg.bound.fetch(model)
     start, inp, bias = (x.new_zeros(idx.shape) for _ in range(3))
     for b in range(x.shape[0]):
-        xb, lob, hib = x[b:b + 1], lo[b:b + 1] if lo.shape[0] > 1 else lo, hi[b:b + 1] if hi.shape[0] > 1 else hi
-        adds = [tensors[i] for i in lg.additive]
+        xb = x[b:b + 1]
+        lob, hib = (v[b:b + 1] if v.shape[0] > 1 else v for v in (lo, hi))
 
-        def out(xx: Tensor, tt: Tensor, *ps: Tensor, lob: Tensor = lob, hib: Tensor = hib) -> Tensor:
-            ts = list(tensors)
-            for i, p in zip(lg.additive, ps):
-                ts[i] = p
-            return logits_of(lg.run(model, xx, tt, lob, hib, ts))
+        def out(xx: Tensor, tt: Tensor, ss: Tensor, lob: Tensor = lob, hib: Tensor = hib) -> Tensor:
+            return logits_of(lg.run(model, xx, tt, lob, hib, ss))
 
-        y, vjp_fn = torch.func.vjp(out, xb, torch.zeros_like(xb), *adds)
+        y, vjp_fn = torch.func.vjp(out, xb, torch.zeros_like(xb), ones)
         for k, c in enumerate(idx[b].tolist()):
             ct = torch.zeros_like(y)
             ct[0, c] = 1
-            gx, gt, *gp = vjp_fn(ct)
+            gx, gt, gs = vjp_fn(ct)
             start[b, k] = 1.0 if rules.one else y[0, c].detach()
             inp[b, k] = (xb * gx + gt).sum().detach()
-            bias[b, k] = sum(((p * g).sum() for p, g in zip(adds, gp)), x.new_zeros(())).detach()
+            bias[b, k] = gs.sum().detach()
     return Budget(start, inp, bias)

@@ -42,8 +42,8 @@ from funcam._src.cuts.auto import probe_input
 from funcam._src.cuts.capture import Bound, Captured, build, capture, copy_node, unflatten
 from funcam._src.cuts.lrp_ops import (
     ACTIVATIONS,
+    ADDITIVE_ANY,
     ADDITIVE_AT,
-    CARRIERS,
     CONSTANT,
     CONVS,
     GATES,
@@ -68,31 +68,32 @@ from funcam._src.cuts.lrp_ops import (
 class LrpGraph(NamedTuple):
     """A model's forward with LRP rules, for one input signature.
 
-    bound: the rewritten graph, ``bound.gm(*model_tensors, x, t, low, high)``; t: a zero tap shaped like x that
-    receives the first layer's relevance under flat / z^B (``tap``); low, high: z^B's input bounds.
-    additive: indices into ``bound.names`` of the model tensors entering additively (biases, position embeddings,
-    class tokens, batch-norm means): ``sum p * dR/dp`` over them is the relevance the bias terms absorb.
+    bound: the rewritten graph, ``bound.gm(*model_tensors, x, t, low, high[, scales])``; t: a zero tap shaped like x
+    that receives the first layer's relevance under flat / z^B (``tap``); low, high: z^B's input bounds.
+    scales: with ``budget``, each constant that enters an input-dependent value additively (``ADDITIVE_AT``: biases,
+    batch-norm shifts, position embeddings, class tokens, attention biases) is multiplied by its entry of a vector
+    ``scales`` of ``n_scales`` ones: ``dR/dscales`` is the relevance each absorbs.
     widest: bytes per image of the widest input-dependent value (for chunking classes).
     """
 
     bound: Bound
     cap: Captured
     tap: bool
-    additive: tuple[int, ...]
+    n_scales: int
     widest: int
 
     def run(self, model: nn.Module, x: Tensor, t: Tensor, low: Tensor, high: Tensor,
-            tensors: list | None = None) -> Any:
+            scales: Tensor | None = None) -> Any:
         """The model's output (its own structure) from the rewritten forward."""
-        outs = self.bound.gm(*(self.bound.fetch(model) if tensors is None else tensors), x, t, low, high)
-        return unflatten(self.cap, outs)
+        extra = () if scales is None else (scales,)
+        return unflatten(self.cap, self.bound.gm(*self.bound.fetch(model), x, t, low, high, *extra))
 
 
 class _Rewrite:
     """One rewrite of a captured graph under a rule set: the new graph, each old node's value in it (``env``), the
     old nodes that carry a gradient from the input (``dep``) and those known to be >= 0 (``nonneg``)."""
 
-    def __init__(self, cap: Captured, rules: RuleSet):
+    def __init__(self, cap: Captured, rules: RuleSet, budget: bool = False):
         self.cap, self.rules, self.g, self.env = cap, rules, fx.Graph(), {}
         # every model tensor a leading placeholder, in the capture's order (``build`` binds them by name)
         for p in cap.graph.nodes:
@@ -100,6 +101,8 @@ class _Rewrite:
                 self.env[p] = self.g.placeholder(p.name)
                 self.env[p].meta = dict(p.meta, funcam_tensor=p.name)
         self.x, self.t, self.low, self.high = (self.g.placeholder(s) for s in ("x", "t", "low", "high"))
+        self.scales = self.g.placeholder("scales") if budget else None
+        self.n_scales = 0
         self.env[cap.x] = self.x
         self.dep, self.nonneg = {cap.x}, set()
         self.tap = False  # a first-layer rule sends relevance to t
@@ -135,7 +138,9 @@ class _Rewrite:
             if op_name(n) in CONSTANT or not floating(n) or not any(a in self.dep for a in n.all_input_nodes):
                 self.env[n] = copy_node(self.g, n, self.env, self.cap)  # constant w.r.t. the input
                 continue
+            saved = self.scale_constants(n)
             new, carries = self.rule(n)
+            self.env.update(saved)
             self.env[n] = new
             mutated = functional(n) is not n.target and n.args and isinstance(n.args[0], fx.Node)
             if mutated:
@@ -152,6 +157,30 @@ class _Rewrite:
             outs.append(self.g.call_function(R.to_one, (v,)) if self.rules.one and o in self.dep else v)
         self.g.output(tuple(outs))
         return self.g
+
+    def scale_constants(self, n: fx.Node) -> dict:
+        """With ``scales``: the constants ``n`` adds to input-dependent values, each times its own scale while ``n``'s
+        rule is emitted (the old values returned, to be put back)."""
+        if self.scales is None:
+            return {}
+        name = op_name(n).rstrip("_")
+        if name in ADDITIVE_ANY:
+            args = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node)]
+        else:
+            args = [n.args[i] for i in ADDITIVE_AT.get(name, ()) if i < len(n.args)]
+        if n in self.merged or n in self.merged.values():
+            args = []  # the merged bias is scaled in ``layer``
+        saved = {}
+        for a in args:
+            if isinstance(a, fx.Node) and a not in self.dep and a not in saved and floating(a):
+                saved[a] = self.env[a]
+                self.env[a] = self.scaled(self.env[a])
+        return saved
+
+    def scaled(self, v: fx.Node) -> fx.Node:
+        s = self.new(operator.getitem, self.scales, self.n_scales)
+        self.n_scales += 1
+        return self.new(operator.mul, v, s)
 
     def rule(self, n: fx.Node) -> tuple[fx.Node, bool]:
         """(n's value in the new graph, whether it carries a gradient from the input)."""
@@ -219,6 +248,7 @@ class _Rewrite:
             wb = self.call(R.merge_batch_norm, w, b, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"],
                            bn["eps"], transposed)
             w, b = (self.g.call_function(operator.getitem, (wb, i)) for i in (0, 1))
+            b = b if self.scales is None else self.scaled(b)
         else:
             w, b = self.env[w], None if b is None else self.env[b]
         if r.first is not None and not self.tap and base in r.first_ops:
@@ -262,29 +292,6 @@ def merges(cap: Captured) -> dict[fx.Node, fx.Node]:
     return out
 
 
-def additive(cap: Captured, dep: set) -> tuple[int, ...]:
-    """Indices (among the model's tensors, in the capture's order) of those that enter an input-dependent value
-    additively, through reshapes and indexing: biases, batch-norm means, position embeddings, class tokens."""
-    tensors = [p for p in cap.graph.nodes if p.op == "placeholder" and p is not cap.x]
-    found = []
-    for i, p in enumerate(tensors):
-        if not floating(p):
-            continue
-        frontier, hit = [p], False
-        while frontier and not hit:
-            v = frontier.pop()
-            for u in v.users:
-                name = op_name(u).rstrip("_")
-                if name in CARRIERS and u not in dep:
-                    frontier.append(u)
-                elif u in dep and (name in SUMS | {"cat", "stack"} or any(
-                        i_ < len(u.args) and u.args[i_] is v for i_ in ADDITIVE_AT.get(name, ()))):
-                    hit = True
-        if hit:
-            found.append(i)
-    return tuple(found)
-
-
 def widest(cap: Captured, dep: set) -> int:
     """Bytes per image of the widest input-dependent value."""
     best = 0
@@ -295,21 +302,24 @@ def widest(cap: Captured, dep: set) -> int:
     return best // max(1, cap.batch)
 
 
-def lrp_graph(model: nn.Module, x: Tensor, rules: RuleSet, cap: Captured | None = None) -> LrpGraph:
+def lrp_graph(model: nn.Module, x: Tensor, rules: RuleSet, cap: Captured | None = None,
+              budget: bool = False) -> LrpGraph:
     """``model``'s forward on inputs shaped like ``x (B, C, H, W)`` with ``rules``, checked at a probe input: its
     output equals ``model(x)`` (the rules change gradients only; merged batch norms round differently). cap: the
     model's capture for x's signature, to rewrite it once more (the rewrite leaves it as it is); None: captured now."""
     cap = capture(model, x) if cap is None else cap
-    rw = _Rewrite(cap, rules)
+    rw = _Rewrite(cap, rules, budget)
     graph = rw.run()
-    lg = LrpGraph(build(cap, graph, f"lrp_{rules.name}"), cap, rw.tap, additive(cap, rw.dep), widest(cap, rw.dep))
+    lg = LrpGraph(build(cap, graph, f"lrp_{rules.name}"), cap, rw.tap, rw.n_scales, widest(cap, rw.dep))
     ex = probe_input(x)
     devices = [ex.device] if ex.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
         want = [t for t in pytree.tree_leaves(model(ex)) if isinstance(t, Tensor)]
         torch.manual_seed(0)
-        got = [t for t in pytree.tree_leaves(lg.run(model, ex, torch.zeros_like(ex), ex, ex)) if isinstance(t, Tensor)]
+        ones = ex.new_ones(lg.n_scales) if budget else None
+        got = [t for t in pytree.tree_leaves(lg.run(model, ex, torch.zeros_like(ex), ex, ex, ones))
+               if isinstance(t, Tensor)]
     # plus the merged batch norms' factors 1 / sqrt(1 + eps) (zennit's), each about eps / 2 off
     tol = max(1e-4, 16 * torch.finfo(ex.dtype).eps) + sum(bind(bn)["eps"] for bn in rw.merged.values())
     if len(want) != len(got) or any(a.shape != b.shape or not torch.allclose(a, b, rtol=tol, atol=tol)

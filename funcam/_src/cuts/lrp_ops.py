@@ -53,12 +53,11 @@ contiguous clone alias slice select index_select index gather cat stack split ch
 pad constant_pad_nd dropout to _to_copy max_pool1d max_pool2d max_pool3d max_pool2d_with_indices
 adaptive_max_pool2d amax max avg_pool2d adaptive_avg_pool2d mean sum upsample_nearest2d upsample_bilinear2d
 getitem add mul""".split())
-# (op, argument position) where a model tensor enters additively: its relevance is ``p * dR/dp`` (bias terms)
+# (op, argument positions) where a value constant w.r.t. the input enters an input-dependent one additively: biases,
+# batch-norm means (and shifts), position embeddings, class tokens, attention biases; sums and concatenations take any
 ADDITIVE_AT = {"linear": (2,), "layer_norm": (3,), "group_norm": (3,), "batch_norm": (2, 3), "baddbmm": (0,),
-               "addmm": (0,), "addcmul": (0,)} | {c: (2,) for c in CONVS}
-CARRIERS = frozenset("""view reshape view_as reshape_as _unsafe_view permute transpose t expand squeeze unsqueeze
-flatten unflatten contiguous clone alias slice select index index_select gather repeat to _to_copy type_as
-getitem""".split())
+               "addmm": (0,), "addcmul": (0,), "scaled_dot_product_attention": (3,), "where": (1, 2)}
+ADDITIVE_ANY = frozenset("add sub rsub cat stack".split())
 
 
 class RuleSet(NamedTuple):
