@@ -56,7 +56,8 @@ getitem add mul""".split())
 # (op, argument positions) where a value constant w.r.t. the input enters an input-dependent one additively: biases,
 # batch-norm means (and shifts), position embeddings, class tokens, attention biases; sums and concatenations take any
 ADDITIVE_AT = {"linear": (2,), "layer_norm": (3,), "group_norm": (3,), "batch_norm": (2, 3), "baddbmm": (0,),
-               "addmm": (0,), "addcmul": (0,), "scaled_dot_product_attention": (3,), "where": (1, 2)}
+               "addmm": (0,), "addcmul": (0,), "scaled_dot_product_attention": (3,), "where": (1, 2)} | {
+                   c: (2,) for c in CONVS}
 ADDITIVE_ANY = frozenset("add sub rsub cat stack".split())
 
 
