@@ -14,7 +14,9 @@ model's smallest cheap input size (the first of its sizes at which the model its
 * Grad-CAM for K=3 classes in one call against a per-class ``torch.autograd.grad`` loop on the same split (the max
   error relative to the map's scale); the maps must not be all zero;
 * ``funcam.chefer_relevance`` (transformers with self-attention over one token sequence) and
-  ``funcam.guided_backprop`` (ReLU networks): "ok", or the one-line reason funcam gives for refusing.
+  ``funcam.guided_backprop`` (ReLU networks): "ok", or the one-line reason funcam gives for refusing;
+* LRP (``funcam._src.core.lrp.lrp``) with AttnLRP, CP-LRP and zennit's EpsilonPlus: "ok" with each rule set's
+  conservation error, or the refusal.
 
 Rows are kept in ``benchmarks/supported_models.json`` (merged by id, so ``--only`` runs add to it) and the Markdown
 table of every row run so far is written to ``benchmarks/supported_models.md`` and printed.
@@ -36,6 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import funcam  # noqa: E402
+from funcam._src.core.lrp import as_method, lrp_budget  # noqa: E402
 from funcam._src.core.split import Features  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -328,6 +331,7 @@ def _run_row(row: Row, res: dict) -> None:
     res["gradcam_zero"] = not bool(maps.abs().max() > 0)
     res["relevance"] = _relevance(split, x, classes, tuple(maps.shape[-2:]))
     res["guided"] = _guided(model, x, classes)
+    res["lrp"] = _lrp(model, x, classes)
     problems = []
     if err > TOL:
         problems.append(f"head(extract(x)) is {err:.1e} off model(x)")
@@ -335,7 +339,7 @@ def _run_row(row: Row, res: dict) -> None:
         problems.append(f"Grad-CAM is {res['gradcam_error']:.1e} off the loop")
     if res["gradcam_zero"] or scale == 0:
         problems.append("every map is zero")
-    for what in ("relevance", "guided"):
+    for what in ("relevance", "guided", "lrp"):
         if res[what].startswith("WRONG"):
             problems.append(f"{what} {res[what][7:]}")
     res["status"] = "ok" if not problems else "WRONG: " + "; ".join(problems)
@@ -362,6 +366,32 @@ def _relevance(split: funcam.Split, x: Tensor, classes: Any, grid: tuple) -> str
     if tuple(m.shape[-2:]) != grid:
         return f"WRONG: {m.shape[-2]}x{m.shape[-1]} map, the last feature is {grid[0]}x{grid[1]} ({n} attentions)"
     return f"ok ({n} attentions)" if bool(m.abs().max() > 0) else "WRONG: zero maps"
+
+
+LRP_RULES = ("attnlrp", "cplrp", "epsilon_plus")
+
+
+def _lrp(model: nn.Module, x: Tensor, classes: Any) -> str:
+    """``funcam.attnlrp`` / ``cplrp`` / ``lrp`` (the LRP rules on the captured graph; AttnLRP, CP-LRP and zennit's
+    EpsilonPlus): "ok" and
+    each rule set's conservation error sum |input + bias - start| / sum |start| over the images and classes
+    (``lrp_budget``: ``start`` the relevance put at the score, ``bias`` what the model's additive tensors absorb;
+    AttnLRP's softmax rule is not conservative, CP-LRP's and z+'s are but for their stabilisers), or the refusal;
+    "WRONG" for zero or non-finite maps."""
+    errs = []
+    try:
+        for rule in LRP_RULES:
+            with torch.no_grad():
+                method, options = as_method(rule)
+                m = funcam.cam(model, x, classes, method=method, **options).maps
+            if not bool(m.abs().amax(dim=(2, 3)).min() > 0):
+                return f"WRONG: zero maps ({rule})"
+            if not callable(classes):
+                b = lrp_budget(model, x, classes, rule=rule)
+                errs.append(float((b.input + b.bias - b.start).abs().sum() / b.start.abs().sum()))
+    except Exception as e:  # noqa: BLE001
+        return f"refused: {one_line(e)}"
+    return "ok" + (" (" + ", ".join(f"{e:.0e}" for e in errs) + ")" if errs else "")
 
 
 def _guided(model: nn.Module, x: Tensor, classes: Any) -> str:
@@ -394,6 +424,11 @@ LEGEND = """\
   attention matrices over one token sequence).
 * guided: `funcam.guided_backprop`; "= plain gradient" when the guided rule changed nothing (the ReLUs funcam saw
   are not on the input's path).
+* LRP: `funcam.lrp` (LRP rules on the captured graph) with rule sets attnlrp, cplrp and epsilon_plus, maps (B, K, H, W)
+  not all zero; in brackets each rule set's conservation error sum |input + bias - start| / sum |start| over images
+  and classes (start: the relevance put at the score, its value or 1; bias: what biases, batch-norm means, position
+  embeddings and class tokens absorb). AttnLRP's softmax rule is not conservative by design; CP-LRP and z+ are up to
+  their stabilisers (and gates held constant).
 """
 
 
@@ -403,13 +438,14 @@ def short(text: str, n: int = 110) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| family | library | default cut (`split.layers`) | layout | Grad-CAM vs oracle (max error) | relevance "
-             "| guided | status |", "|---|---|---|---|---|---|---|---|"]
+             "| guided | LRP (conservation error: attnlrp, cplrp, epsilon_plus) | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         size = f" @ {r['size']}px" if r.get("size") else ""
         ge = f"{r['gradcam_error']:.1e}" if "gradcam_error" in r else "-"
         cut = f"`{r['cut']}`" if r.get("cut") not in (None, "-", "") else "-"
         cells = [r["family"], r["library"] + size, cut, r.get("layout", "-"), ge, short(r.get("relevance", "-")),
-                 short(r.get("guided", "-")), short(r["status"], 200)]
+                 short(r.get("guided", "-")), short(r.get("lrp", "-")), short(r["status"], 200)]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 

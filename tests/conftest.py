@@ -9,6 +9,9 @@ import pytest
 import timm
 import torch
 
+import funcam
+from funcam._src.core.lrp import as_method
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # The README's test command runs one pytest-xdist worker per core: one intra-op thread each, so that two
     # workers do not fight over the same two cores (tests that measure threads set their own count).
@@ -119,3 +122,9 @@ settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True
 settings.register_profile("long", max_examples=300, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def lrp(model, x, classes=None, rule: str = "attnlrp", **kw):
+    """``funcam.cam`` with the LRP rule set named ``rule`` (attnlrp, cplrp or a zennit composite): the CAM."""
+    method, options = as_method(rule)
+    return funcam.cam(model, x, classes, method=method, **options, **kw)

@@ -89,6 +89,7 @@ def test_supported_models_rows_smoke():
     assert (vit["status"], vit["cut"], vit["layout"], vit["relevance"]) == (
         "ok", "vit.layers.1.layernorm_before", "tokens 1+4x4 (graph)", "ok (2 attentions)")
     assert max(cnn["gradcam_error"], vit["gradcam_error"]) <= sm.TOL
+    assert cnn["lrp"].startswith("ok (") and vit["lrp"].startswith("ok (")  # three conservation errors each
     table = sm.markdown([cnn, vit])
     assert "| ViT | transformers `ViTForImageClassification` (tiny config) @ 32px | `vit.layers.1.layernorm_before` |" \
            in table

@@ -85,7 +85,7 @@ def fold(m: methods.Method, out: CAM) -> CAM:
     """One map per image and class from what ``m`` computed: several layers fused, colour channels folded."""
     if isinstance(out.maps, tuple):
         out = out._replace(maps=fuse(out.maps, normalize_each=True))
-    if m.output == "input":
+    if m.output == "input" or out.maps.ndim == 5:  # per-channel maps (also LRP's per_channel=True)
         maps = out.maps.abs().amax(dim=2) if m.fold == "absmax" else out.maps.sum(dim=2)
         out = out._replace(maps=maps)
     return out

@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple
 
 from funcam._src.core import rules
 from funcam._src.core.guided import guided_backprop_cam, guided_gradcam_cam
+from funcam._src.core.lrp import ATTN_OPTIONS, LRP, LRP_OPTIONS
 from funcam._src.core.request import Option
 from funcam._src.core.rollout import ROLLOUT_OPTIONS, Relevance, chefer_step, grad_rollout_step, rollout_cam
 from funcam._src.core.weighted import CAM_OPTIONS, GradientCAM
@@ -93,6 +94,13 @@ TABLE: dict[str, Method] = {m.name: m for m in (
            output="input", use="fine detail inside the Grad-CAM region (ReLU models)"),
     Method("guided_backprop", "Guided Backprop", "Springenberg et al. 2015", guided_backprop_cam, needs="model",
            output="input", use="edges the network responds to (ReLU models; not class-discriminative)"),
+    Method("attnlrp", "AttnLRP", "Achtibat et al. 2024 (lxt 2.1, efficient mode)", LRP("attnlrp"), needs="model",
+           options=ATTN_OPTIONS, signed=True, fold="sum",
+           use="relevance for any transformer (window attention, several token sequences); pixel-sharp"),
+    Method("cplrp", "CP-LRP", "Ali et al. 2022 (lxt 2.1)", LRP("cplrp"), needs="model", options=ATTN_OPTIONS,
+           signed=True, fold="sum", use="AttnLRP with the attention probabilities held constant"),
+    Method("lrp", "LRP", "Bach et al. 2015; zennit 0.5's composites", LRP(), needs="model", options=LRP_OPTIONS,
+           signed=True, fold="sum", use="relevance for CNNs (composite=epsilon_plus, ...), conserving the score"),
 )}
 
 # funcam.METHODS: the channel-weighting CAM methods of the Grad-CAM family (a Rule on the gradient at a cut)
