@@ -23,6 +23,7 @@ from funcam._src.core.cams import (
     rollout,
     xgradcam,
 )
+from funcam._src.core.cams import ablationcam, eigencam, eigengradcam, iscam, scorecam, sscam  # issue 25
 from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
 from funcam._src.app.dataset import explain_dataset, load_maps
 from funcam._src.guard import TrainingModeWarning
@@ -64,4 +65,11 @@ __all__ = [
     "split",
     "upsample",
     "xgradcam",
+    # perturbation and projection CAMs (issue 25)
+    "ablationcam",
+    "eigencam",
+    "eigengradcam",
+    "iscam",
+    "scorecam",
+    "sscam",
 ]

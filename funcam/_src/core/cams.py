@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from funcam._src import guard as _guard
 from funcam._src.base import CAM, Split
 from funcam._src.core import methods, request
-from funcam._src.core.split import in_chans_of, split as make_split
+from funcam._src.core.split import in_chans_of
+from funcam._src.core.split import split as make_split
 
 METHODS = methods.CAM_METHODS
 
@@ -90,3 +91,9 @@ grad_rollout = _shortcut("grad_rollout")
 chefer_relevance = _shortcut("chefer", "chefer_relevance")
 guided_backprop = _shortcut("guided_backprop")
 guided_gradcam = _shortcut("guided_gradcam")
+scorecam = _shortcut("scorecam")
+sscam = _shortcut("sscam")
+iscam = _shortcut("iscam")
+ablationcam = _shortcut("ablationcam")
+eigencam = _shortcut("eigencam")
+eigengradcam = _shortcut("eigengradcam")
