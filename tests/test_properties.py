@@ -151,7 +151,8 @@ def map_size(key: str, h: int, w: int) -> tuple[int, int]:
 def entries(key: str) -> list[tuple[str, str]]:
     out = [("cam", m) for m in funcam.METHODS] + [("shortcut", m) for m in ("gradcam", "layercam")]
     names = [n for n in METHOD_NAMES if (key in VITS or n not in ("rollout", "grad-rollout", "chefer"))
-             and (key == "resnet18" or not n.startswith("guided"))]  # guided needs ReLUs: resnet18 only
+             and (key == "resnet18" or not n.startswith("guided"))  # guided needs ReLUs: resnet18 only
+             and n not in SCORE_FAMILY]
     out += [("explain", n) for n in names]
     if key == "resnet18":  # and a two-layer split, fused by explain (normalised per layer, mean)
         out += [("guided_backprop", ""), ("guided_gradcam", ""), ("explain_layers", "gradcam"),
@@ -159,6 +160,12 @@ def entries(key: str) -> list[tuple[str, str]]:
     if key in VITS:
         out += [("chefer_relevance", ""), ("grad_rollout", "")]
     return out
+
+
+# Score-CAM and its variants: C (num_samples x C) masked forwards per call, and SS-CAM draws noise per batch (a batch
+# and a loop over its images draw different noise); tests/core/test_perturbation.py tests them against the peers,
+# batch against loop and class by class.
+SCORE_FAMILY = ("scorecam", "sscam", "iscam")
 
 
 # explain(method="rollout") refuses a classes callable (test_explain_rollout_accepts_a_classes_callable): that

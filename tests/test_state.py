@@ -35,7 +35,7 @@ from torch import nn
 
 import funcam
 from funcam.explain import METHOD_NAMES, explain
-from tests.conftest import make_input, make_model, record_vmap_chunks
+from tests.conftest import make_input, make_model, quick_options, record_vmap_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -408,8 +408,9 @@ ENTRY_POINTS = {  # name -> (model maker, call(model, x)); every call returns so
     "cam-general": (_cnn, lambda mdl, x: funcam.cam(funcam.split(mdl)._replace(pooled=None), x, [1, 2])),
     "cam-fx-two-layers": (_cnn, lambda mdl, x: funcam.cam(funcam.split(mdl, ["layer3", "layer4"]), x, [1, 2])),
     "cam-vit": (_vit, lambda mdl, x: funcam.cam(mdl, x, [1, 2], method="gradcampp")),
-    **{f"explain-{n}": (_cnn, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2])) for n in CNN_NAMES},
-    **{f"explain-{n}-vit": (_vit, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2]))
+    **{f"explain-{n}": (_cnn, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2], **quick_options(n)))
+       for n in CNN_NAMES},
+    **{f"explain-{n}-vit": (_vit, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2], **quick_options(n)))
        for n in VIT_NAMES},
     "explain-default-top2": (_cnn, lambda mdl, x: explain(mdl, x, top_k=2)),
     "guided_backprop": (_cnn, lambda mdl, x: funcam.guided_backprop(mdl, x, [1, 2])),

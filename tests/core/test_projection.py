@@ -112,8 +112,8 @@ def test_eigen_smooth_equals_pytorch_grad_cam(setup, layer3, method):
     want = pgc_run(_pgc(method), model, [model.layer3], x, CLASSES, eigen_smooth=True)
     # the peer's sign is LAPACK's, per image and class: one of the two signs of each funcam map gives its output
     ups = [pgc_processed((s * got).clamp_min(0), SIZE) for s in (1, -1)]
-    pick = torch.where(((ups[0] - want).abs().amax(dim=(2, 3)) <= (ups[1] - want).abs().amax(dim=(2, 3)))[..., None, None],
-                       ups[0], ups[1])
+    closer = (ups[0] - want).abs().amax(dim=(2, 3)) <= (ups[1] - want).abs().amax(dim=(2, 3))
+    pick = torch.where(closer[..., None, None], ups[0], ups[1])
     assert bool((got != 0).any()) and rel_err(pick, want) <= TOL
 
 

@@ -63,8 +63,11 @@ ISCAM_OPTIONS = SCORE_OPTIONS + (
 
 
 def _scaled(t: Tensor) -> Tensor:
-    lo = t.amin(dim=(2, 3), keepdim=True)
-    return (t - lo) / (t.amax(dim=(2, 3), keepdim=True) - lo + SCALE_EPS)
+    """Per-channel min-max scaling; in float32 for half-precision maps, whose eps would round to 0 (a constant
+    channel would be 0 / 0)."""
+    work = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    lo = work.amin(dim=(2, 3), keepdim=True)
+    return ((work - lo) / (work.amax(dim=(2, 3), keepdim=True) - lo + SCALE_EPS)).to(t.dtype)
 
 
 def gradcam_masks(a: Tensor, size: tuple[int, int]) -> Tensor:

@@ -26,15 +26,17 @@ from funcam._src.core.rules import Rule, channel_sum
 
 def first_component(t: Tensor) -> Tensor:
     """terms ``t (N, C, h, w)`` -> their projection on the first principal component, ``(N, h, w)`` (module
-    docstring: centred over positions, sign fixed to correlate with ``t.mean(1)``)."""
+    docstring: centred over positions, sign fixed to correlate with ``t.mean(1)``). Half-precision terms are
+    projected in float32 (LAPACK has no half SVD) and returned in their dtype."""
     n, c, h, w = t.shape
-    m = t.reshape(n, c, h * w).transpose(1, 2)  # (N, hw, C)
+    work = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    m = t.to(work).reshape(n, c, h * w).transpose(1, 2)  # (N, hw, C)
     centred = m - m.mean(dim=1, keepdim=True)
     v = torch.linalg.svd(centred, full_matrices=False)[2][:, 0]  # (N, C): the first right singular vector
     proj = torch.einsum("npc,nc->np", centred, v)
     # the dot product with the channel mean; a tie (0) keeps the SVD's sign, decided by where, not a branch
-    sign = torch.where((proj * m.mean(dim=2)).sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(proj.dtype)
-    return (proj * sign).view(n, h, w)
+    sign = torch.where((proj * m.mean(dim=2)).sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(work)
+    return (proj * sign).view(n, h, w).to(t.dtype)
 
 
 def _projected(terms: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
