@@ -23,7 +23,9 @@ from funcam._src.core.cams import (
     rollout,
     xgradcam,
 )
-from funcam._src.core.cams import ablationcam, eigencam, eigengradcam, iscam, scorecam, sscam  # issue 25
+from funcam._src.core.cams import (  # issue 25
+    ablationcam, eigencam, eigengradcam, finercam, fullgrad, iscam, scorecam, shapleycam, sscam,
+)
 from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
 from funcam._src.app.dataset import explain_dataset, load_maps
 from funcam._src.guard import TrainingModeWarning
@@ -69,7 +71,10 @@ __all__ = [
     "ablationcam",
     "eigencam",
     "eigengradcam",
+    "finercam",
+    "fullgrad",
     "iscam",
     "scorecam",
+    "shapleycam",
     "sscam",
 ]

@@ -25,11 +25,14 @@ from typing import Callable, NamedTuple
 
 from funcam._src.core import rules
 from funcam._src.core.ablation import ABLATION_OPTIONS, ablation_cam
+from funcam._src.core.contrast import FINER_OPTIONS, finer_cam
+from funcam._src.core.fullgrad import FULLGRAD_OPTIONS, full_grad
 from funcam._src.core.guided import guided_backprop_cam, guided_gradcam_cam
 from funcam._src.core.perturbation import ISCAM_OPTIONS, SCORE_OPTIONS, SSCAM_OPTIONS, is_cam, score_cam, ss_cam
 from funcam._src.core.projection import eigen_cam, eigen_grad_cam
 from funcam._src.core.request import Option
 from funcam._src.core.rollout import ROLLOUT_OPTIONS, Relevance, chefer_step, grad_rollout_step, rollout_cam
+from funcam._src.core.shapley import SHAPLEY_OPTIONS, shapley_cam
 from funcam._src.core.smoothing import AUG_SMOOTH, RELU, Finished
 from funcam._src.core.weighted import CAM_OPTIONS, GradientCAM
 
@@ -111,6 +114,15 @@ TABLE: dict[str, Method] = {m.name: m for m in (
            use="the features' dominant pattern, whatever the class; no gradients"),
     Method("eigengradcam", "EigenGrad-CAM", "pytorch-grad-cam's EigenGradCAM", Finished(eigen_grad_cam),
            options=(RELU, AUG_SMOOTH), use="the dominant pattern of gradient x activations, per class"),
+    Method("finercam", "Finer-CAM", "Zhang et al. 2025, eq. 3-4 (pytorch-grad-cam's FinerCAM)", Finished(finer_cam),
+           options=FINER_OPTIONS,
+           use="what tells a class apart from its most similar classes (or from versus=...)"),
+    Method("fullgrad", "FullGrad", "Srinivas & Fleuret 2019, eq. 6 (pytorch-grad-cam's FullGrad)",
+           Finished(full_grad), needs="model", options=FULLGRAD_OPTIONS,
+           use="input-resolution maps from the input and every bias gradient (CNNs with biased conv / BN)"),
+    Method("shapleycam", "ShapleyCAM", "Cai et al. 2025, eq. 9 (pytorch-grad-cam's ShapleyCAM)",
+           Finished(shapley_cam), options=SHAPLEY_OPTIONS,
+           use="Grad-CAM with the head's second-order term (equal to it for piecewise-linear heads)"),
 )}
 
 # funcam.METHODS: the channel-weighting CAM methods of the Grad-CAM family (a Rule on the gradient at a cut)
