@@ -95,7 +95,9 @@ def test_unknown_method_names_the_valid_ones(bad, near):
 SHORTCUTS = {"chefer": "chefer_relevance"}  # the public names that differ from the method's
 
 
-@pytest.mark.parametrize("name", [n for n, m in methods.TABLE.items() if not m.agnostic])
+# SS-CAM and IS-CAM are Score-CAM's C masked forwards with other masks: Score-CAM stands for them in the fast set
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("sscam", "iscam") else n
+                                  for n, m in methods.TABLE.items() if not m.agnostic])
 def test_cam_and_explain_run_every_entry_by_either_name(name, one_thread):
     family = "vit_tiny_patch16_224" if methods.TABLE[name].needs == "attention" else "resnet18"
     model, x = make_model(family), make_input(family)

@@ -430,6 +430,15 @@ ENTRY_POINTS = {  # name -> (model maker, call(model, x)); every call returns so
     "metrics.confidence_change-vit": (_vit, lambda mdl, x: funcam.metrics.confidence_change(
         mdl, x, _up(x), [1, 2]).change),
 }
+# Score-CAM and its variants run C masked forwards of the whole model per call (512 for resnet18): in the slow set here,
+# their own tests (tests/core/test_perturbation.py) run in the fast one
+SLOW_ENTRIES = {f"explain-{m}{s}" for m in ("scorecam", "sscam", "iscam") for s in ("", "-vit")}
+
+
+def _marked(names: list) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ENTRIES else n for n in names]
+
+
 NO_WARNING = {"split"}  # builds callables and probes the head under no_grad; no maps, no training-mode forward
 
 
@@ -442,7 +451,7 @@ def _result(out):
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad-mode", "no-grad"])
-@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("name", _marked(sorted(ENTRY_POINTS)))
 def test_model_untouched_by_every_entry_point(name, grad):
     make, call = ENTRY_POINTS[name]
     model, x = make()
@@ -455,7 +464,7 @@ def test_model_untouched_by_every_entry_point(name, grad):
 
 
 # guided_gradcam runs guided backprop and Grad-CAM, each an entry point of its own: still one warning
-@pytest.mark.parametrize("name", [n for n in sorted(ENTRY_POINTS) if n not in NO_WARNING])
+@pytest.mark.parametrize("name", _marked([n for n in sorted(ENTRY_POINTS) if n not in NO_WARNING]))
 def test_training_mode_warns_once_and_leaves_the_model_bit_identical(name):
     make, call = ENTRY_POINTS[name]
     model, x = make()
@@ -519,7 +528,7 @@ def _process_group(tmp_path_factory):
 
 
 @pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
-@pytest.mark.parametrize("name", [n for n in sorted(ENTRY_POINTS) if n != "split"])
+@pytest.mark.parametrize("name", _marked([n for n in sorted(ENTRY_POINTS) if n != "split"]))
 def test_data_parallel_wrappers_give_the_wrapped_models_maps(name, wrapper, _process_group):
     # pytorch-grad-cam breaks on DataParallel models; funcam explains the wrapped module itself (the wrapper
     # only scatters batches over devices), so every entry point gives the plain model's maps bit for bit.

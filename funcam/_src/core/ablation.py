@@ -72,7 +72,9 @@ def head_drops(split: Split, cut: AtCut, req: Request) -> Tensor:
         return class_scores(split.head(cut.rebuild((a * k[:, None, None],))), cut.idx, req)
 
     chunk = auto_chunk_size(HEAD_BYTES_PER_MAP_BYTE * a.numel() * a.element_size(), c, req.max_memory)
-    return cut.scores.unsqueeze(2) - torch.func.vmap(ablated, chunk_size=chunk)(keep).permute(1, 2, 0)
+    # a head in training mode (dropout; the call warns) draws the same dropout for every ablation
+    scores = torch.func.vmap(ablated, chunk_size=chunk, randomness="same")(keep)
+    return cut.scores.unsqueeze(2) - scores.permute(1, 2, 0)
 
 
 def ablation_cam(split: Split, x: Tensor, req: Request) -> CAM:

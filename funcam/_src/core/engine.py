@@ -89,20 +89,22 @@ def class_maps(split: Split, x: Tensor, req: Request, rule: Rule) -> CAM:
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
 
 
-def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple) -> Any:
+def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple,
+                 randomness: str = "error") -> Any:
     """``vmap(fn)(cot)`` over the K cotangents ``cot (K, ...)``, ``chunk_size`` at a time.
 
     Differentiable results (grad mode on): each chunk's per-class backward would stay in the autograd graph until
     the results die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and results and
-    recomputes its backward when they are differentiated, so max_memory bounds this case too."""
+    recomputes its backward when they are differentiated, so max_memory bounds this case too. ``randomness``: vmap's,
+    for an ``fn`` that runs a forward (dropout of a model in training mode): ``"same"`` for every class."""
     k = cot.shape[0]
     if chunk_size is not None and chunk_size < k and _keeps_graph(primals):
-        parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size), ct, use_reentrant=False)
-                 for ct in cot.split(chunk_size)]
+        parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size, randomness=randomness), ct,
+                            use_reentrant=False) for ct in cot.split(chunk_size)]
         if isinstance(parts[0], Tensor):
             return torch.cat(parts, dim=0)
         return tuple(torch.cat(p, dim=0) for p in zip(*parts))
-    return torch.func.vmap(fn, chunk_size=chunk_size)(cot)
+    return torch.func.vmap(fn, chunk_size=chunk_size, randomness=randomness)(cot)
 
 
 def jacobian_pays(k: int, c: int, shifted: bool) -> bool:
@@ -331,4 +333,5 @@ def class_hvp(split: Split, x: Tensor, req: Request, reduce: Callable[[Tensor, T
 
     # the gradient and its tangent (B, C, h, w) per class, and as much again of the head's own per-class tensors
     chunk = req.chunk(8 * a.numel() * a.element_size(), k)
-    return CAM(_vmap_chunks(per_class, cot, chunk, (a,)).movedim(0, 1), picked, logits)
+    # each class runs the head's forward again: a head in training mode draws the same dropout for every class
+    return CAM(_vmap_chunks(per_class, cot, chunk, (a,), randomness="same").movedim(0, 1), picked, logits)

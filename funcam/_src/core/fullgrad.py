@@ -12,7 +12,8 @@ timm's ``BatchNormAct2d``, which the peer's exact type test leaves out), with a 
 ``b - running_mean * w / sqrt(running_var + eps)``. Their outputs' gradients come without hooks: a
 ``TorchFunctionMode``, active only while the model's forward runs, adds a zero-valued tap to the output of each
 ``conv2d`` / ``batch_norm`` call whose bias is such a layer's, and the taps are primals of the vjp (a first forward
-without gradients finds the calls and their shapes). The model is never modified.
+without gradients finds the calls and their shapes); it computes fused attention explicitly, as Guided Backprop's
+mode does (its CPU backward has no vmap rule). The model is never modified.
 
 eigen_smooth is not offered: pytorch-grad-cam's FullGrad projects its per-layer maps at 1/8 of the input resolution,
 a different operation from the other methods' projection of channel terms.
@@ -33,6 +34,7 @@ from funcam._src.core.guided import GUIDED_BYTES_PER_INPUT_BYTE
 from funcam._src.core.postprocess import normalize, upsample
 from funcam._src.core.request import Request
 from funcam._src.core.smoothing import AUG_SMOOTH
+from funcam._src.cuts.attention import explicit_sdpa
 
 FULLGRAD_OPTIONS = (AUG_SMOOTH,)
 
@@ -75,6 +77,8 @@ class _BiasTaps(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:  # fused attention's CPU backward has no vmap rule
+            return explicit_sdpa(*args, **kwargs)
         out = func(*args, **kwargs)
         bias = _bias_arg(func, args, kwargs)
         if bias is None or id(bias) not in self.layers or not isinstance(out, Tensor) or out.ndim != 4:
