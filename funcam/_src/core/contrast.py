@@ -56,7 +56,8 @@ def _check_versus(v: Any) -> Tensor | None:
 
 FINER_OPTIONS = (
     RELU, AUG_SMOOTH, EIGEN_SMOOTH,
-    Option("alpha", 1.0, non_negative_float("alpha"), "how much of the compared classes' scores is subtracted", float),
+    # pytorch-grad-cam's name; not on the command line, whose --alpha is the heatmap's opacity
+    Option("alpha", 1.0, non_negative_float("alpha"), "how much of the compared classes' scores is subtracted"),
     Option("comparison_categories", (1, 2, 3), _check_ranks,
            "ranks of the compared classes among the most similar (1: the nearest logit)", _ints),
     Option("versus", None, _check_versus, "contrast each class with these classes (K,) instead (y_k - alpha y_v)",

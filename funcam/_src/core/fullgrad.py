@@ -35,6 +35,7 @@ from funcam._src.core.postprocess import normalize, upsample
 from funcam._src.core.request import Request
 from funcam._src.core.smoothing import AUG_SMOOTH
 from funcam._src.cuts.attention import explicit_sdpa
+from funcam._src.cuts.timm import check_size, is_vit
 
 FULLGRAD_OPTIONS = (AUG_SMOOTH,)
 
@@ -97,6 +98,8 @@ def _psi_sum(t: Tensor, size: tuple[int, int]) -> Tensor:
 def full_grad(target: nn.Module | Split, x: Tensor, req: Request) -> CAM:
     """FullGrad: ``CAM(maps (B, K, H, W) at input resolution, classes, logits)`` (module docstring)."""
     model = _guard.unwrap(target.module if isinstance(target, Split) else target)
+    if is_vit(model):
+        check_size(model, x)  # a ValueError naming x where timm would assert
     layers = bias_layers(model)
     with torch.no_grad(), _BiasTaps(layers, None) as probe:
         model(x)

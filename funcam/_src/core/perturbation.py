@@ -51,14 +51,15 @@ SCALE_EPS = 1e-8  # both peers' eps of the per-channel min-max scaling
 
 PROGRESS = Option("progress", False, flag("progress"), "a progress bar over the masked forwards (on stderr)",
                   lambda text: yes_no("progress", text))
+NUM_SAMPLES_HELP = "mask sets averaged: sscam's noisy sets (default 35), iscam's integration steps (default 10)"
 SCORE_OPTIONS = (RELU, AUG_SMOOTH, EIGEN_SMOOTH, PROGRESS)
 SSCAM_OPTIONS = SCORE_OPTIONS + (
-    Option("num_samples", 35, positive_int("num_samples"), "noisy mask sets averaged (torchcam's default 35)", int),
+    Option("num_samples", 35, positive_int("num_samples"), NUM_SAMPLES_HELP, int),
     Option("std", 2.0, non_negative_float("std"), "standard deviation of the masks' Gaussian noise", float),
     Option("generator", None, generator_or_none("generator"), "the noise's torch.Generator (None: torch's global)"),
 )
 ISCAM_OPTIONS = SCORE_OPTIONS + (
-    Option("num_samples", 10, positive_int("num_samples"), "integration steps (torchcam's default 10)", int),
+    Option("num_samples", 10, positive_int("num_samples"), NUM_SAMPLES_HELP, int),
 )
 
 
