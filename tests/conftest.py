@@ -60,6 +60,14 @@ def noised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def quick_options(method: str) -> dict:
+    """Options for the tests that run every method of the table: the methods whose cost is num_samples x C masked
+    forwards (SS-CAM, IS-CAM) run one set of C forwards there (their samples are tested in
+    tests/core/test_perturbation.py); SS-CAM's noise comes from a generator seeded anew for each call."""
+    return {"sscam": {"num_samples": 1, "generator": torch.Generator().manual_seed(0)},
+            "iscam": {"num_samples": 1}}.get(method.replace("-", "_"), {})
+
+
 def make_input(name: str, batch: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     h, w = {**FAMILIES, **VARIANTS}[name][1]
     return torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=dtype)

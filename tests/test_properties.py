@@ -152,7 +152,8 @@ def map_size(key: str, h: int, w: int) -> tuple[int, int]:
 def entries(key: str) -> list[tuple[str, str]]:
     out = [("cam", m) for m in funcam.METHODS] + [("shortcut", m) for m in ("gradcam", "layercam")]
     names = [n for n in METHOD_NAMES if (key in VITS or n not in ("rollout", "grad-rollout", "chefer"))
-             and (key == "resnet18" or not n.startswith("guided"))]  # guided needs ReLUs: resnet18 only
+             and (key == "resnet18" or not n.startswith("guided"))  # guided needs ReLUs: resnet18 only
+             and n not in SCORE_FAMILY]
     out += [("explain", n) for n in names]
     if key == "resnet18":  # and a two-layer split, fused by explain (normalised per layer, mean)
         out += [("guided_backprop", ""), ("guided_gradcam", ""), ("explain_layers", "gradcam"),
@@ -162,9 +163,17 @@ def entries(key: str) -> list[tuple[str, str]]:
     return out
 
 
+# Score-CAM and its variants: C (num_samples x C) masked forwards per call, and SS-CAM draws noise per batch (a batch
+# and a loop over its images draw different noise); tests/core/test_perturbation.py tests them against the peers,
+# batch against loop and class by class.
+SCORE_FAMILY = ("scorecam", "sscam", "iscam")
+
+
 # explain(method="rollout") refuses a classes callable (test_explain_rollout_accepts_a_classes_callable): that
 # one combination is left out of the drawn cases, so the properties test everything else.
 ROLLOUT = ("explain", "rollout")
+# ... and Finer-CAM refuses one (it contrasts classes of the logits): left out the same way
+NO_CALLABLE = (ROLLOUT, ("explain", "finercam"))
 
 
 def call(entry: tuple[str, str], m: torch.nn.Module, x: torch.Tensor, **kw) -> funcam.CAM:
@@ -199,7 +208,7 @@ def tail(key: str, entry: tuple[str, str], h: int, w: int) -> tuple[int, ...]:
     kind, name = entry
     if kind in ("guided_backprop", "guided_gradcam"):
         return (3, h, w)
-    if kind == "explain" and name.startswith("guided"):
+    if kind == "explain" and (name.startswith("guided") or name == "fullgrad"):  # maps at input resolution
         return (h, w)
     if kind == "explain_layers":  # fused at the larger (layer3) resolution
         return layer3_size(h, w)
@@ -501,7 +510,7 @@ def check_entry_points(data) -> None:
     m = model(key, torch.float64)
     b = data.draw(st.integers(1, 3), label="B")
     x, xc = make_x(data, key, b, torch.float64)
-    kw = data.draw(class_args(b, allow_empty=False, allow_callable=entry != ROLLOUT), label="classes")
+    kw = data.draw(class_args(b, allow_empty=False, allow_callable=entry not in NO_CALLABLE), label="classes")
     relu = data.draw(st.booleans(), label="relu") if entry[0] in ("cam", "shortcut", "explain", "explain_layers") \
         else True
     opts = {} if relu else {"relu": False}
@@ -588,7 +597,8 @@ def check_invariance(data) -> None:
     rg = data.draw(st.booleans(), label="requires_grad")
     b = data.draw(st.integers(1, 3), label="B")
     x, xc = make_x(data, key, b, dtype, ctx)
-    kw = data.draw(class_args(b, allow_empty=False, allow_callable=entry != ROLLOUT, ctx=ctx), label="classes")
+    kw = data.draw(class_args(b, allow_empty=False, allow_callable=entry not in NO_CALLABLE, ctx=ctx),
+                   label="classes")
     x_grad = ctx == "none" and data.draw(st.booleans(), label="x.requires_grad")
     event(f"{key} {entry[0]} {dtype}")
     before = snapshot(model(key, dtype, rg))
@@ -784,11 +794,11 @@ def check_empty(data) -> None:
     b = 0 if which != "K=0" else data.draw(st.integers(1, 3), label="B")
     x, xc = make_x(data, key, b, dtype)
     if which == "B=0":
-        kw = data.draw(class_args(0, allow_empty=False, allow_callable=entry != ROLLOUT), label="classes")
+        kw = data.draw(class_args(0, allow_empty=False, allow_callable=entry not in NO_CALLABLE), label="classes")
     else:
         kw = {"classes": data.draw(st.sampled_from([[], torch.zeros(0, dtype=torch.long),
                                                     torch.zeros(b, 0, dtype=torch.long)]
-                                                   + ([Scores([], False)] if entry != ROLLOUT else [])),
+                                                   + ([Scores([], False)] if entry not in NO_CALLABLE else [])),
                                    label="classes")}
     ctx = data.draw(st.sampled_from(["none", "no_grad", "inference_mode"]), label="context")
     event(f"{which} {key} {entry[0]}")

@@ -35,7 +35,7 @@ from torch import nn
 
 import funcam
 from funcam.explain import METHOD_NAMES, explain
-from tests.conftest import make_input, make_model, record_vmap_chunks
+from tests.conftest import make_input, make_model, quick_options, record_vmap_chunks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -408,8 +408,9 @@ ENTRY_POINTS = {  # name -> (model maker, call(model, x)); every call returns so
     "cam-general": (_cnn, lambda mdl, x: funcam.cam(funcam.split(mdl)._replace(pooled=None), x, [1, 2])),
     "cam-fx-two-layers": (_cnn, lambda mdl, x: funcam.cam(funcam.split(mdl, ["layer3", "layer4"]), x, [1, 2])),
     "cam-vit": (_vit, lambda mdl, x: funcam.cam(mdl, x, [1, 2], method="gradcampp")),
-    **{f"explain-{n}": (_cnn, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2])) for n in CNN_NAMES},
-    **{f"explain-{n}-vit": (_vit, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2]))
+    **{f"explain-{n}": (_cnn, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2], **quick_options(n)))
+       for n in CNN_NAMES},
+    **{f"explain-{n}-vit": (_vit, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2], **quick_options(n)))
        for n in VIT_NAMES},
     "explain-default-top2": (_cnn, lambda mdl, x: explain(mdl, x, top_k=2)),
     "guided_backprop": (_cnn, lambda mdl, x: funcam.guided_backprop(mdl, x, [1, 2])),
@@ -429,6 +430,15 @@ ENTRY_POINTS = {  # name -> (model maker, call(model, x)); every call returns so
     "metrics.confidence_change-vit": (_vit, lambda mdl, x: funcam.metrics.confidence_change(
         mdl, x, _up(x), [1, 2]).change),
 }
+# Score-CAM and its variants run C masked forwards of the whole model per call (512 for resnet18): in the slow set here,
+# their own tests (tests/core/test_perturbation.py) run in the fast one
+SLOW_ENTRIES = {f"explain-{m}{s}" for m in ("scorecam", "sscam", "iscam") for s in ("", "-vit")}
+
+
+def _marked(names: list) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ENTRIES else n for n in names]
+
+
 NO_WARNING = {"split"}  # builds callables and probes the head under no_grad; no maps, no training-mode forward
 
 
@@ -441,7 +451,7 @@ def _result(out):
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad-mode", "no-grad"])
-@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("name", _marked(sorted(ENTRY_POINTS)))
 def test_model_untouched_by_every_entry_point(name, grad):
     make, call = ENTRY_POINTS[name]
     model, x = make()
@@ -454,7 +464,7 @@ def test_model_untouched_by_every_entry_point(name, grad):
 
 
 # guided_gradcam runs guided backprop and Grad-CAM, each an entry point of its own: still one warning
-@pytest.mark.parametrize("name", [n for n in sorted(ENTRY_POINTS) if n not in NO_WARNING])
+@pytest.mark.parametrize("name", _marked([n for n in sorted(ENTRY_POINTS) if n not in NO_WARNING]))
 def test_training_mode_warns_once_and_leaves_the_model_bit_identical(name):
     make, call = ENTRY_POINTS[name]
     model, x = make()
@@ -518,7 +528,7 @@ def _process_group(tmp_path_factory):
 
 
 @pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
-@pytest.mark.parametrize("name", [n for n in sorted(ENTRY_POINTS) if n != "split"])
+@pytest.mark.parametrize("name", _marked([n for n in sorted(ENTRY_POINTS) if n != "split"]))
 def test_data_parallel_wrappers_give_the_wrapped_models_maps(name, wrapper, _process_group):
     # pytorch-grad-cam breaks on DataParallel models; funcam explains the wrapped module itself (the wrapper
     # only scatters batches over devices), so every entry point gives the plain model's maps bit for bit.

@@ -9,7 +9,7 @@ import funcam
 from funcam._src.core import methods
 from funcam._src.core.weighted import GradientCAM, rule_of
 from funcam.explain import METHOD_NAMES, explain
-from tests.conftest import make_input, make_model
+from tests.conftest import make_input, make_model, quick_options
 
 
 def test_every_entry_is_complete():
@@ -95,16 +95,19 @@ def test_unknown_method_names_the_valid_ones(bad, near):
 SHORTCUTS = {"chefer": "chefer_relevance"}  # the public names that differ from the method's
 
 
-@pytest.mark.parametrize("name", [n for n, m in methods.TABLE.items() if not m.agnostic])
+# SS-CAM and IS-CAM are Score-CAM's C masked forwards with other masks: Score-CAM stands for them in the fast set
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("sscam", "iscam") else n
+                                  for n, m in methods.TABLE.items() if not m.agnostic])
 def test_cam_and_explain_run_every_entry_by_either_name(name, one_thread):
     family = "vit_tiny_patch16_224" if methods.TABLE[name].needs == "attention" else "resnet18"
     model, x = make_model(family), make_input(family)
     with torch.no_grad():
-        want = funcam.cam(model, x, [1, 3], method=name).maps.detach()
+        want = funcam.cam(model, x, [1, 3], method=name, **quick_options(name)).maps.detach()
     assert bool((want != 0).any()), name
     if methods.TABLE[name].output == "input":  # explain shows (B, K, H, W), folded over colours as the entry says
         want = want.abs().amax(dim=2) if methods.TABLE[name].fold == "absmax" else want.sum(dim=2)
-    torch.testing.assert_close(explain(model, x, method=methods.cli_name(name), classes=[1, 3]).maps, want)
+    got = explain(model, x, method=methods.cli_name(name), classes=[1, 3], **quick_options(name)).maps
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])

@@ -20,8 +20,8 @@ from funcam._src.core import request
 from funcam._src.core.request import DEFAULT_MAX_MEMORY, Request, auto_chunk_size
 from funcam._src.core.rules import Rule, channel_sum
 
-__all__ = ["DEFAULT_MAX_MEMORY", "auto_chunk_size", "class_indices", "class_maps", "class_vjp", "jacobian_pays",
-           "logits_of", "logits_or_output", "resolve_classes"]
+__all__ = ["DEFAULT_MAX_MEMORY", "auto_chunk_size", "class_hvp", "class_indices", "class_maps", "class_vjp",
+           "jacobian_pays", "logits_of", "logits_or_output", "resolve_classes"]
 
 
 def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
@@ -89,20 +89,22 @@ def class_maps(split: Split, x: Tensor, req: Request, rule: Rule) -> CAM:
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
 
 
-def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple) -> Any:
+def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple,
+                 randomness: str = "error") -> Any:
     """``vmap(fn)(cot)`` over the K cotangents ``cot (K, ...)``, ``chunk_size`` at a time.
 
     Differentiable results (grad mode on): each chunk's per-class backward would stay in the autograd graph until
     the results die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and results and
-    recomputes its backward when they are differentiated, so max_memory bounds this case too."""
+    recomputes its backward when they are differentiated, so max_memory bounds this case too. ``randomness``: vmap's,
+    for an ``fn`` that runs a forward (dropout of a model in training mode): ``"same"`` for every class."""
     k = cot.shape[0]
     if chunk_size is not None and chunk_size < k and _keeps_graph(primals):
-        parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size), ct, use_reentrant=False)
-                 for ct in cot.split(chunk_size)]
+        parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size, randomness=randomness), ct,
+                            use_reentrant=False) for ct in cot.split(chunk_size)]
         if isinstance(parts[0], Tensor):
             return torch.cat(parts, dim=0)
         return tuple(torch.cat(p, dim=0) for p in zip(*parts))
-    return torch.func.vmap(fn, chunk_size=chunk_size)(cot)
+    return torch.func.vmap(fn, chunk_size=chunk_size, randomness=randomness)(cot)
 
 
 def jacobian_pays(k: int, c: int, shifted: bool) -> bool:
@@ -290,3 +292,46 @@ def _pooled_maps(pooled: Any, a: Tensor, req: Request, pooled_reduce: Callable, 
         parts.append(pooled_reduce(gz.movedim(0, 1) / (h * w), a))
     _guard.check_reached(torch.stack(reached), layers, module)
     return CAM(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1), picked, logits)
+
+
+def class_hvp(split: Split, x: Tensor, req: Request, reduce: Callable[[Tensor, Tensor, Tensor], Tensor]) -> CAM:
+    """``reduce(g, Hv, A)`` for every requested class, with second derivatives of the score at the split's features.
+
+    g = d s_k / dA and Hv = (d^2 s_k / dA^2) A, the Hessian of the class's score in the features applied to the
+    features themselves, both ``(B, C, h, w)``: forward-mode differentiation (``jvp``, tangent A) of the head's
+    vjp at the one-hot cotangent, vmapped over the K classes in chunks bounded by ``max_memory``. Only the head after
+    the cut is differentiated twice. reduce -> per-class result ``(B, ...)``; returns ``CAM((K, B, ...) moved to
+    (B, K, ...), classes, logits)``. One feature map (ValueError otherwise).
+    """
+    score_fn = req.score_fn
+    feats, rebuild = as_features(split.extract(x))
+    if len(feats.maps) != 1 or feats.maps[0].ndim != 4:
+        raise ValueError(f"second derivatives are taken at a split at one layer, got one at {list(split.layers)}")
+    a = feats.maps[0]
+
+    def scores(m: Tensor) -> tuple[Tensor, Any]:
+        out = split.head(rebuild((m,)))
+        if score_fn is not None:
+            return score_fn(out), logits_or_output(out)
+        logits = logits_of(out)
+        return logits, logits
+
+    out, logits = scores(a)
+    idx, picked = class_indices(out, logits, req, x.shape[0])
+    b, k = idx.shape
+    if k == 0:
+        return CAM(a.new_zeros((b, 0) + tuple(a.shape[2:])), picked, logits)
+    cot = _one_hot(idx, out.shape[1], out.dtype)
+    _load_jvp_rules()
+
+    def per_class(ct: Tensor) -> Tensor:
+        def grad_at(m: Tensor) -> Tensor:
+            return torch.func.vjp(lambda mm: scores(mm)[0], m)[1](ct)[0]
+
+        g, hv = torch.func.jvp(grad_at, (a,), (a,))
+        return reduce(g, hv, a)
+
+    # the gradient and its tangent (B, C, h, w) per class, and as much again of the head's own per-class tensors
+    chunk = req.chunk(8 * a.numel() * a.element_size(), k)
+    # each class runs the head's forward again: a head in training mode draws the same dropout for every class
+    return CAM(_vmap_chunks(per_class, cot, chunk, (a,), randomness="same").movedim(0, 1), picked, logits)

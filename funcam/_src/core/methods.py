@@ -24,10 +24,17 @@ import difflib
 from typing import Callable, NamedTuple
 
 from funcam._src.core import rules
+from funcam._src.core.ablation import ABLATION_OPTIONS, ablation_cam
+from funcam._src.core.contrast import FINER_OPTIONS, finer_cam
+from funcam._src.core.fullgrad import FULLGRAD_OPTIONS, full_grad
 from funcam._src.core.guided import guided_backprop_cam, guided_gradcam_cam
 from funcam._src.core.lrp import ATTN_OPTIONS, LRP, LRP_OPTIONS
+from funcam._src.core.perturbation import ISCAM_OPTIONS, SCORE_OPTIONS, SSCAM_OPTIONS, is_cam, score_cam, ss_cam
+from funcam._src.core.projection import eigen_cam, eigen_grad_cam
 from funcam._src.core.request import Option
 from funcam._src.core.rollout import ROLLOUT_OPTIONS, Relevance, chefer_step, grad_rollout_step, rollout_cam
+from funcam._src.core.shapley import SHAPLEY_OPTIONS, shapley_cam
+from funcam._src.core.smoothing import AUG_SMOOTH, RELU, Finished
 from funcam._src.core.weighted import CAM_OPTIONS, GradientCAM
 
 NEEDS = ("split", "attention", "model")
@@ -72,13 +79,13 @@ TABLE: dict[str, Method] = {m.name: m for m in (
          rules.Rule(rules.xgradcam, rules.xgradcam_weights, rules.pooled_xgradcam),
          "Grad-CAM with activation-normalised weights"),
     _cam("hirescam", "HiResCAM", "Draelos & Carin 2020, eq. 4",
-         rules.Rule(rules.hirescam, None, rules.channel_sum),
+         rules.Rule(rules.hirescam, None, rules.channel_sum, terms=rules.hirescam_terms),
          "a map that provably reflects the locations the score used"),
     _cam("elementwise", "Element-wise Grad-CAM", "pytorch-grad-cam's GradCAMElementWise",
-         rules.Rule(rules.elementwise, None, rules.pooled_elementwise),
+         rules.Rule(rules.elementwise, None, rules.pooled_elementwise, terms=rules.elementwise_terms),
          "HiResCAM with the positive products only"),
     _cam("layercam", "LayerCAM", "Jiang et al. 2021, eq. 5-6",
-         rules.Rule(rules.layercam, None, rules.pooled_layercam),
+         rules.Rule(rules.layercam, None, rules.pooled_layercam, terms=rules.layercam_terms),
          "finer maps at earlier layers (fuse several with layer=[...])"),
     _cam("argmax_channel", "argmax channel", "the channel with the largest Grad-CAM weight",
          rules.Rule(rules.argmax_channel, None, rules.pooled_argmax_channel),
@@ -101,6 +108,29 @@ TABLE: dict[str, Method] = {m.name: m for m in (
            signed=True, fold="sum", use="AttnLRP with the attention probabilities held constant"),
     Method("lrp", "LRP", "Bach et al. 2015; zennit 0.5's composites", LRP(), needs="model", options=LRP_OPTIONS,
            signed=True, fold="sum", use="relevance for CNNs (composite=epsilon_plus, ...), conserving the score"),
+    # perturbation and projection CAMs (issue 25): every class from one set of masked forwards / ablations / SVDs
+    Method("scorecam", "Score-CAM", "Wang et al. 2020, eq. 4-7 (pytorch-grad-cam's ScoreCAM)", Finished(score_cam),
+           options=SCORE_OPTIONS, use="gradient-free weights; C masked forwards serve every class"),
+    Method("sscam", "SS-CAM", "Wang et al. 2020b, eq. 6 (torchcam's SSCAM)", Finished(ss_cam),
+           options=SSCAM_OPTIONS, use="Score-CAM averaged over noisy masks (num_samples x C forwards)"),
+    Method("iscam", "IS-CAM", "Naidu et al. 2020, eq. 4 (torchcam's ISCAM)", Finished(is_cam),
+           options=ISCAM_OPTIONS, use="Score-CAM integrated over mask intensities (num_samples x C forwards)"),
+    Method("ablationcam", "Ablation-CAM", "Desai & Ramaswamy 2020, eq. 3-4", Finished(ablation_cam),
+           options=ABLATION_OPTIONS, use="gradient-free weights from zeroing each channel; only the head re-runs"),
+    Method("eigencam", "Eigen-CAM", "Muhammad & Yeasin 2020, eq. 3-4", Finished(eigen_cam),
+           options=(RELU, AUG_SMOOTH), agnostic=True,
+           use="the features' dominant pattern, whatever the class; no gradients"),
+    Method("eigengradcam", "EigenGrad-CAM", "pytorch-grad-cam's EigenGradCAM", Finished(eigen_grad_cam),
+           options=(RELU, AUG_SMOOTH), use="the dominant pattern of gradient x activations, per class"),
+    Method("finercam", "Finer-CAM", "Zhang et al. 2025, eq. 3-4 (pytorch-grad-cam's FinerCAM)", Finished(finer_cam),
+           options=FINER_OPTIONS,
+           use="what tells a class apart from its most similar classes (or from versus=...)"),
+    Method("fullgrad", "FullGrad", "Srinivas & Fleuret 2019, eq. 6 (pytorch-grad-cam's FullGrad)",
+           Finished(full_grad), needs="model", options=FULLGRAD_OPTIONS,
+           use="input-resolution maps from the input and every bias gradient (CNNs with biased conv / BN)"),
+    Method("shapleycam", "ShapleyCAM", "Cai et al. 2025, eq. 9 (pytorch-grad-cam's ShapleyCAM)",
+           Finished(shapley_cam), options=SHAPLEY_OPTIONS,
+           use="Grad-CAM with the head's second-order term (equal to it for piecewise-linear heads)"),
 )}
 
 # funcam.METHODS: the channel-weighting CAM methods of the Grad-CAM family (a Rule on the gradient at a cut)

@@ -26,12 +26,16 @@ class Rule(NamedTuple):
         start with global average pooling).
     mean: the channel weights are the spatial mean of the gradient (Grad-CAM), which the engine may take from the
         head's Jacobian in a shift added at every position.
+    terms: for a map that is a sum over channels of per-channel terms without channel weights (HiResCAM, LayerCAM),
+        ``(g, A) -> terms (B, C, h, w)`` whose channel sum is the map; what ``eigen_smooth`` projects (a rule with
+        ``weights`` has the terms ``w_c A_c``).
     """
 
     per_class: Callable[[Tensor, Tensor], Tensor]
     weights: Callable[[Tensor, Tensor], Tensor] | None = None
     pooled: Callable[[Tensor, Tensor], Tensor] | None = None
     mean: bool = False
+    terms: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 def weighted_sum(w: Tensor, a: Tensor) -> Tensor:
@@ -94,19 +98,34 @@ def xgradcam(g: Tensor, a: Tensor) -> Tensor:
     return weighted_sum(xgradcam_weights(g, a), a)
 
 
+def hirescam_terms(g: Tensor, a: Tensor) -> Tensor:
+    """HiResCAM's per-channel terms g * A (B, C, h, w)."""
+    return g * a
+
+
 def hirescam(g: Tensor, a: Tensor) -> Tensor:
     """HiResCAM (Draelos & Carin 2020, eq. 4): element-wise sum_c g * A (no spatial averaging)."""
-    return (g * a).sum(dim=1)
+    return hirescam_terms(g, a).sum(dim=1)
+
+
+def elementwise_terms(g: Tensor, a: Tensor) -> Tensor:
+    """Element-wise Grad-CAM's per-channel terms relu(g * A) (B, C, h, w)."""
+    return torch.relu(g * a)
 
 
 def elementwise(g: Tensor, a: Tensor) -> Tensor:
     """Element-wise Grad-CAM (pytorch-grad-cam's GradCAMElementWise): sum_c relu(g * A)."""
-    return torch.relu(g * a).sum(dim=1)
+    return elementwise_terms(g, a).sum(dim=1)
+
+
+def layercam_terms(g: Tensor, a: Tensor) -> Tensor:
+    """LayerCAM's per-channel terms relu(g) * A (B, C, h, w)."""
+    return torch.relu(g) * a
 
 
 def layercam(g: Tensor, a: Tensor) -> Tensor:
     """LayerCAM (Jiang et al. 2021, eq. 5-6): sum_c relu(g) * A."""
-    return (torch.relu(g) * a).sum(dim=1)
+    return layercam_terms(g, a).sum(dim=1)
 
 
 def argmax_channel(g: Tensor, a: Tensor) -> Tensor:

@@ -6,27 +6,17 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import torch
 from torch import Tensor
 
 from funcam._src.base import CAM, Split
 from funcam._src.core.engine import class_maps
-from funcam._src.core.request import Option, Request, flag
+from funcam._src.core.projection import smoothed
+from funcam._src.core.request import Request
 from funcam._src.core.rules import Rule
+from funcam._src.core.smoothing import AUG_SMOOTH, EIGEN_SMOOTH, RELU, aug_smooth, relu_maps
 
-# The options every channel-weighting CAM takes.
-CAM_OPTIONS = (
-    Option("relu", True, flag("relu"), "ReLU at feature resolution, before any upsampling (False: signed maps)"),
-)
-
-
-def relu_maps(out: CAM, relu: bool) -> CAM:
-    """``out`` with its maps (a tuple of them for a multi-layer split) passed through ReLU when ``relu``: at feature
-    resolution, because upsampling first would let one large negative value bleed into its neighbours."""
-    if not relu:
-        return out
-    maps = out.maps
-    return out._replace(maps=tuple(torch.relu(a) for a in maps) if isinstance(maps, tuple) else torch.relu(maps))
+# The options every channel-weighting CAM takes (funcam._src.core.smoothing).
+CAM_OPTIONS = (RELU, AUG_SMOOTH, EIGEN_SMOOTH)
 
 
 class GradientCAM(NamedTuple):
@@ -35,7 +25,10 @@ class GradientCAM(NamedTuple):
     rule: Rule
 
     def __call__(self, split: Split, x: Tensor, req: Request) -> CAM:
-        return relu_maps(class_maps(split, x, req, self.rule), req.options["relu"])
+        if req.options["aug_smooth"]:
+            return aug_smooth(self, split, x, req)
+        rule = smoothed(self.rule) if req.options["eigen_smooth"] else self.rule
+        return relu_maps(class_maps(split, x, req, rule), req.options["relu"])
 
 
 def rule_of(compute: object) -> Rule | None:
