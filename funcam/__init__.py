@@ -22,7 +22,7 @@ from funcam._src.core.cams import (
     layercam,
     xgradcam,
 )
-from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
+from funcam import explain, metrics, targets  # funcam.explain.explain(model, x, method=...) after a plain import
 from funcam._src.app.dataset import explain_dataset, load_maps
 from funcam._src.guard import TrainingModeWarning
 from funcam._src.core.postprocess import fuse, normalize, upsample
@@ -60,6 +60,7 @@ __all__ = [
     "normalize",
     "rollout_matrix",
     "split",
+    "targets",
     "upsample",
     "xgradcam",
 ]
