@@ -208,14 +208,17 @@ def detections(output: Any) -> list:
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """a (N, 4), b (M, 4) boxes (x1, y1, x2, y2) -> (N, M) intersection over union (Jaccard index)."""
+    """a (N, 4), b (M, 4) boxes (x1, y1, x2, y2) -> (N, M) intersection over union (Jaccard index); 0 for two
+    empty boxes (a clipped detection can be one), whose 0 / 0 would put NaN in every gradient through
+    ``torch.where``."""
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])
     rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
     wh = (rb - lt).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
 
 
 def _match(dets: list, ref: Tensor, lab: Tensor, iou: float) -> tuple[list, list, list]:

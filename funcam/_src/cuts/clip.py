@@ -28,26 +28,31 @@ from torch import Tensor, nn
 from funcam._src.base import Features, Split
 
 
-def pooled_attention(query: Tensor, tokens: Tensor, proj: tuple, heads: int, scale: float) -> Tensor:
+def pooled_attention(query: Tensor, tokens: Tensor, proj: tuple, heads: int, scale: float,
+                     shift: Tensor | None = None) -> Tensor:
     """One query's softmax attention over N tokens, before the output projection: query (B, C), tokens (B, N, C)
-    -> (B, C).
+    -> (B, C). shift: (B, C) added to every token (the query's own shift is the caller's): exact for any shift.
 
     proj: ``(w_q, b_q, w_k, b_k, w_v, b_v)``, weights (C, C), biases (C,) or None. Per head h (Vaswani et al. 2017,
     eq. 1), with q_h = scale (W_qh query + b_qh): the score of token j is q_h . (W_kh x_j + b_kh) = u_h . x_j + q_h .
     b_kh with u_h = W_kh^T q_h, and the second term, the same for every token, cancels in the softmax; the output
     is sum_j P_hj (W_vh x_j + b_vh) = W_vh (sum_j P_hj x_j) + b_vh since the P_hj sum to 1. So keys and values are
-    never formed: (heads, C) x (C, N) products per image instead of (N, C) x (C, C) ones.
+    never formed: (heads, C) x (C, N) products per image instead of (N, C) x (C, C) ones. A shift s of every token
+    adds u_h . s to every score, which cancels too, and s to the mixed token: the shift never meets the tokens.
     """
     wq, bq, wk, _, wv, bv = proj
-    b, c = query.shape
-    q = F.linear(query, wq, bq).unflatten(-1, (heads, -1)) * scale  # (B, heads, d)
-    u = torch.einsum("bhd,hdc->bhc", q, wk.unflatten(0, (heads, -1)))  # (B, heads, C)
-    probs = torch.einsum("bhc,bnc->bhn", u, tokens).softmax(dim=-1)
-    mixed = torch.einsum("bhn,bnc->bhc", probs, tokens)
-    out = torch.einsum("bhc,hdc->bhd", mixed, wv.unflatten(0, (heads, -1)))
-    if bv is not None:
-        out = out + bv.unflatten(0, (heads, -1))
-    return out.reshape(b, c)
+    d = query.shape[-1] // heads
+    q = F.linear(query, wq, bq) * scale  # (B, C)
+    # Every product with an unbatched operand is 2-D: the weights head by head, the tokens image by image. Under the
+    # engine's vmap over directions a batched einsum or bmm copies its unbatched operand once per direction, while a
+    # 2-D product folds the directions into its rows.
+    rows = [slice(h * d, (h + 1) * d) for h in range(heads)]
+    u = torch.stack([q[:, r] @ wk[r] for r in rows], dim=1)  # (B, heads, C)
+    probs = torch.stack([u[i] @ tokens[i].T for i in range(tokens.shape[0])]).softmax(dim=-1)  # (B, heads, N)
+    mixed = torch.stack([probs[i] @ tokens[i] for i in range(tokens.shape[0])])  # (B, heads, C)
+    if shift is not None:
+        mixed = mixed + shift[:, None, :]
+    return torch.cat([F.linear(mixed[:, h], wv[r], None if bv is None else bv[r]) for h, r in enumerate(rows)], -1)
 
 
 def _open_clip_resnet(v: nn.Module) -> bool:
@@ -99,8 +104,9 @@ def split(model: nn.Module) -> Split:
     """``Split(extract, head)`` of a CLIP model's image tower: ``x (B, 3, H, W)`` -> ``Features`` -> image
     embedding ``(B, D)``. ValueError for a model ``applies`` refuses, or whose form the probe does not confirm."""
     v = tower(model)
+    shifted = None
     if _open_clip_resnet(v):
-        extract, head, layers = _resnet_parts(v)
+        extract, head, layers, shifted = _resnet_parts(v)
     elif _open_clip_vit(v):
         extract, head, layers = _open_clip_vit_parts(v)
     elif _hf_vit(v):
@@ -111,7 +117,7 @@ def split(model: nn.Module) -> Split:
                          f"funcam.split(model)")
     # a module whose output is the embedding: the tower itself, or a CLIPModel's image features
     module = ImageFeatures(v) if type(v).__name__ == "CLIPModel" else v
-    sp = Split(extract, head, 3, layers, module=module)
+    sp = Split(extract, head, 3, layers, module=module, shifted=shifted)
     _confirm(sp, module, v)
     return sp
 
@@ -131,7 +137,7 @@ class ImageFeatures(nn.Module):
         return getattr(out, "pooler_output", out)  # transformers 5 wraps the embeddings in an output
 
 
-def _resnet_parts(v: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
+def _resnet_parts(v: nn.Module) -> tuple[Callable, Callable, tuple[str], Callable]:
     ap = v.attnpool
     proj = (ap.q_proj.weight, ap.q_proj.bias, ap.k_proj.weight, ap.k_proj.bias, ap.v_proj.weight, ap.v_proj.bias)
 
@@ -139,15 +145,20 @@ def _resnet_parts(v: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
         """x (B, 3, H, W) -> layer4's map (B, C, h, w)."""
         return v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))
 
-    def head(a: Tensor) -> Tensor:
-        """layer4's map (B, C, h, w) -> the attention pool's embedding (B, D): its tokens are the map's mean and
-        its positions, plus the positional embedding; the mean token is the one query."""
+    def shifted(a: Tensor, s: Tensor | None) -> Tensor:
         t = rearrange(a, "b c h w -> b (h w) c")
         t = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1) + ap.positional_embedding.to(t.dtype)
         c = t.shape[-1]
-        return ap.c_proj(pooled_attention(t[:, 0], t, proj, ap.num_heads, (c // ap.num_heads) ** -0.5))
+        query = t[:, 0] if s is None else t[:, 0] + s  # the mean token moves with the map
+        return ap.c_proj(pooled_attention(query, t, proj, ap.num_heads, (c // ap.num_heads) ** -0.5, s))
 
-    return extract, head, ("layer4",)
+    def head(a: Tensor) -> Tensor:
+        """layer4's map (B, C, h, w) -> the attention pool's embedding (B, D): its tokens are the map's mean and
+        its positions, plus the positional embedding; the mean token is the one query."""
+        return shifted(a, None)
+
+    # Split.shifted: the head of A + s for a shift s (B, C) at every position, exact, with s kept off the tokens
+    return extract, head, ("layer4",), lambda feats, s: shifted(feats.maps[0], s)
 
 
 def _vit_head(prefix_in: Tensor, t0: Tensor, fmap: Tensor, attend: Callable, finish: Callable) -> Tensor:
