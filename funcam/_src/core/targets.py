@@ -152,7 +152,8 @@ def boxes(boxes: Tensor, labels: Tensor | Sequence[int], *, iou: float = 0.5) ->
 
     boxes: ``(N, 4)`` (every image) or ``(B, N, 4)`` reference boxes, ``(x1, y1, x2, y2)`` in the detections'
         coordinates (input pixels for torchvision and funcam's detection splits).
-    labels: ``(N,)`` or ``(B, N)`` their class labels.
+    labels: ``(N,)`` or ``(B, N)`` their class labels (images with fewer boxes: pad with label -1, which matches
+        nothing).
     iou: the overlap a detection needs, strictly exceeded.
 
     The detections are a list of B dicts with ``"boxes" (M, 4)``, ``"labels" (M,)`` and ``"scores" (M,)`` (a

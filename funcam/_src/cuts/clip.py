@@ -31,27 +31,31 @@ from funcam._src.base import Features, Split
 def pooled_attention(query: Tensor, tokens: Tensor, proj: tuple, heads: int, scale: float,
                      shift: Tensor | None = None) -> Tensor:
     """One query's softmax attention over N tokens, before the output projection: query (B, C), tokens (B, N, C)
-    -> (B, C). shift: (B, C) added to every token (the query's own shift is the caller's): exact for any shift.
+    -> (B, C). shift: (B, C) added to every token but the first (a ViT's patch tokens, not its CLS token).
 
     proj: ``(w_q, b_q, w_k, b_k, w_v, b_v)``, weights (C, C), biases (C,) or None. Per head h (Vaswani et al. 2017,
     eq. 1), with q_h = scale (W_qh query + b_qh): the score of token j is q_h . (W_kh x_j + b_kh) = u_h . x_j + q_h .
     b_kh with u_h = W_kh^T q_h, and the second term, the same for every token, cancels in the softmax; the output
     is sum_j P_hj (W_vh x_j + b_vh) = W_vh (sum_j P_hj x_j) + b_vh since the P_hj sum to 1. So keys and values are
-    never formed: (heads, C) x (C, N) products per image instead of (N, C) x (C, C) ones. A shift s of every token
-    adds u_h . s to every score, which cancels too, and s to the mixed token: the shift never meets the tokens.
+    never formed: (heads, C) x (C, N) products per image instead of (N, C) x (C, C) ones. A shift s of tokens 1..N-1
+    moves their scores by u_h . s and the mixed token by (sum_{j >= 1} P_hj) s, exactly: forward mode in s then
+    never forms a tangent of the tokens (the Jacobian route's cheap head, ``funcam.Split.shifted``).
     """
     wq, bq, wk, _, wv, bv = proj
     d = query.shape[-1] // heads
     q = F.linear(query, wq, bq) * scale  # (B, C)
-    # Every product with an unbatched operand is 2-D: the weights head by head, the tokens image by image. Under the
-    # engine's vmap over directions a batched einsum or bmm copies its unbatched operand once per direction, while a
-    # 2-D product folds the directions into its rows.
+    # Every product with an unbatched operand is an F.linear with a 2-D weight: the weights head by head, the tokens
+    # image by image. Under the engine's vmap over directions a batched matmul, einsum or bmm copies its unbatched
+    # operand once per direction, while F.linear folds the directions into its rows.
     rows = [slice(h * d, (h + 1) * d) for h in range(heads)]
-    u = torch.stack([q[:, r] @ wk[r] for r in rows], dim=1)  # (B, heads, C)
-    probs = torch.stack([u[i] @ tokens[i].T for i in range(tokens.shape[0])]).softmax(dim=-1)  # (B, heads, N)
-    mixed = torch.stack([probs[i] @ tokens[i] for i in range(tokens.shape[0])])  # (B, heads, C)
+    u = torch.stack([F.linear(q[:, r], wk[r].T) for r in rows], dim=1)  # (B, heads, C)
+    scores = torch.stack([F.linear(u[i], tokens[i]) for i in range(tokens.shape[0])])  # (B, heads, N)
+    if shift is not None:  # the first token does not move
+        scores = torch.cat([scores[..., :1], scores[..., 1:] + (u * shift[:, None, :]).sum(-1, keepdim=True)], -1)
+    probs = scores.softmax(dim=-1)
+    mixed = torch.stack([F.linear(probs[i], tokens[i].T) for i in range(tokens.shape[0])])  # (B, heads, C)
     if shift is not None:
-        mixed = mixed + shift[:, None, :]
+        mixed = mixed + probs[..., 1:].sum(-1, keepdim=True) * shift[:, None, :]
     return torch.cat([F.linear(mixed[:, h], wv[r], None if bv is None else bv[r]) for h, r in enumerate(rows)], -1)
 
 
@@ -104,13 +108,12 @@ def split(model: nn.Module) -> Split:
     """``Split(extract, head)`` of a CLIP model's image tower: ``x (B, 3, H, W)`` -> ``Features`` -> image
     embedding ``(B, D)``. ValueError for a model ``applies`` refuses, or whose form the probe does not confirm."""
     v = tower(model)
-    shifted = None
     if _open_clip_resnet(v):
         extract, head, layers, shifted = _resnet_parts(v)
     elif _open_clip_vit(v):
-        extract, head, layers = _open_clip_vit_parts(v)
+        extract, head, layers, shifted = _open_clip_vit_parts(v)
     elif _hf_vit(v):
-        extract, head, layers = _hf_vit_parts(v)
+        extract, head, layers, shifted = _hf_vit_parts(v)
     else:
         raise ValueError(f"clip split: {type(model).__name__} is not an open_clip or Hugging Face CLIP image tower "
                          f"of a supported form (CLS-pooled ViT or attention-pooled ModifiedResNet); use "
@@ -145,30 +148,48 @@ def _resnet_parts(v: nn.Module) -> tuple[Callable, Callable, tuple[str], Callabl
         """x (B, 3, H, W) -> layer4's map (B, C, h, w)."""
         return v.layer4(v.layer3(v.layer2(v.layer1(v.stem(x)))))
 
-    def shifted(a: Tensor, s: Tensor | None) -> Tensor:
+    def tokens(a: Tensor) -> Tensor:
+        """(B, C, h, w) -> the attention pool's tokens (B, 1 + h w, C): the map's mean, its positions, plus the
+        positional embedding."""
         t = rearrange(a, "b c h w -> b (h w) c")
-        t = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1) + ap.positional_embedding.to(t.dtype)
-        c = t.shape[-1]
-        query = t[:, 0] if s is None else t[:, 0] + s  # the mean token moves with the map
-        return ap.c_proj(pooled_attention(query, t, proj, ap.num_heads, (c // ap.num_heads) ** -0.5, s))
+        return torch.cat([t.mean(dim=1, keepdim=True), t], dim=1) + ap.positional_embedding.to(t.dtype)
 
     def head(a: Tensor) -> Tensor:
-        """layer4's map (B, C, h, w) -> the attention pool's embedding (B, D): its tokens are the map's mean and
-        its positions, plus the positional embedding; the mean token is the one query."""
-        return shifted(a, None)
+        """layer4's map (B, C, h, w) -> the attention pool's embedding (B, D); the mean token is the one query."""
+        t = tokens(a)
+        c = t.shape[-1]
+        return ap.c_proj(pooled_attention(t[:, 0], t, proj, ap.num_heads, (c // ap.num_heads) ** -0.5))
 
-    # Split.shifted: the head of A + s for a shift s (B, C) at every position, exact, with s kept off the tokens
-    return extract, head, ("layer4",), lambda feats, s: shifted(feats.maps[0], s)
+    def shifted(feats: Features, s: Tensor) -> Tensor:
+        """``head(A + s)`` for a shift s (B, C) at every position, exact: with s only the query moves (every token
+        moves by s too, which adds the same W_k s term to every key's score, cancelled by the softmax, and W_v s to
+        the output, the probabilities summing to 1). Keys and values are formed once, from the unshifted tokens, so
+        forward mode in s carries per head only (N,) scores and (d,) outputs: the Jacobian route's cheap head."""
+        t = tokens(feats.maps[0])
+        b, _, c = t.shape
+        heads = ap.num_heads
+        q = (F.linear(t[:, 0] + s, ap.q_proj.weight, ap.q_proj.bias) * (c // heads) ** -0.5).unflatten(-1, (heads, -1))
+        k = F.linear(t, ap.k_proj.weight).unflatten(-1, (heads, -1))  # (B, N, heads, d); the bias cancels
+        v = F.linear(t, ap.v_proj.weight, ap.v_proj.bias).unflatten(-1, (heads, -1))
+        # one (N,) and one (d,) product per image and head, each an F.linear with an unbatched weight: a vmap over
+        # the shift's directions folds them into rows (see pooled_attention)
+        out = torch.stack([torch.cat([F.linear(F.linear(q[i, h], k[i, :, h]).softmax(dim=-1), v[i, :, h].T)
+                                      for h in range(heads)]) for i in range(b)])
+        return ap.c_proj(out + F.linear(s, ap.v_proj.weight))
+
+    return extract, head, ("layer4",), shifted
 
 
-def _vit_head(prefix_in: Tensor, t0: Tensor, fmap: Tensor, attend: Callable, finish: Callable) -> Tensor:
-    """The CLS token through the rest of a pre-norm block: t0 (B, C) its residual input, prefix_in (B, 1, C) its
-    normed token, fmap (B, C, h, w) the normed patch tokens; attend(query, tokens) -> (B, C) the attention output."""
-    tokens = torch.cat([prefix_in, rearrange(fmap, "b c h w -> b (h w) c")], dim=1)
-    return finish(t0 + attend(prefix_in[:, 0], tokens))
+def _vit_head(feats: Features, attend: Callable, finish: Callable, shift: Tensor | None = None) -> Tensor:
+    """The CLS token through the rest of a pre-norm block: feats = (normed patch tokens (B, C, h, w),), (the CLS
+    token's residual input (B, C), its normed token (B, 1, C)); attend(query, tokens, shift) -> (B, C) the attention
+    output; shift (B, C): added to every patch token (``funcam.Split.shifted``)."""
+    (fmap,), (t0, prefix) = feats.maps, feats.context
+    tokens = torch.cat([prefix, rearrange(fmap, "b c h w -> b (h w) c")], dim=1)
+    return finish(t0 + attend(prefix[:, 0], tokens, shift))
 
 
-def _open_clip_vit_parts(v: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
+def _open_clip_vit_parts(v: nn.Module) -> tuple[Callable, Callable, tuple[str], Callable]:
     blocks = v.transformer.resblocks
     blk = blocks[-1]
     mha = blk.attn
@@ -191,10 +212,10 @@ def _open_clip_vit_parts(v: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
         n = blk.ln_1(t)
         return Features((rearrange(n[:, 1:], "b (h w) c -> b c h w", h=gh, w=gw),), (t[:, 0], n[:, :1]))
 
-    def attend(query: Tensor, tokens: Tensor) -> Tensor:
+    def attend(query: Tensor, tokens: Tensor, shift: Tensor | None) -> Tensor:
         c = query.shape[-1]
         return blk.ls_1(mha.out_proj(pooled_attention(query, tokens, (wq, bq, wk, bk, wv, bv), heads,
-                                                      (c // heads) ** -0.5)))
+                                                      (c // heads) ** -0.5, shift)))
 
     def finish(x: Tensor) -> Tensor:
         x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
@@ -203,13 +224,13 @@ def _open_clip_vit_parts(v: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
 
     def head(feats: Features) -> Tensor:
         """Features -> the image embedding (B, D): the CLS token's path through the last block, ln_post, proj."""
-        (fmap,), (t0, prefix) = feats.maps, feats.context
-        return _vit_head(prefix, t0, fmap, attend, finish)
+        return _vit_head(feats, attend, finish)
 
-    return extract, head, (f"transformer.resblocks.{len(blocks) - 1}.ln_1",)
+    return extract, head, (f"transformer.resblocks.{len(blocks) - 1}.ln_1",), \
+        lambda feats, s: _vit_head(feats, attend, finish, s)
 
 
-def _hf_vit_parts(model: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
+def _hf_vit_parts(model: nn.Module) -> tuple[Callable, Callable, tuple[str], Callable]:
     vm = model.vision_model
     layers = vm.encoder.layers
     last = layers[-1]
@@ -227,8 +248,8 @@ def _hf_vit_parts(model: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
         n = last.layer_norm1(t)
         return Features((rearrange(n[:, 1:], "b (h w) c -> b c h w", h=gh, w=gw),), (t[:, 0], n[:, :1]))
 
-    def attend(query: Tensor, tokens: Tensor) -> Tensor:
-        return at.out_proj(pooled_attention(query, tokens, proj, at.num_heads, at.scale))
+    def attend(query: Tensor, tokens: Tensor, shift: Tensor | None) -> Tensor:
+        return at.out_proj(pooled_attention(query, tokens, proj, at.num_heads, at.scale, shift))
 
     def finish(x: Tensor) -> Tensor:
         x = x + last.mlp(last.layer_norm2(x))
@@ -236,10 +257,10 @@ def _hf_vit_parts(model: nn.Module) -> tuple[Callable, Callable, tuple[str]]:
 
     def head(feats: Features) -> Tensor:
         """Features -> the image embeddings (B, D) (``image_embeds``)."""
-        (fmap,), (t0, prefix) = feats.maps, feats.context
-        return _vit_head(prefix, t0, fmap, attend, finish)
+        return _vit_head(feats, attend, finish)
 
-    return extract, head, (f"vision_model.encoder.layers.{len(layers) - 1}.layer_norm1",)
+    return extract, head, (f"vision_model.encoder.layers.{len(layers) - 1}.layer_norm1",), \
+        lambda feats, s: _vit_head(feats, attend, finish, s)
 
 
 def _embedding(out: Any) -> Tensor:
