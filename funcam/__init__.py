@@ -6,7 +6,7 @@
 >>> maps.shape  # (B, K, h, w) at feature resolution
 torch.Size([2, 2, 2, 2])
 """
-from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
+from funcam import explain, metrics, targets  # funcam.explain.explain(model, x, method=...) after a plain import
 from funcam._src.app.dataset import DatasetJob, RunSummary, explain_dataset, prepare_dataset
 from funcam._src.app.shards import DatasetError, MapShard, load_maps
 from funcam._src.base import CAM, Features, Pooled, Split, __version__
@@ -96,6 +96,7 @@ __all__ = [
     "shapleycam",
     "split",
     "sscam",
+    "targets",
     "upsample",
     "xgradcam",
 ]

@@ -252,19 +252,21 @@ def test_compiled_callers_take_the_per_class_path_with_the_same_maps(name, monke
 
 
 def test_shifted_heads_take_the_jacobian_route_from_c_over_16_classes(monkeypatch):
-    """With a shifted head the C passes together cost about a forward, so the route starts at K > C / 16 (C = 192
-    here: K = 13), and its maps equal the per-class path's; without one it starts at K > C."""
+    """With a shifted head the C passes together cost about a forward, so the route starts at K > n / 16 for n =
+    min(C, hw) directions (unit shifts, or the map's own positions when fewer: C = 192, hw = 9 here: K = 2), and
+    its maps equal the per-class path's; without one it starts at K > n."""
     from funcam._src.core import engine
 
     model, size, _ = MODELS["vit"]
     model = model.double().eval()
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     sp = funcam.split(model)
-    c = as_features(sp.extract(x))[0].maps[0].shape[1]
+    _, c, h, w = as_features(sp.extract(x))[0].maps[0].shape
+    n = min(c, h * w)
     runs = []
     real = engine._load_jvp_rules
     monkeypatch.setattr(engine, "_load_jvp_rules", lambda: runs.append(1) or real())
-    for k, route in ((c // 16, False), (c // 16 + 1, True)):
+    for k, route in ((max(n // 16, 1), False), (max(n // 16, 1) + 1, True)):
         runs.clear()
         classes = torch.arange(k) * 3
         got = funcam.gradcam(sp, x, classes, relu=False)

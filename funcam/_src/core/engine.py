@@ -11,6 +11,7 @@ import warnings
 from typing import Any, Callable
 
 import torch
+from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -108,12 +109,13 @@ def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | Non
 
 
 def jacobian_pays(k: int, c: int, shifted: bool) -> bool:
-    """Whether K classes cost more by K reverse passes of the head than by C forward passes in the shift. Without a
-    shifted head each of the C passes costs about one reverse pass: K > C. A shifted head's C passes together cost
-    about a forward, so the route pays from a few dozen classes: measured crossovers at B = 8 (224 px) were
-    K = 20-30 on vit_small CLS-pooled (C = 384), 5-10 average-pooled, 20-25 on swin_tiny (C = 768), about 50 on
-    timm vgg16's ConvMlp head (C = 512): K > C / 16, within about 1.3x of the better route on each."""
-    return k > (c // 16 if shifted else c)
+    """Whether K classes cost more by K reverse passes of the head than by c forward passes in the shift (c: the
+    number of directions, min(C, hw)). Without a shifted head each of the c passes costs about one reverse pass:
+    K > c. A shifted head's C passes together cost about a forward, so the route pays from a few dozen classes:
+    measured crossovers at B = 8 (224 px) were K = 20-30 on vit_small CLS-pooled (C = 384), 5-10 average-pooled,
+    20-25 on swin_tiny (C = 768), about 50 on timm vgg16's ConvMlp head (C = 512): K > C / 16, within about 1.3x of
+    the better route on each; never for one class."""
+    return k > (max(c // 16, 1) if shifted else c)
 
 
 def _load_jvp_rules() -> None:
@@ -125,18 +127,21 @@ def _load_jvp_rules() -> None:
 
 
 def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, req: Request) -> CAM | None:
-    """Grad-CAM for many classes from C forward-mode passes (None when K <= C: the per-class vjp is cheaper).
+    """Grad-CAM for many classes from min(C, hw) forward-mode passes (None when the per-class vjp is cheaper).
 
     Grad-CAM's weight w_kc = mean_hw d s_k / dA_chw is (1 / hw) d s_k / d t_c for a shift t (B, C) added at every
     position of A (Selvaraju et al. 2017, eq. 1; the chain rule through the broadcast): the K x C Jacobian of the
     scores in t, here one column per channel by ``jvp``, vmapped over the C unit shifts. ``split.shifted`` gives a
-    head whose forward mode in t is cheap (the ViT routes); otherwise ``head(A + t)``.
+    head whose forward mode in t is cheap (the ViT routes); otherwise ``head(A + t)``. With fewer positions than
+    channels the map itself is taken instead: sum_c w_kc A_cp = (1 / hw) d s_k / d t along t = A[:, :, p], one jvp
+    per position p (a CLIP tower's 7x7 grid: 49 passes for 2048 channels and any number of prompts).
     """
     a = feats.maps[0]
     b, c, h, w = a.shape
+    n_dir = min(c, h * w)
     known = req.known_k
     score_fn = req.score_fn
-    if known is not None and not jacobian_pays(known, c, split.shifted is not None):
+    if known is not None and not jacobian_pays(known, n_dir, split.shifted is not None):
         return None  # decided before any head forward: the per-class path costs nothing more at small K
     if torch.compiler.is_compiling():
         # torch 2.14 cannot trace jvp through layer_norm inside vmap (an internal assert on _fw_primal with fake
@@ -160,16 +165,29 @@ def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, req: 
     out, logits = scores(t0)
     idx, picked = class_indices(out, logits, req, b)
     k = idx.shape[1]
-    if k == 0 or not jacobian_pays(k, c, split.shifted is not None):
+    if k == 0 or not jacobian_pays(k, n_dir, split.shifted is not None):
         return None
     # per direction: the tangent of the map (B, C, h, w) and as much again inside the head, at most
     per_dir = (b * c if split.shifted is not None else 2 * a.numel()) * a.element_size() * 4
-    chunk = auto_chunk_size(per_dir, c, req.max_memory)
-    units = torch.eye(c, dtype=a.dtype, device=a.device).unsqueeze(1).expand(c, b, c)  # (C, B, C)
-    jac = torch.func.vmap(lambda u: torch.func.jvp(lambda t: scores(t)[0], (t0,), (u,))[1], chunk_size=chunk)(units)
-    jac = jac.permute(1, 2, 0)  # (B, N, C): d s_n / d t_c
-    _guard.check_reached(jac.detach().abs().amax(dim=(0, 2)), split.layers, split.module)
-    wts = jac if score_fn is not None else jac.gather(1, idx.unsqueeze(-1).expand(-1, -1, c))
+    chunk = auto_chunk_size(per_dir, n_dir, req.max_memory)
+    at_positions = h * w < c
+    if at_positions:
+        # each image's feature vector at position p, and one random shift: the maps alone cannot tell a zero
+        # gradient (refused below, as on every route) from features orthogonal to it
+        probe = torch.randn((1, b, c), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        dirs = torch.cat([rearrange(a, "b c h w -> (h w) b c"), probe.to(a)])
+    else:
+        dirs = torch.eye(c, dtype=a.dtype, device=a.device).unsqueeze(1).expand(c, b, c)  # (C, B, C) unit shifts
+    jac = torch.func.vmap(lambda u: torch.func.jvp(lambda t: scores(t)[0], (t0,), (u,))[1], chunk_size=chunk)(dirs)
+    jac = jac.permute(1, 2, 0)  # (B, N, directions): d s_n / d t along each direction
+    if at_positions:
+        _guard.check_reached(jac[..., -1].detach().abs().amax(dim=0), split.layers, split.module)
+        jac = jac[..., :-1]
+    else:
+        _guard.check_reached(jac.detach().abs().amax(dim=(0, 2)), split.layers, split.module)
+    wts = jac if score_fn is not None else jac.gather(1, idx.unsqueeze(-1).expand(-1, -1, jac.shape[-1]))
+    if at_positions:
+        return CAM(rearrange(wts / (h * w), "b k (h w) -> b k h w", h=h, w=w), picked, logits)
     return CAM(channel_sum(wts / (h * w), a), picked, logits)
 
 

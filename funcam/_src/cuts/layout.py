@@ -565,7 +565,7 @@ _RULES: dict[str, Callable] = {
                      "randn", "tensor"], _rule_const),
     "im2col": lambda node, env, bsym: _rule_im2col(node, env, bsym),
     "col2im": lambda node, env, bsym: _rule_col2im(node, env, bsym),
-    **dict.fromkeys(["index", "gather", "index_select", "repeat_interleave", "flip",
+    **dict.fromkeys(["index", "gather", "index_select", "embedding", "repeat_interleave", "flip",
                      "pixel_shuffle", "pixel_unshuffle", "take_along_dim"], _rule_gather),
 }
 

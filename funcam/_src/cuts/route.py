@@ -13,6 +13,11 @@ timm-vit     timm ViTs whose last block is pre-norm, plain      a token feature 
              softmax attention (checked on the block)
 timm-swin    timm Swin v1 (pre-norm last block)                 norm2 of the last block
 timm-maps    timm models whose ``forward_features`` is a map    ``forward_features``, timm's ``forward_head``
+clip         open_clip CLIP models / image towers (ModifiedRes  the tower's last grid (exact shifted heads);
+             Net, CLS-pooled ViT), Hugging Face CLIP            the output is the image embedding
+detection    torchvision Faster / Mask R-CNN, RetinaNet, FCOS,  the backbone's levels (one map each); the
+             SSD, SSDlite                                       output is the list of detections
+yolo         Ultralytics YOLO (Detect head)                     the Detect head's input levels
 graph        any model (``torch.export``; ``torch.fx`` for FX   named values, or the last value on the input's
              names and models export cannot capture)           grid that reaches the output
 ===========  =================================================  ================================================
@@ -24,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 from torch import Tensor, nn
 
 from funcam._src.base import Split
-from funcam._src.cuts import auto, features, swin, vit
+from funcam._src.cuts import auto, clip, detection, features, swin, vit, yolo
 from funcam._src.cuts.attention import Source
 from funcam._src.cuts.capture import SplitArgs
 
@@ -39,10 +44,24 @@ class Route(NamedTuple):
     attention: Callable[[nn.Module, Tensor, Any], Source | None]
 
 
+def _no_attention(model: nn.Module, x: Tensor, graph: Any = None) -> Source | None:
+    return None  # the graph route finds it
+
+
+def _whole(family: Any) -> tuple[Callable, Callable]:
+    """applies / split of a family module whose split takes no arguments: it applies without ``layer`` or
+    ``token_cut`` (a named cut goes to the graph route)."""
+    return ((lambda m, a: a.layer is None and a.token_cut is None and family.applies(m)),
+            (lambda m, a: family.split(m)))
+
+
 ROUTES: tuple[Route, ...] = (
     Route("timm-vit", vit.applies, vit.split, vit.attention),
     Route("timm-swin", swin.applies, swin.split, swin.attention),
     Route("timm-maps", features.applies, features.split, features.attention),
+    Route("clip", *_whole(clip), _no_attention),
+    Route("detection", *_whole(detection), _no_attention),
+    Route("yolo", *_whole(yolo), _no_attention),
     Route("graph", auto.applies, auto.split, auto.attention),
 )
 
