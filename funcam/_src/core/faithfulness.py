@@ -96,13 +96,22 @@ def sensitivity_n(model: Callable, x: Tensor, maps: Tensor, classes: Any, *, fea
     """Sensitivity-n (Ancona et al. 2018, ICLR, Sec. 3.2) as Quantus 0.6 computes it: for each number n of removed
     features (the first ``int(n_max_percentage * H * W // features_in_step)`` steps of cumulative removal in the
     order of the map), the correlation ``(N,)`` across all ``B * K`` (image, class) pairs between the summed
-    attribution of the removed features and the score drop. One value per step, not per pair; equals
-    ``quantus.SensitivityN`` on the B*K pairs given as one batch.
+    attribution of the step's features and the score drop. One value per step, not per pair; ``normalise``
+    divides all maps by their common largest absolute value. Equals ``quantus.SensitivityN(return_aggregate=False)``
+    on the B*K pairs given as one batch (Quantus' default returns the mean over the steps).
     """
     if not 0 < n_max_percentage <= 1:
         raise ValueError(f"n_max_percentage must lie in (0, 1], got {n_max_percentage!r}")
-    st, a, groups, steps = _ranked(model, x, maps, classes, features_in_step=features_in_step, abs=abs,
-                                   normalise=normalise, softmax=softmax, descending=True)
+    # the correlation runs across maps, so all of them share one scale: the largest absolute value of all (Quantus
+    # normalises the batch it is given as one array)
+    st, a, groups, steps = _ranked(model, x, maps, classes, features_in_step=features_in_step, abs=False,
+                                   normalise=False, softmax=softmax, descending=True)
+    if normalise:
+        top = a.abs().amax()
+        a = torch.where(top > 0, a / torch.where(top > 0, top, 1.0), a)
+    a = a.abs() if abs else a
+    if abs:
+        groups = ev.rank_groups(a, features_in_step, descending=True)
     sim = similarity_function(similarity_func)
     n = int(n_max_percentage * x.shape[-2] * x.shape[-1] // features_in_step)
     t = min(n, steps)
