@@ -15,7 +15,7 @@ from torch import Tensor
 
 from funcam._src.core import evaluation as ev
 
-__all__ = ["sparseness", "complexity", "effective_complexity"]
+__all__ = ["sparseness", "complexity", "effective_complexity", "discrete_entropy"]
 
 
 def _flat(x: Tensor, maps: Tensor, abs: bool, normalise: bool) -> Tensor:
@@ -48,3 +48,24 @@ def effective_complexity(model: Callable | None, x: Tensor, maps: Tensor, classe
     """Effective complexity (Nguyen & Martinez 2020, "On quantitative aspects of model interpretability", Sec.
     3.2): the number ``(B, K)`` int64 of map values above ``eps``. Lower is simpler."""
     return (_flat(x, maps, abs, normalise) > eps).sum(dim=-1)
+
+
+def discrete_entropy(a: Tensor, n_bins: int = 100) -> Tensor:
+    """The entropy ``(...)`` (natural log) of each row's histogram, a ``(..., n)``, over ``n_bins`` equal bins from
+    its minimum to its maximum: ``scipy.stats.entropy(np.histogram(row, bins=n_bins)[0])``, numpy's bin edges and
+    edge corrections included (a constant row: bins around the value, all in one)."""
+    a = a.to(torch.float64)
+    lo, hi = a.amin(dim=-1, keepdim=True), a.amax(dim=-1, keepdim=True)
+    flat = hi == lo
+    lo, hi = torch.where(flat, lo - 0.5, lo), torch.where(flat, hi + 0.5, hi)
+    bin_of = ((a - lo) * (n_bins / (hi - lo))).floor().long().clamp(0, n_bins - 1)
+    # numpy's corrections where float rounding put a value in the wrong bin: edges are linspace(lo, hi, n + 1)
+    i = torch.arange(n_bins + 1, device=a.device, dtype=torch.float64)
+    edges = i * ((hi - lo) / n_bins) + lo  # (..., n_bins + 1), as np.linspace: i * step + start, the last one stop
+    edges = torch.cat([edges[..., :-1], hi], dim=-1)
+    bin_of = bin_of - (a < edges.gather(-1, bin_of)).long()
+    bin_of = bin_of + ((a >= edges.gather(-1, bin_of + 1)) & (bin_of != n_bins - 1)).long()
+    counts = torch.zeros(a.shape[:-1] + (n_bins,), device=a.device, dtype=torch.float64)
+    counts.scatter_add_(-1, bin_of, torch.ones_like(a))
+    p = counts / counts.sum(dim=-1, keepdim=True)
+    return -(torch.where(p > 0, p * p.log(), p.new_zeros(()))).sum(dim=-1)
