@@ -54,9 +54,9 @@ def attributions(maps: Any, x: Tensor, *, abs: bool, normalise: bool) -> Tensor:
     if maps.ndim == 5:
         if tuple(maps.shape[2:]) not in ((c, h, w), (1, h, w)):
             raise ValueError(f"maps (B, K, C, H, W) must have C, H, W = {(c, h, w)} like x, got {tuple(maps.shape)}")
-        a = maps.to(torch.float64)
+        a = maps.detach().to(torch.float64)
     else:
-        a = maps.to(torch.float64)
+        a = maps.detach().to(torch.float64)
         if tuple(a.shape[-2:]) != (h, w):
             a = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False) if a.numel() else \
                 a.new_zeros(a.shape[:2] + (h, w))
