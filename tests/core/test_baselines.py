@@ -31,7 +31,7 @@ def test_centre_map_peaks_at_the_centre_and_random_maps_follow_the_generator():
                                             (metrics.sparseness, {}),
                                             (metrics.region_perturbation, {"patch_size": 4, "regions_evaluation": 3})])
 def test_with_baselines_equals_one_call_per_map_set(metric, options):
-    out = metrics.with_baselines(metric, MODEL, X, MAPS, CLASSES, generator=torch.Generator().manual_seed(0),
+    out = metrics.with_baselines(metric, MODEL, X, MAPS, CLASSES, baseline_generator=torch.Generator().manual_seed(0),
                                  **options)
     assert list(out) == ["maps", "random", "centre", "sobel"]
     torch.testing.assert_close(out["maps"], metric(MODEL, X, MAPS, CLASSES, **options), rtol=1e-5, atol=1e-6)

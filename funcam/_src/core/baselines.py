@@ -61,12 +61,13 @@ BASELINES: dict[str, Callable[..., Tensor]] = {"random": random_maps, "centre": 
 
 
 def with_baselines(metric: Callable[..., Any], model: Callable, x: Tensor, maps: Tensor, classes: Any, *,
-                   generator: torch.Generator | None = None, **options: Any) -> dict[str, Any]:
+                   baseline_generator: torch.Generator | None = None, **options: Any) -> dict[str, Any]:
     """``{"maps": score, "random": ..., "centre": ..., "sobel": ...}``: ``metric(model, x, maps, classes, **options)``
     for the given maps and each baseline, from one call with the baselines appended as classes (K -> 4K).
 
     maps: ``(B, K, h, w)`` (upsampled to x's size with the baselines) or ``(B, K, C, H, W)`` (baselines repeated
-    over channels). The result of a metric is split along its class dimension (``(B, 4K, ...)``, or a NamedTuple
+    over channels). baseline_generator: draws the random maps (``generator`` goes to the metric). The result of a
+    metric is split along its class dimension (``(B, 4K, ...)``, or a NamedTuple
     whose fields are); a metric that correlates across pairs (sensitivity-n) cannot be split and raises.
     For metrics that recompute explanations (robustness, MPRT), pass a baseline as their ``explain_fn`` instead.
     """
@@ -77,7 +78,7 @@ def with_baselines(metric: Callable[..., Any], model: Callable, x: Tensor, maps:
     idx = idx.to(x.device).reshape(-1, k).expand(b, k) if idx.ndim < 2 else idx
     parts = [a]
     for name, fn in BASELINES.items():
-        m = fn(model, x, idx, generator=generator) if name == "random" else fn(model, x, idx)
+        m = fn(model, x, idx, generator=baseline_generator) if name == "random" else fn(model, x, idx)
         parts.append(ev.attributions(m, x, abs=False, normalise=False).to(x.dtype).expand(b, k, c, *a.shape[3:]))
     joint = torch.cat(parts, dim=1)
     out = metric(model, x, joint if maps.ndim == 5 else joint[:, :, 0], idx.repeat(1, len(parts)), **options)
