@@ -73,6 +73,9 @@ def setups(quick: bool) -> dict:
     with torch.no_grad():
         classes = model(x).topk(K, dim=1).indices
     maps = upsample(gradcam(model, x, classes).detach(), x.shape[-2:])
+    # ReLU'd CAMs are 0 on whole regions: Quantus' np.argsort orders tied pixels as its sort algorithm happens to,
+    # funcam in flat order. A 1e-6 relative jitter makes every rank unique, so both perturb the same pixels.
+    maps = maps + 1e-6 * maps.amax() * torch.rand(maps.shape, generator=torch.Generator().manual_seed(2))
     step = 224 * 14  # divides H*W as Quantus asks: 48 steps of 3136 of the 150528 features
     out["EfficientNet-Lite0 3x224x224, Grad-CAM maps"] = (model, x, maps, classes, {
         "pixel_flipping": ({"features_in_step": step}, quantus.PixelFlipping, {"features_in_step": step},

@@ -17,9 +17,11 @@ from torch import Tensor
 from funcam._src.core.engine import auto_chunk_size, resolve_classes
 from funcam._src.core.metrics import score_of
 
-# Bytes a no-grad forward keeps alive per input byte (a CNN's first stages hold a few activation maps of several
-# times the input's size), plus the perturbed input itself and its int64 step ids: what one input costs at once.
-FORWARD_BYTES_PER_INPUT_BYTE = 12
+# Bytes a no-grad forward keeps alive per input byte, with the perturbed input and its int64 step ids: a CNN's
+# first stages hold several activations of many times the input's size (EfficientNet-Lite0 at 224 px: 96 channels
+# at 112 x 112, 8x the input, each, with their batch-norm outputs). Small chunks also ran fastest on CPU (Lite0 at
+# 224 px: 140-180 ms an image in batches of 4, 190 in 8, 250-280 in 16, 380-410 in 32; benchmarks/quantus_speed.py).
+FORWARD_BYTES_PER_INPUT_BYTE = 32
 
 MODES = ("cumulative", "single", "insertion")
 

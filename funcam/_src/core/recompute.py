@@ -17,9 +17,9 @@ from funcam._src.core.engine import auto_chunk_size
 
 __all__ = ["gradcam_explainer", "check_explainer", "explain_copies", "predicted", "EXPLAIN_BYTES_PER_INPUT_BYTE"]
 
-# Bytes an explainer keeps alive per input byte: a forward's activations kept for one vjp (Grad-CAM differentiates
-# the head only, guided methods the whole network: this is between the two).
-EXPLAIN_BYTES_PER_INPUT_BYTE = 32
+# Bytes an explainer keeps alive per input byte: a forward's activations kept for its vjp (funcam counts 64 for the
+# guided methods, whose backward runs through the whole network; Grad-CAM keeps the forward graph as well).
+EXPLAIN_BYTES_PER_INPUT_BYTE = 64
 
 
 def gradcam_explainer(model: Callable, x: Tensor, classes: Tensor) -> Tensor:
