@@ -105,10 +105,11 @@ def run(*, quick: bool = False, methods=None) -> dict:
         explainers[name] = explainer_of(name)
         rows[name] = {}
         t0 = time.perf_counter()
+        first = BASELINE_ROWS[0] not in rows  # the first method's calls score the baselines too
         for col, (fn, options, summary, _) in map_metrics(quick).items():
-            if BASELINE_ROWS[0] in rows:
+            if not first:
                 out = {"maps": fn(model, x, maps, classes, **options)}
-            else:  # the first method's call scores the baselines too (the same call, the baselines as classes)
+            else:  # the same call, the baselines appended as classes
                 out = metrics.with_baselines(fn, model, x, maps, classes,
                                              baseline_generator=torch.Generator().manual_seed(1), **options)
             for who, key in zip(("maps", "random", "centre", "sobel"), (name,) + BASELINE_ROWS):

@@ -50,8 +50,8 @@ def lenet() -> nn.Module:
 
 
 def setups(quick: bool) -> dict:
-    """name -> (model, x (B, C, H, W), maps (B, K, H, W), classes (B, K), {metric: (funcam kwargs, Quantus class,
-    Quantus kwargs, Quantus call kwargs)})."""
+    """name -> (model, x (B, C, H, W), maps (B, K, H, W) or (B, K, C, H, W), classes (B, K), {metric: (funcam
+    kwargs, Quantus class, Quantus kwargs, Quantus call kwargs)})."""
     out = {}
     model = lenet()
     x = torch.rand(B, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -73,8 +73,11 @@ def setups(quick: bool) -> dict:
     with torch.no_grad():
         classes = model(x).topk(K, dim=1).indices
     maps = upsample(gradcam(model, x, classes).detach(), x.shape[-2:])
-    # ReLU'd CAMs are 0 on whole regions: Quantus' np.argsort orders tied pixels as its sort algorithm happens to,
-    # funcam in flat order. A 1e-6 relative jitter makes every rank unique, so both perturb the same pixels.
+    # Ties: ReLU'd CAMs are 0 on whole regions, and a map per pixel gives its C channels one value, which Quantus'
+    # steps split (it asks the step to divide H*W = 50176 = 2^10 * 7^2, never a multiple of 3). np.argsort orders
+    # tied values as its sort algorithm happens to, funcam in flat order: the maps are given per channel
+    # (B, K, 3, H, W) with a 1e-6 relative jitter, so that every rank is unique and both perturb the same features.
+    maps = maps.unsqueeze(2).expand(B, K, 3, *maps.shape[-2:])
     maps = maps + 1e-6 * maps.amax() * torch.rand(maps.shape, generator=torch.Generator().manual_seed(2))
     step = 224 * 14  # divides H*W as Quantus asks: 48 steps of 3136 of the 150528 features
     out["EfficientNet-Lite0 3x224x224, Grad-CAM maps"] = (model, x, maps, classes, {
@@ -94,7 +97,7 @@ def _quantus(cls, options, call, model, x, maps, classes) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = metric(model=model, x_batch=xq, y_batch=classes.reshape(-1).numpy(),
-                   a_batch=maps.reshape(B * K, 1, *maps.shape[-2:]).numpy(), batch_size=64, **call)
+                   a_batch=maps.reshape(B * K, -1, *x.shape[-2:]).numpy(), batch_size=64, **call)
     return np.asarray(r, dtype=np.float64)
 
 
