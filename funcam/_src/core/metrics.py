@@ -44,7 +44,8 @@ def boxes_to_masks(boxes: Tensor, size: int | Sequence[int]) -> Tensor:
     return (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
 
 
-def _masks(masks: Tensor, maps: Tensor) -> Tensor:
+def as_masks(masks: Tensor, maps: Tensor) -> Tensor:
+    """masks ``(B, K, H, W)`` like ``maps``, or boxes ``(B, K, 4)`` -> bool masks ``(B, K, H, W)``."""
     if isinstance(masks, Tensor) and masks.ndim == 3 and masks.shape[-1] == 4 and masks.shape[:2] == maps.shape[:2]:
         masks = boxes_to_masks(masks, maps.shape[-2:])
     if not isinstance(masks, Tensor) or masks.shape != maps.shape:
@@ -63,7 +64,7 @@ def pointing_game(maps: Tensor, masks: Tensor, *, tolerance: float = 0) -> Tenso
     maximum and counts as a miss.
     """
     _check_maps(maps)
-    masks = _masks(masks, maps)
+    masks = as_masks(masks, maps)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance!r}")
     b, k, h, w = maps.shape
@@ -83,7 +84,7 @@ def energy_in_box(maps: Tensor, masks: Tensor) -> Tensor:
     The energy-based pointing game of Wang et al. 2020 (Score-CAM, Sec. 5.1.2); 0 for a map with no positive mass.
     """
     _check_maps(maps)
-    masks = _masks(masks, maps)
+    masks = as_masks(masks, maps)
     # half-precision sums overflow above 65504 (a 224 x 224 float16 map of values > 1.3): sum in float32
     pos = (maps.float() if maps.dtype in (torch.float16, torch.bfloat16) else maps).clamp_min(0)
     total = pos.sum(dim=(2, 3))
@@ -93,7 +94,8 @@ def energy_in_box(maps: Tensor, masks: Tensor) -> Tensor:
     return torch.where(total > 0, share.clamp(max=1), torch.zeros_like(total)).to(maps.dtype)
 
 
-def _score(logits: Tensor, score: str) -> Tensor:
+def score_of(logits: Tensor, score: str) -> Tensor:
+    """logits ``(B, N)`` -> scores ``(B, N)``: ``score`` is 'softmax', 'sigmoid' or 'logit' (the logits as they are)."""
     if score == "softmax":
         return logits.softmax(dim=-1)
     if score == "sigmoid":
@@ -122,7 +124,7 @@ def _setup(model: Callable, x: Tensor, maps: Tensor, classes: Any, score: str,
     if idx.shape != maps.shape[:2]:
         raise ValueError(f"classes must give K = {maps.shape[1]} classes per image like maps, got shape "
                          f"{tuple(idx.shape)}")
-    return idx, _score(logits, score).gather(1, idx)
+    return idx, score_of(logits, score).gather(1, idx)
 
 
 def _run(model: Callable, make: Callable[[Tensor], tuple[Tensor, Tensor]], n: int, score: str, chunk_size: int,
@@ -132,7 +134,7 @@ def _run(model: Callable, make: Callable[[Tensor], tuple[Tensor, Tensor]], n: in
     with torch.no_grad():
         for s in range(0, n, chunk_size):
             inputs, cls = make(torch.arange(s, min(n, s + chunk_size), device=device))
-            out.append(_score(model(inputs), score).gather(1, cls[:, None])[:, 0])
+            out.append(score_of(model(inputs), score).gather(1, cls[:, None])[:, 0])
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
