@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+import torch.utils._pytree as _pytree
 from torch.utils.checkpoint import checkpoint
 
 from funcam._src import guard as _guard
@@ -21,7 +22,7 @@ from funcam._src.core.request import DEFAULT_MAX_MEMORY, Request, auto_chunk_siz
 from funcam._src.core.rules import Rule, channel_sum
 
 __all__ = ["DEFAULT_MAX_MEMORY", "auto_chunk_size", "class_indices", "class_maps", "class_vjp", "jacobian_pays",
-           "logits_of", "logits_or_output", "resolve_classes"]
+           "logits_of", "logits_or_output", "resolve_classes", "sample_chunks", "sampled_class_vjp"]
 
 
 def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
@@ -89,16 +90,18 @@ def class_maps(split: Split, x: Tensor, req: Request, rule: Rule) -> CAM:
     return CAM(result[0] if len(result) == 1 else result, picked, logits)
 
 
-def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple) -> Any:
+def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple,
+                 whole: bool = False) -> Any:
     """``vmap(fn)(cot)`` over the K cotangents ``cot (K, ...)``, ``chunk_size`` at a time.
 
     Differentiable results (grad mode on): each chunk's per-class backward would stay in the autograd graph until
     the results die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and results and
-    recomputes its backward when they are differentiated, so max_memory bounds this case too."""
+    recomputes its backward when they are differentiated, so max_memory bounds this case too; ``whole``: a single
+    chunk too (one of several vjps whose backwards would otherwise pile up)."""
     k = cot.shape[0]
-    if chunk_size is not None and chunk_size < k and _keeps_graph(primals):
+    if (whole or chunk_size is not None and chunk_size < k) and _keeps_graph(primals):
         parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size), ct, use_reentrant=False)
-                 for ct in cot.split(chunk_size)]
+                 for ct in cot.split(chunk_size or k)]
         if isinstance(parts[0], Tensor):
             return torch.cat(parts, dim=0)
         return tuple(torch.cat(p, dim=0) for p in zip(*parts))
@@ -228,6 +231,100 @@ def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor,
     per = _vmap_chunks(lambda ct: reduce(vjp_fn(ct), aux), cot, req.chunk(per_class_bytes, cot.shape[0]),
                        primals + (logits,))  # (K, B, ...)
     return CAM(per.movedim(0, 1), picked, logits)
+
+
+def sampled_class_vjp(forward: Callable[[Tensor], Any], x: Tensor, req: Request,
+                      reduce: Callable[..., Tensor], *, empty: Callable[[int], Tensor], sample_bytes: int,
+                      class_bytes: int, samples: tuple[Tensor, ...] | None = None,
+                      point: Callable[..., Tensor] | None = None) -> CAM:
+    """``sum_s reduce(d score_k / d x_s, *samples[s])`` for every requested class k and S points ``x_s`` near x.
+
+    The input-gradient attributions that average or integrate over perturbed copies of x (SmoothGrad, Integrated
+    Gradients, GradientShap) need K x S backward passes. Here the S points of a chunk of samples are one forward of
+    s * B images, and that forward's one vjp is vmapped over the K one-hot cotangents: the forward is shared by the
+    K classes, every backward by the s * B images. Chunked under ``max_memory`` over both axes.
+
+    forward(inp (n, C, H, W)) -> the model's output. x: (B, C, H, W); the classes are resolved, and the logits
+        reported, at x (one forward of B images), and a ``classes`` callable scores each sample's (B, ...) output.
+    samples: per-sample tensors, each with S leading (Integrated Gradients' alphas and step sizes, SmoothGrad's
+        noise (S, B, C, H, W)); point(x, *chunk) -> (s, B, C, H, W) the chunk's points. None: the one point x
+        itself (its forward also gives the logits).
+    reduce(g (s, B, C, H, W), *chunk) -> the chunk's part (B, ...) of the sum, run under vmap over the classes.
+    sample_bytes: what one image's forward keeps for its vjp; class_bytes: what one class of one image's vmapped
+        backward holds (``sample_chunks`` plans the chunks from both).
+    empty(B) -> (B, 0, ...) for K == 0.
+    Returns CAM(maps (B, K, ...) the sums, classes (B, K) or None for a callable, logits (B, N) at x).
+
+    Differentiable maps (grad mode, with x or the parameters requiring grad) keep every chunk's forward, S * B
+    images' activations, until they are freed (``torch.func.vjp`` cannot run inside a checkpoint, which would
+    recompute it); each chunk's K backwards are checkpointed. Under ``torch.no_grad()`` (as ``funcam.explain``
+    runs) one chunk exists at a time, within ``max_memory``.
+    """
+    b = x.shape[0]
+    score_fn = req.score_fn
+
+    def scores(inp: Tensor, s: int) -> tuple[Tensor, Any]:
+        out = forward(inp)
+        if score_fn is None:
+            logits = logits_of(out)
+            return logits, logits
+        # a callable may hold per-image targets (B, ...): it scores each sample's B images on their own
+        parts = [score_fn(_pytree.tree_map(lambda t, i=i: t[i * b:(i + 1) * b] if isinstance(t, Tensor) else t,
+                                           out)) for i in range(s)]
+        return torch.cat(parts), logits_or_output(out)
+
+    def attribute(idx: Tensor, k_step: int | None, pts: Tensor, *chunk: Tensor) -> Tensor:
+        """The chunk's (K, B, ...) part: one forward of its s * B points, its vjp vmapped over the K classes."""
+        s = pts.shape[0]
+        out, vjp_fn, _ = torch.func.vjp(lambda p: scores(p, s), pts.flatten(0, 1), has_aux=True)
+        cot = _one_hot(idx, out.shape[1], out.dtype).repeat(1, s, 1)  # (K, s * B, N): rows sample-major
+        return _vmap_chunks(lambda ct: reduce(vjp_fn(ct)[0].unflatten(0, (s, b)), *chunk), cot, k_step, (pts, out),
+                            whole=True)
+
+    if samples is None:
+        # the one point x: its forward gives the classes and logits, and its vjp serves every class
+        out, vjp_fn, logits = torch.func.vjp(lambda p: scores(p, 1), x, has_aux=True)
+        idx, picked = class_indices(out, logits, req, b)
+        if idx.shape[1] == 0:
+            return CAM(empty(b), picked, logits)
+        cot = _one_hot(idx, out.shape[1], out.dtype)
+        # the forward is the model's own here: only the per-class backwards count, as for class_vjp
+        per = _vmap_chunks(lambda ct: reduce(vjp_fn(ct)[0].unsqueeze(0)), cot, req.chunk(b * class_bytes, cot.shape[0]),
+                           (x, out))
+        return CAM(per.movedim(0, 1), picked, logits)
+
+    probe = forward(x)  # the classes (top_k, range checks) and logits at x itself, not at a perturbed point
+    out, logits = (score_fn(probe), logits_or_output(probe)) if score_fn is not None else (logits_of(probe),) * 2
+    idx, picked = class_indices(out, logits, req, b)
+    if idx.shape[1] == 0:
+        return CAM(empty(b), picked, logits)
+    n = samples[0].shape[0]
+    s_step, k_step = sample_chunks(b, n, idx.shape[1], sample_bytes, class_bytes, req)
+    total = None
+    for lo in range(0, n, s_step):
+        chunk = tuple(t[lo:lo + s_step] for t in samples)
+        part = attribute(idx, k_step, point(x, *chunk), *chunk)
+        total = part if total is None else total + part
+    return CAM(total.movedim(0, 1), picked, logits)
+
+
+def sample_chunks(b: int, n: int, k: int, sample_bytes: int, class_bytes: int,
+                  req: Request) -> tuple[int, int | None]:
+    """(samples per forward, classes per vmapped chunk or None for all) for B images, S = ``n`` samples and K = ``k``
+    classes, so that a chunk's s * B * (sample_bytes + k * class_bytes)
+    stays within ``max_memory``, or ``chunk_size`` classes when given.
+
+    The forward work is S * B images however the samples are chunked, and the backward work K * S * B: only the
+    batch sizes change. For a given number s * k of backward images at once, s = 1 costs the least memory, so
+    all K classes at once are tried first with as many samples as fit, else one sample with as many classes."""
+    budget = DEFAULT_MAX_MEMORY if req.max_memory is None else req.max_memory
+    if req.chunk_size is not None:
+        kk = min(req.chunk_size, k)
+        return max(1, min(n, budget // max(1, b * (sample_bytes + kk * class_bytes)))), req.chunk_size
+    s = budget // max(1, b * (sample_bytes + k * class_bytes))
+    if s >= 1:
+        return min(n, s), None
+    return 1, auto_chunk_size(b * class_bytes, k, max(1, budget - b * sample_bytes))
 
 
 def class_indices(out: Tensor, logits: Tensor, req: Request, b: int | None) -> tuple[Tensor, Tensor | None]:
