@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from captum.attr import (GradientShap, InputXGradient, IntegratedGradients, NoiseTunnel, Saliency)
+from captum.attr import GradientShap, InputXGradient, IntegratedGradients, NoiseTunnel, Saliency
 from captum.attr._utils.approximation_methods import approximation_parameters
 
 import funcam
@@ -72,8 +72,8 @@ def test_input_x_gradient_equals_captum(model, x):
 @pytest.mark.parametrize("integration,baselines", [(rule, "none") for rule in INTEGRATIONS]
                          + [("gausslegendre", "scalar"), ("riemann_trapezoid", "tensor")])
 def test_integrated_gradients_equals_captum(model, x, integration, baselines):
-    base = {"none": None, "scalar": 0.5,
-            "tensor": torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(3), dtype=x.dtype)}[baselines]
+    g = torch.Generator().manual_seed(3)
+    base = {"none": None, "scalar": 0.5, "tensor": torch.randn(1, *x.shape[1:], generator=g, dtype=x.dtype)}[baselines]
     want = captum_per_class(IntegratedGradients(model).attribute, x, baselines=base, n_steps=6, method=integration)
     got = funcam.integrated_gradients(model, x, CLASSES, baselines=base, n_steps=6, integration=integration)
     assert_rel_close(got, want)

@@ -12,10 +12,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from funcam._src import guard as _guard
 from funcam._src.base import CAM, Split
+from funcam._src.cuts.attention import explicit_sdpa
 from funcam._src.core.engine import sampled_class_vjp
 from funcam._src.core.guided import GUIDED_BYTES_PER_INPUT_BYTE
 from funcam._src.core.request import Option, Request, flag, one_of, positive_int
@@ -29,9 +32,25 @@ SAMPLE_BYTES_PER_INPUT_BYTE = 160
 INTEGRATIONS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 
 
-def model_of(target: nn.Module | Split) -> nn.Module:
-    """The model a whole-model method differentiates: a Split's module, DataParallel unwrapped."""
-    return _guard.unwrap(target.module if isinstance(target, Split) else target)
+class _UnfusedAttention(TorchFunctionMode):
+    """Fused attention computed explicitly (``explicit_sdpa``): the fused CPU kernel's backward has no vmap rule
+    (a per-class loop, and a warning). Active only while the model's forward runs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            return explicit_sdpa(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def forward_of(target: nn.Module | Split) -> Callable[[Tensor], Any]:
+    """The forward a whole-model method differentiates: a Split's module (DataParallel unwrapped), with fused
+    attention unfused."""
+    model = _guard.unwrap(target.module if isinstance(target, Split) else target)
+
+    def forward(inp: Tensor) -> Any:
+        with _UnfusedAttention():
+            return model(inp)
+    return forward
 
 
 def attribute(target: nn.Module | Split, x: Tensor, req: Request, reduce: Callable[..., Tensor], *,
@@ -40,7 +59,7 @@ def attribute(target: nn.Module | Split, x: Tensor, req: Request, reduce: Callab
     """``engine.sampled_class_vjp`` for the model behind ``target``, with this module's memory estimates;
     ``extra``: the dims ``reduce`` puts between B and (C, H, W) (for the empty result when K == 0)."""
     per_image = x[:1].numel() * x.element_size()
-    return sampled_class_vjp(model_of(target), x, req, reduce, samples=samples, point=point,
+    return sampled_class_vjp(forward_of(target), x, req, reduce, samples=samples, point=point,
                              empty=lambda b: x.new_zeros((b, 0) + extra + tuple(x.shape[1:])),
                              sample_bytes=SAMPLE_BYTES_PER_INPUT_BYTE * per_image,
                              class_bytes=GUIDED_BYTES_PER_INPUT_BYTE * per_image)

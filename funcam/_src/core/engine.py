@@ -11,8 +11,8 @@ import warnings
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 import torch.utils._pytree as _pytree
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from funcam._src import guard as _guard
@@ -257,7 +257,7 @@ def sampled_class_vjp(forward: Callable[[Tensor], Any], x: Tensor, req: Request,
 
     Differentiable maps (grad mode, with x or the parameters requiring grad) keep every chunk's forward, S * B
     images' activations, until they are freed (``torch.func.vjp`` cannot run inside a checkpoint, which would
-    recompute it); each chunk's K backwards are checkpointed. Under ``torch.no_grad()`` (as ``funcam.explain``
+    recompute it); each chunk's backwards are checkpointed. Under ``torch.no_grad()`` (as ``funcam.explain``
     runs) one chunk exists at a time, within ``max_memory``.
     """
     b = x.shape[0]
@@ -273,25 +273,37 @@ def sampled_class_vjp(forward: Callable[[Tensor], Any], x: Tensor, req: Request,
                                            out)) for i in range(s)]
         return torch.cat(parts), logits_or_output(out)
 
-    def attribute(idx: Tensor, k_step: int | None, pts: Tensor, *chunk: Tensor) -> Tensor:
-        """The chunk's (K, B, ...) part: one forward of its s * B points, its vjp vmapped over the K classes."""
-        s = pts.shape[0]
-        out, vjp_fn, _ = torch.func.vjp(lambda p: scores(p, s), pts.flatten(0, 1), has_aux=True)
-        cot = _one_hot(idx, out.shape[1], out.dtype).repeat(1, s, 1)  # (K, s * B, N): rows sample-major
-        return _vmap_chunks(lambda ct: reduce(vjp_fn(ct)[0].unflatten(0, (s, b)), *chunk), cot, k_step, (pts, out),
-                            whole=True)
+    def attribute(total: Tensor | None, forward_at: Callable[[Tensor], tuple], inp: Tensor, s: int, chunk: tuple,
+                  idx: Tensor | None, k_step: Callable[[int], int | None]) -> tuple[Tensor, Tensor, Any]:
+        """One forward of the chunk's s * B points ``inp``, its vjp vmapped over the K classes chunk by chunk, each
+        chunk's (k, B, ...) part added into ``total`` (K, B, ...), made at the first chunk: no (K, ...) result
+        exists twice, and the (k, s * B, N) cotangents only per chunk. (idx None: the classes come from this
+        forward's logits.) Returns (total, idx, the forward's aux)."""
+        out, vjp_fn, aux = torch.func.vjp(forward_at, inp, has_aux=True)
+        if idx is None:
+            idx = class_indices(out, aux, req, b)[0]
+        k = idx.shape[1]
+        step = k_step(k) or k
+        # with a graph kept, each chunk's K backwards would stay alive until the maps die: checkpointed instead
+        keep = _keeps_graph((inp, out))
+        for k0 in range(0, k, step):
+            cot = _one_hot(idx[:, k0:k0 + step], out.shape[1], out.dtype).repeat(1, s, 1)  # rows sample-major
+            per = torch.func.vmap(lambda ct: reduce(vjp_fn(ct)[0].unflatten(0, (s, b)), *chunk))
+            part = checkpoint(per, cot, use_reentrant=False) if keep else per(cot)
+            if total is None:
+                total = part.new_zeros((k,) + tuple(part.shape[1:]))
+            total[k0:k0 + step] += part
+        return total, idx, aux
 
     if samples is None:
-        # the one point x: its forward gives the classes and logits, and its vjp serves every class
-        out, vjp_fn, logits = torch.func.vjp(lambda p: scores(p, 1), x, has_aux=True)
-        idx, picked = class_indices(out, logits, req, b)
+        # the one point x: its forward gives the classes and logits, and its vjp serves every class; the forward is
+        # the model's own, so only the per-class backwards count against max_memory, as for class_vjp
+        total, idx, logits = attribute(None, lambda p: scores(p, 1), x, 1, (), None,
+                                       lambda k: req.chunk(b * class_bytes, k))
+        picked = idx if score_fn is None else None
         if idx.shape[1] == 0:
             return CAM(empty(b), picked, logits)
-        cot = _one_hot(idx, out.shape[1], out.dtype)
-        # the forward is the model's own here: only the per-class backwards count, as for class_vjp
-        per = _vmap_chunks(lambda ct: reduce(vjp_fn(ct)[0].unsqueeze(0)), cot, req.chunk(b * class_bytes, cot.shape[0]),
-                           (x, out))
-        return CAM(per.movedim(0, 1), picked, logits)
+        return CAM(total.movedim(0, 1), picked, logits)
 
     probe = forward(x)  # the classes (top_k, range checks) and logits at x itself, not at a perturbed point
     out, logits = (score_fn(probe), logits_or_output(probe)) if score_fn is not None else (logits_of(probe),) * 2
@@ -303,16 +315,17 @@ def sampled_class_vjp(forward: Callable[[Tensor], Any], x: Tensor, req: Request,
     total = None
     for lo in range(0, n, s_step):
         chunk = tuple(t[lo:lo + s_step] for t in samples)
-        part = attribute(idx, k_step, point(x, *chunk), *chunk)
-        total = part if total is None else total + part
+        pts = point(x, *chunk)
+        s = pts.shape[0]
+        total = attribute(total, lambda p, s=s: scores(p, s), pts.flatten(0, 1), s, chunk, idx, lambda k: k_step)[0]
     return CAM(total.movedim(0, 1), picked, logits)
 
 
 def sample_chunks(b: int, n: int, k: int, sample_bytes: int, class_bytes: int,
                   req: Request) -> tuple[int, int | None]:
     """(samples per forward, classes per vmapped chunk or None for all) for B images, S = ``n`` samples and K = ``k``
-    classes, so that a chunk's s * B * (sample_bytes + k * class_bytes)
-    stays within ``max_memory``, or ``chunk_size`` classes when given.
+    classes, so that a chunk's s * B * (sample_bytes + k * class_bytes) stays within ``max_memory`` (``chunk_size``
+    classes when given).
 
     The forward work is S * B images however the samples are chunked, and the backward work K * S * B: only the
     batch sizes change. For a given number s * k of backward images at once, s = 1 costs the least memory, so

@@ -24,8 +24,13 @@ import difflib
 from typing import Callable, NamedTuple
 
 from funcam._src.core import rules
-from funcam._src.core.attributions import (IG_OPTIONS, SALIENCY_OPTIONS, input_x_gradient_cam, integrated_gradients_cam,
-                                           saliency_cam)
+from funcam._src.core.attributions import (
+    IG_OPTIONS,
+    SALIENCY_OPTIONS,
+    input_x_gradient_cam,
+    integrated_gradients_cam,
+    saliency_cam,
+)
 from funcam._src.core.guided import guided_backprop_cam, guided_gradcam_cam
 from funcam._src.core.noise import NOISE_OPTIONS, SHAP_OPTIONS, gradient_shap_cam, smoothgrad_cam, vargrad_cam
 from funcam._src.core.request import Option
