@@ -18,10 +18,10 @@ from torch.overrides import TorchFunctionMode
 
 from funcam._src import guard as _guard
 from funcam._src.base import CAM, Split
-from funcam._src.cuts.attention import explicit_sdpa
 from funcam._src.core.engine import sampled_class_vjp
 from funcam._src.core.guided import GUIDED_BYTES_PER_INPUT_BYTE
 from funcam._src.core.request import Option, Request, flag, one_of, positive_int
+from funcam._src.cuts.attention import explicit_sdpa
 
 # Bytes one image's forward keeps for its vjp, per byte of the image: its saved activations (parameters not
 # counted), measured at 224 x 224: resnet18 37x, vgg11 81x, vit_tiny 68x, resnet50 143x, densenet121 217x.
@@ -136,7 +136,7 @@ def integrated_gradients_cam(target: nn.Module | Split, x: Tensor, req: Request)
     return out._replace(maps=out.maps * (x - base).unsqueeze(1))
 
 
-def _baselines_check(v: Any) -> Any:
+def baselines_check(v: Any) -> Any:
     if v is None or (isinstance(v, Tensor) and v.is_floating_point()):
         return v
     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -152,7 +152,7 @@ SALIENCY_OPTIONS = (
 IG_OPTIONS = (
     Option("n_steps", 50, positive_int("n_steps"), "points on the path from the baseline to x (captum's n_steps)",
            int),
-    Option("baselines", None, _baselines_check, "the baseline x': None (zeros), a number, or a tensor "
+    Option("baselines", None, baselines_check, "the baseline x': None (zeros), a number, or a tensor "
            "broadcastable to x"),
     Option("integration", "gausslegendre", one_of("integration", INTEGRATIONS),
            "the quadrature rule (captum's method): " + ", ".join(INTEGRATIONS), str),

@@ -22,7 +22,7 @@ from funcam._src.core.request import DEFAULT_MAX_MEMORY, Request, auto_chunk_siz
 from funcam._src.core.rules import Rule, channel_sum
 
 __all__ = ["DEFAULT_MAX_MEMORY", "auto_chunk_size", "class_indices", "class_maps", "class_vjp", "jacobian_pays",
-           "logits_of", "logits_or_output", "resolve_classes", "sample_chunks", "sampled_class_vjp"]
+           "logits_of", "logits_or_output", "resolve_classes", "sample_chunks", "sample_scores", "sampled_class_vjp"]
 
 
 def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
@@ -264,14 +264,7 @@ def sampled_class_vjp(forward: Callable[[Tensor], Any], x: Tensor, req: Request,
     score_fn = req.score_fn
 
     def scores(inp: Tensor, s: int) -> tuple[Tensor, Any]:
-        out = forward(inp)
-        if score_fn is None:
-            logits = logits_of(out)
-            return logits, logits
-        # a callable may hold per-image targets (B, ...): it scores each sample's B images on their own
-        parts = [score_fn(_pytree.tree_map(lambda t, i=i: t[i * b:(i + 1) * b] if isinstance(t, Tensor) else t,
-                                           out)) for i in range(s)]
-        return torch.cat(parts), logits_or_output(out)
+        return sample_scores(forward(inp), s, b, req)
 
     def attribute(total: Tensor | None, forward_at: Callable[[Tensor], tuple], inp: Tensor, s: int, chunk: tuple,
                   idx: Tensor | None, k_step: Callable[[int], int | None]) -> tuple[Tensor, Tensor, Any]:
@@ -305,8 +298,8 @@ def sampled_class_vjp(forward: Callable[[Tensor], Any], x: Tensor, req: Request,
             return CAM(empty(b), picked, logits)
         return CAM(total.movedim(0, 1), picked, logits)
 
-    probe = forward(x)  # the classes (top_k, range checks) and logits at x itself, not at a perturbed point
-    out, logits = (score_fn(probe), logits_or_output(probe)) if score_fn is not None else (logits_of(probe),) * 2
+    # the classes (top_k, range checks) and logits at x itself, not at a perturbed point
+    out, logits = sample_scores(forward(x), 1, b, req)
     idx, picked = class_indices(out, logits, req, b)
     if idx.shape[1] == 0:
         return CAM(empty(b), picked, logits)
@@ -319,6 +312,19 @@ def sampled_class_vjp(forward: Callable[[Tensor], Any], x: Tensor, req: Request,
         s = pts.shape[0]
         total = attribute(total, lambda p, s=s: scores(p, s), pts.flatten(0, 1), s, chunk, idx, lambda k: k_step)[0]
     return CAM(total.movedim(0, 1), picked, logits)
+
+
+def sample_scores(out: Any, s: int, b: int, req: Request) -> tuple[Tensor, Any]:
+    """(scores, logits or output) of a model's output for s * B images, s samples of the B images (sample-major):
+    its logits (s * B, N), or the ``classes`` callable's scores (s * B, K), each sample's B images scored on their
+    own (a callable may hold per-image targets (B, ...))."""
+    score_fn = req.score_fn
+    if score_fn is None:
+        logits = logits_of(out)
+        return logits, logits
+    parts = [score_fn(_pytree.tree_map(lambda t, i=i: t[i * b:(i + 1) * b] if isinstance(t, Tensor) else t, out))
+             for i in range(s)]
+    return torch.cat(parts), logits_or_output(out)
 
 
 def sample_chunks(b: int, n: int, k: int, sample_bytes: int, class_bytes: int,
