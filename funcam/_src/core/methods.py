@@ -33,6 +33,7 @@ from funcam._src.core.attributions import (
 )
 from funcam._src.core.guided import guided_backprop_cam, guided_gradcam_cam
 from funcam._src.core.noise import NOISE_OPTIONS, SHAP_OPTIONS, gradient_shap_cam, smoothgrad_cam, vargrad_cam
+from funcam._src.core.occlusion import OCCLUSION_OPTIONS, occlusion_cam
 from funcam._src.core.request import Option
 from funcam._src.core.rollout import ROLLOUT_OPTIONS, Relevance, chefer_step, grad_rollout_step, rollout_cam
 from funcam._src.core.weighted import CAM_OPTIONS, GradientCAM
@@ -122,6 +123,9 @@ TABLE: dict[str, Method] = {m.name: m for m in (
     Method("gradient_shap", "GradientShap", "Lundberg & Lee 2017, expected gradients (captum's GradientShap)",
            gradient_shap_cam, needs="model", output="input", options=SHAP_OPTIONS, signed=True, fold="sum",
            use="SHAP values against a distribution of baselines"),
+    Method("occlusion", "Occlusion", "Zeiler & Fergus 2014, sec. 4.2 (captum's Occlusion)", occlusion_cam,
+           needs="model", output="input", options=OCCLUSION_OPTIONS, signed=True, fold="sum",
+           use="what covering each region costs the score: no gradients, any model"),
 )}
 
 # funcam.METHODS: the channel-weighting CAM methods of the Grad-CAM family (a Rule on the gradient at a cut)
