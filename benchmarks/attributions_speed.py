@@ -1,6 +1,7 @@
 """Integrated Gradients and SmoothGrad for B images x K classes: funcam against captum 0.9, side by side (CPU).
 
     python benchmarks/attributions_speed.py               # resnet50 at 224, B = 4, K = 8, S = 32; and K = 1000
+    python benchmarks/attributions_speed.py --budget 128 --budget 2048   # funcam at two max_memory values
     python benchmarks/attributions_speed.py --quick       # resnet18 at 64 px, B = 2, K = 3, S = 4 (a smoke run)
     python -m benchmarks.attributions_speed --only ig --json out.json
 
@@ -10,10 +11,10 @@ classes ``0..K-1`` for every image, S = ``n_steps`` (Integrated Gradients, Gauss
 ``torch.no_grad()`` (maps without a graph, as ``funcam.explain`` runs), one K x S vmapped call. captum explains one
 target per image and call, so its K classes are K calls (``loop``), or one call on the K-fold repeated batch with
 K * B targets (``repeat``); its ``internal_batch_size`` (IG) / ``nt_samples_batch_size`` (NoiseTunnel) is varied
-(``batch``: images per forward) and the best counts. captum's NoiseTunnel gets funcam's noise (its
+(``batch``: images per forward; see ``contenders``) and the best counts. captum's NoiseTunnel gets funcam's noise (its
 ``torch.normal`` patched), so both compute the same maps: the checksums must agree (else the run stops).
-K = 1000 (resnet18 at 112 px): funcam in chunks under max_memory; captum would take 1000 calls, so its time is
-its K = 8 run's scaled by 125.
+K = 1000 (resnet18 at 64 px, B = 2, S = 4): funcam in chunks under max_memory; captum would take 1000 calls, so
+its time is its K = 8 run's scaled by 125.
 
 Every contender runs in a fresh Python process (allocator caches and graphs of another do not count): build the
 model, run one ``no_grad`` forward of x (warms up kernels), then ``--repeats`` calls (the fastest counts). Time:
@@ -43,24 +44,26 @@ from benchmarks.memory import _reset_peak, _status, _trim  # noqa: E402
 MiB = 2**20
 STDEVS = 0.5
 FULL = {"model": "resnet50", "size": 224, "batch": 4, "k": 8, "s": 32}
-MANY = {"model": "resnet18", "size": 112, "batch": 2, "k": 1000, "s": 8}  # K = 1000: funcam only, in chunks
+MANY = {"model": "resnet18", "size": 64, "batch": 2, "k": 1000, "s": 4}  # K = 1000: funcam only, in chunks
 QUICK = {"model": "resnet18", "size": 64, "batch": 2, "k": 3, "s": 4}
 QUICK_MANY = {"model": "resnet18", "size": 32, "batch": 1, "k": 1000, "s": 2}
 
 
-def contenders(cfg: dict, methods: list[str], quick: bool) -> list[dict]:
-    """Every (who, method, variant) to run on ``cfg``: funcam at two budgets; captum's K calls with all S samples
-    per forward and with S / 4, and its one call on the K-fold repeated batch with S / 4 samples per forward (CPU
-    throughput hardly depends on the batch size; these are the memory extremes)."""
+def contenders(cfg: dict, methods: list[str], budgets: list[int]) -> list[dict]:
+    """Every (who, method, variant) to run on ``cfg``: funcam at each budget (MiB); captum's K calls with up to 32
+    images per forward (``internal_batch_size`` / ``nt_samples_batch_size``), and for IG also its one call on the
+    K-fold repeated batch, K * B images per forward. Not larger: 32 resnet50 images keep about 3 GiB of activations
+    for the backward, all S * B = 128 of them four times that, more than this shared machine should give one run."""
     b, k, s = cfg["batch"], cfg["k"], cfg["s"]
+    rows = min(b * s, 32)
     out = []
     for method in methods:
         out += [dict(cfg, who="funcam", method=method, variant=f"max_memory={m} MiB", max_memory=m * MiB)
-                for m in ([128] if quick else [128, 2048])]
-        for rows, repeat in ([(b * s, False)] if quick else [(b * s, False), (b * s // 4, False),
-                                                             (k * b * s // 4, True)]):
-            out.append(dict(cfg, who="captum", method=method, variant=f"{'repeat' if repeat else 'loop'}, "
-                            f"batch={rows}", batch_rows=rows, repeat=repeat))
+                for m in budgets]
+        out.append(dict(cfg, who="captum", method=method, variant=f"loop, batch={rows}", batch_rows=rows))
+        if method == "ig":
+            out.append(dict(cfg, who="captum", method=method, variant=f"repeat, batch={k * b}", batch_rows=k * b,
+                            repeat=True))
     return out
 
 
@@ -239,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="resnet18 at 64 px, B = 2, K = 3, S = 4")
     p.add_argument("--only", choices=["ig", "smoothgrad"], action="append", help="one method (repeatable)")
     p.add_argument("--no-many", action="store_true", help="skip the K = 1000 run")
+    p.add_argument("--budget", type=int, action="append", help="funcam's max_memory in MiB (repeatable; default 128)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (default 1)")
     p.add_argument("--repeats", type=int, default=1, help="calls per contender, the fastest counts (default 1)")
     p.add_argument("--json", default="attributions_speed.json", help="where to write the rows and targets")
@@ -250,11 +254,11 @@ def main(argv: list[str] | None = None) -> None:
 
     methods = a.only or ["ig", "smoothgrad"]
     repeats = a.repeats
-    specs = contenders(QUICK if a.quick else FULL, methods, a.quick)
+    specs = contenders(QUICK if a.quick else FULL, methods, a.budget or [128])
     many = QUICK_MANY if a.quick else MANY
     if not a.no_many and "ig" in methods:
         specs += [dict(many, who="funcam", method="ig", variant=f"max_memory={m} MiB", max_memory=m * MiB)
-                  for m in ((128,) if a.quick else (128, 1024))]
+                  for m in (a.budget or [128])]
         # captum asks for one target per image and call: K = 1000 is 1000 calls; timed at K = 8, scaled
         specs.append(dict(many, k=8, who="captum", method="ig", variant=f"loop, batch={many['batch'] * many['s']}",
                           batch_rows=many["batch"] * many["s"], repeat=False))
