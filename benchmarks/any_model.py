@@ -131,7 +131,7 @@ def run_model(name: str, a) -> list[dict]:
     for k in a.ks:
         classes = torch.arange(k)
         with torch.no_grad():
-            add(k, "funcam", measure(lambda: funcam.gradcam(sp, x, classes), min_time=a.min_time,
+            add(k, "funcam", measure(lambda classes=classes: funcam.gradcam(sp, x, classes), min_time=a.min_time,
                                      min_repeats=1 if k > 1 else 3))
         few = classes[: min(k, a.peer_classes)]
         add(k, "autograd loop", measure(loop(sp, x, few), min_time=a.min_time, min_repeats=1),
@@ -160,7 +160,8 @@ def markdown(rows: list[dict]) -> str:
             for who in ("autograd loop", "pytorch-grad-cam"):
                 p = next(r for r in sub if r["K"] == k and r["who"] == who)
                 cells.append(f"{p['median_s']:.1f} ({p['median_s'] / f['median_s']:.1f}x)")
-            out.append(f"| {name} (`{f['layer']}`; forward {fwd['median_s']:.2f} s, capture {f['capture_s']:.1f} s) | {k} | "
+            what = f"{name} (`{f['layer']}`; forward {fwd['median_s']:.2f} s, capture {f['capture_s']:.1f} s)"
+            out.append(f"| {what} | {k} | "
                        f"{f['median_s']:.2f} | {f['x_forward']:.2f} | {cells[0]} | {cells[1]} |")
     return "\n".join(out)
 

@@ -60,9 +60,10 @@ def main() -> None:
     for k in [int(v) for v in a.ks.split(",")]:
         classes = torch.arange(k)
         with torch.no_grad():
-            t_f, s_f = median_time(lambda: funcam.gradcam(sp, x, classes), a.repeats)
+            t_f, s_f = median_time(lambda classes=classes: funcam.gradcam(sp, x, classes), a.repeats)
         timed = min(k, 10)
-        t_l, s_l = median_time(lambda: autograd_loop(model, x, classes[:timed]), 1 if timed > 1 else a.repeats)
+        t_l, s_l = median_time(lambda classes=classes[:timed]: autograd_loop(model, x, classes),
+                               1 if timed > 1 else a.repeats)
         t_l *= k / timed
         rows.append({"K": k, "funcam_s": t_f, "funcam_spread_s": s_f, "loop_s": t_l, "loop_scaled_from": timed,
                      "funcam_vs_forward": t_f / fwd, "speedup_vs_loop": t_l / t_f})

@@ -234,7 +234,8 @@ def run_model(name: str, batch: int, size: int, ks: list[int], methods: list[str
             if a.compile and k in a.compile_ks and method in a.compile_methods:
                 with torch.no_grad():
                     run, compile_s = funcam_compiled(sp, x, classes, method)
-                    add(method, k, "funcam compiled", measure(run, min_time=a.min_time), note=f"compile {compile_s:.0f} s")
+                    add(method, k, "funcam compiled", measure(run, min_time=a.min_time),
+                        note=f"compile {compile_s:.0f} s")
             if a.no_peers:
                 continue
             # Peers cost the same per class: time min(K, peer_classes) classes once and scale to larger K.
@@ -487,7 +488,7 @@ def run_paths(names: list[str], batch: int, size: int, a) -> list[dict]:
         sp = split_of(model, x)
         settle(model, x)
         with torch.no_grad():
-            fwd = measure(lambda: model(x), min_time=a.min_time)
+            fwd = measure(lambda model=model, x=x: model(x), min_time=a.min_time)
         base = dict(model=what, path=name, batch=batch)
         rows.append(dict(fwd, **base, method="forward", K=0, who="model forward", note="", x_forward=1.0))
         limits: dict = {}
@@ -497,9 +498,9 @@ def run_paths(names: list[str], batch: int, size: int, a) -> list[dict]:
             classes = torch.arange(k)
             fn = getattr(funcam, "chefer_relevance" if method == "chefer" else method)
             if method in ("gradcam", "gradcampp", "elementwise"):
-                call = (lambda fn=fn, classes=classes: fn(sp, x, classes))
+                call = (lambda fn=fn, classes=classes, sp=sp, x=x: fn(sp, x, classes))
             else:
-                call = (lambda fn=fn, classes=classes: fn(model, x, classes))
+                call = (lambda fn=fn, classes=classes, model=model, x=x: fn(model, x, classes))
             with torch.no_grad():
                 res = measure(call, min_time=a.min_time)
             if limit == "forward":
@@ -564,10 +565,12 @@ def main(argv=None) -> None:
     p.add_argument("--min-time", type=float, default=2.0)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile-ks", default="1000")
-    p.add_argument("--compile-methods", default="gradcam,gradcampp", help="methods timed compiled too (comma-separated)")
+    p.add_argument("--compile-methods", default="gradcam,gradcampp",
+                   help="methods timed compiled too (comma-separated)")
     p.add_argument("--rollout", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--paths", default=",".join(PATHS),
-                   help=f"paths beyond timm's pooled CNN heads, each beside its limit (comma-separated of {', '.join(PATHS)}; '' for none)")
+                   help=f"paths beyond timm's pooled CNN heads, each beside its limit (comma-separated of "
+                        f"{', '.join(PATHS)}; '' for none)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="tiny smoke run (resnet18 at 64 px, B=2, K=1,3)")

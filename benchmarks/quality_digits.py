@@ -21,9 +21,9 @@ if __package__ in (None, ""):
 
 from benchmarks import _digits  # noqa: E402
 from funcam._src.app.explain import explain  # noqa: E402
-from funcam.metrics import energy_in_box
 from funcam._src.core.metrics import pointing_game  # noqa: E402
 from funcam._src.core.postprocess import upsample  # noqa: E402
+from funcam.metrics import energy_in_box
 
 CNN_METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "elementwise", "gradcam-max",
                "argmax-channel", "guided-gradcam")

@@ -1,7 +1,8 @@
 """Faithfulness on the bundled photos with EfficientNet-Lite0: deletion / insertion AUC (RISE) and average drop /
 increase in confidence (Grad-CAM++) for every CAM method, next to random-map baselines.
 
-    python benchmarks/quality_faithfulness.py [--steps 16] [--threads 1]   # or: python -m benchmarks.quality_faithfulness
+    python benchmarks/quality_faithfulness.py [--steps 16] [--threads 1]
+    python -m benchmarks.quality_faithfulness                              # the same
 
 Each photo is explained for its own top-1 class. Deletion: zeros replace the highest-ranked pixels first
 (lower AUC is better); insertion: pixels appear on a blurred copy (higher is better). Prints Markdown, writes JSON.
@@ -21,11 +22,11 @@ if __package__ in (None, ""):
 
 from funcam._src.app.explain import explain  # noqa: E402
 from funcam._src.app.images import sample_images  # noqa: E402
-from funcam.metrics import confidence_change
-from funcam._src.core.metrics import deletion_insertion  # noqa: E402
-from funcam.models import load_model
 from funcam._src.app.models import preprocess  # noqa: E402
+from funcam._src.core.metrics import deletion_insertion  # noqa: E402
 from funcam._src.core.postprocess import upsample  # noqa: E402
+from funcam.metrics import confidence_change
+from funcam.models import load_model
 
 METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "elementwise", "gradcam-max",
            "argmax-channel")

@@ -22,11 +22,11 @@ if __package__ in (None, ""):
 
 from funcam._src.app.explain import explain  # noqa: E402
 from funcam._src.app.images import sample_images  # noqa: E402
-from funcam.metrics import energy_in_box
-from funcam._src.core.metrics import pointing_game  # noqa: E402
-from funcam.models import load_model, preprocess
 from funcam._src.app.models import resize_crop  # noqa: E402
+from funcam._src.core.metrics import pointing_game  # noqa: E402
 from funcam._src.core.postprocess import upsample  # noqa: E402
+from funcam.metrics import energy_in_box
+from funcam.models import load_model, preprocess
 
 METHODS = ("gradcam", "gradcampp", "xgradcam", "hirescam", "layercam", "elementwise", "gradcam-max",
            "argmax-channel")

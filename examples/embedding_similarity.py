@@ -7,7 +7,8 @@ the pooled 1280-d pre-logits feature. The "classes" are reference embeddings of 
 cup, a rocket) and the score is the cosine similarity, ``classes=lambda emb: F.normalize(emb) @ F.normalize(refs).T``.
 Each query is two of the photos side by side, so each map must light up the half that holds its reference.
 
-Run: python examples/embedding_similarity.py [OUT_DIR]   (CPU, about 15 s with its checks; writes embedding_similarity.png to
+Run: python examples/embedding_similarity.py [OUT_DIR]
+(CPU, about 15 s with its checks; writes embedding_similarity.png to
 OUT_DIR, by default a temporary folder)
 """
 import argparse
@@ -80,7 +81,8 @@ def main(out_dir: str) -> None:
     heat = render.overlay(photo, maps, vmin=0.0, vmax=top)       # (B, K, 3, 224, 448)
     tiles = torch.cat([photo[:, None], heat], dim=1)             # rows = queries, columns = input + references
     picture = render.grid(tiles, row_labels=[" | ".join(q) for q in QUERIES], legend="jet",
-                          legend_text=["0", "the query's largest value"], col_labels=["query", *[f"similar to '{p}'" for p in REFERENCES]])
+                          legend_text=["0", "the query's largest value"],
+                          col_labels=["query", *[f"similar to '{p}'" for p in REFERENCES]])
     path = render.save_png(picture, os.path.join(out_dir, "embedding_similarity.png"))
     print("wrote", path, tuple(picture.shape), f"in {time.perf_counter() - t_start:.1f} s in all")
 

@@ -1,8 +1,9 @@
 """Maps for every class at once: B=4 images x K=1000 classes in one funcam call.
 
 funcam runs one forward and one vjp of the head, vmapped over the K one-hot cotangents; the classic
-way (and a hook-based CAM library called once per class) runs a forward and a backward per class. This script times both on CPU (random weights, 128 px
-input), checks that they agree on the classes the loop computed, and extrapolates the loop to 1000.
+way (and a hook-based CAM library called once per class) runs a forward and a backward per class. This script
+times both on CPU (random weights, 128 px input), checks that they agree on the classes the loop computed, and
+extrapolates the loop to 1000.
 
 Run: python examples/many_classes.py
 """

@@ -13,8 +13,8 @@ classifier applied at every position of the 7x7 feature map, ImageNet classes po
 (logsumexp of the member logits, so a label's softmax probability is the sum of its members'), upsampled to the
 input. Coarse, but trained: it finds the cat, the coffee cup and the rocket.
 
-Run: python examples/segmentation.py [OUT_DIR]   (CPU, about 15 s with its checks; writes segmentation.png to OUT_DIR, by default
-a temporary folder)
+Run: python examples/segmentation.py [OUT_DIR]
+(CPU, about 15 s with its checks; writes segmentation.png to OUT_DIR, by default a temporary folder)
 """
 import argparse
 import os

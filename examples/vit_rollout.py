@@ -11,7 +11,7 @@ import timm
 import torch
 
 import funcam
-from funcam import attention_rollout, chefer_relevance, grad_rollout, guided_backprop, guided_gradcam, rollout_matrix
+from funcam import attention_rollout, grad_rollout, guided_backprop, guided_gradcam, rollout_matrix
 
 torch.manual_seed(0)
 x = torch.rand(2, 3, 112, 112)
@@ -19,7 +19,8 @@ classes = torch.tensor([1, 4, 7])  # K=3 classes for both images
 
 vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10, img_size=112).eval()
 maps = attention_rollout(vit, x, head_fusion="max", discard_ratio=0.9)
-print(f"rollout {tuple(maps.shape)} (one class-agnostic map on the 7x7 patch grid; CLS and distillation tokens are not pixels)")
+print(f"rollout {tuple(maps.shape)} (one class-agnostic map on the 7x7 patch grid; CLS and distillation tokens "
+      f"are not pixels)")
 r = rollout_matrix(vit, x, head_fusion="max", discard_ratio=0.9)  # (B, N, N), rows sum to 1
 assert torch.allclose(r.sum(-1), torch.ones(2, 51), atol=1e-5)
 assert torch.allclose(maps, r[:, 0, 2:].reshape(2, 1, 7, 7), atol=1e-6)

@@ -6,6 +6,10 @@
 >>> maps.shape  # (B, K, h, w) at feature resolution
 torch.Size([2, 2, 2, 2])
 """
+from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
+from funcam._src.app.dataset import DatasetJob, RunSummary, explain_dataset, prepare_dataset
+from funcam._src.app.shards import DatasetError, MapShard, load_maps
+from funcam._src.base import CAM, Features, Pooled, Split, __version__
 from funcam._src.core.cams import (
     METHODS,
     argmax_channel,
@@ -30,22 +34,26 @@ from funcam._src.core.cams import (
     vargrad,
     xgradcam,
 )
-from funcam import explain, metrics  # funcam.explain.explain(model, x, method=...) after a plain import
-from funcam._src.app.dataset import explain_dataset, load_maps
-from funcam._src.guard import TrainingModeWarning
 from funcam._src.core.postprocess import fuse, normalize, upsample
 from funcam._src.core.rollout import attention_rollout, block_attentions, rollout_matrix
-from funcam._src.base import CAM, Features, Split
 from funcam._src.core.split import check_split, split
-
-from funcam._src.base import __version__
+from funcam._src.cuts.capture import CaptureError
+from funcam._src.guard import TrainingModeWarning, ZeroMapWarning
 
 __all__ = [
     "CAM",
-    "Features",
     "METHODS",
+    "CaptureError",
+    "DatasetError",
+    "DatasetJob",
+    "Features",
+    "MapShard",
+    "Pooled",
+    "RunSummary",
     "Split",
     "TrainingModeWarning",
+    "ZeroMapWarning",
+    "__version__",
     "argmax_channel",
     "attention_rollout",
     "block_attentions",
@@ -53,12 +61,13 @@ __all__ = [
     "chefer_relevance",
     "check_split",
     "elementwise",
+    "explain",
     "explain_dataset",
     "fuse",
+    "grad_rollout",
     "gradcam",
     "gradcam_max",
     "gradcampp",
-    "grad_rollout",
     "gradient_shap",
     "guided_backprop",
     "guided_gradcam",
@@ -70,6 +79,7 @@ __all__ = [
     "metrics",
     "normalize",
     "occlusion",
+    "prepare_dataset",
     "rollout",
     "rollout_matrix",
     "saliency",

@@ -1,4 +1,5 @@
-"""The ``funcam`` command line: ``funcam explain``, ``funcam demo``, ``funcam explain-dir`` (``python -m funcam.cli``)."""
+"""The ``funcam`` command line: ``funcam explain``, ``funcam demo``, ``funcam explain-dir``
+(``python -m funcam.cli``)."""
 import sys
 
 from funcam._src.cli.main import main

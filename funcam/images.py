@@ -3,9 +3,9 @@
 Public names only; the implementation is in ``funcam._src.app.images``.
 """
 from funcam._src.app.images import (
-    ImageError,
     MAX_ASPECT,
     MAX_PIXELS,
+    ImageError,
     limit_aspect,
     probe_image,
     read_image,

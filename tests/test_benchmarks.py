@@ -28,7 +28,8 @@ def test_peers_benchmark_smoke(tmp_path):
     fwd = next(r for r in rows if r["model"] == "resnet18" and r["method"] == "forward")
     mine = next(r for r in rows if r["model"] == "resnet18" and r["method"] == "gradcam" and r["K"] == 1
                 and r["who"] == "funcam")
-    assert f"| resnet18 ({fwd['median_s']:.2f} s) | 1 | {mine['median_s']:.2f} | {mine['x_forward']:.2f} |" in proc.stdout
+    row = f"| resnet18 ({fwd['median_s']:.2f} s) | 1 | {mine['median_s']:.2f} | {mine['x_forward']:.2f} |"
+    assert row in proc.stdout
     goals = {t["target"]: t for t in json.loads(out.read_text())["targets"]}
     pgc = next(r for r in rows if r["model"] == "resnet18" and r["method"] == "gradcam" and r["K"] == 1
                and r["who"] == "pytorch-grad-cam")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ["quickstart", "many_classes", "train_with_cam_loss", "vit_and_multilayer", "compiled", "vit_rollout", "signed_maps",
+EXAMPLES = ["quickstart", "many_classes", "train_with_cam_loss", "vit_and_multilayer", "compiled", "vit_rollout",
+            "signed_maps",
             "multilayer_fusion", "segmentation", "embedding_similarity"]
 
 
@@ -21,7 +22,8 @@ def test_every_example_is_listed():
 
 # The quickstart stays in the fast set; the others are whole programs (training loops, compiles) and run in
 # the slow set, which CI runs too.
-@pytest.mark.parametrize("name", [n if n == "quickstart" else pytest.param(n, marks=pytest.mark.slow) for n in EXAMPLES])
+@pytest.mark.parametrize("name", [n if n == "quickstart" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in EXAMPLES])
 def test_example_runs(name):
     env = dict(os.environ, PYTHONWARNINGS="error")  # the examples run without a warning
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / f"{name}.py")], cwd=ROOT, env=env,

@@ -20,10 +20,11 @@ Invariants and tolerances:
   hook on the last block's norm1 / norm2, the method's formula from tests/_oracle.py), computed in
   float64: float64 maps within ``1e-9 * max|ref|``, float32 within ``2e-4 * max|ref| + 10 * noise``, noise the
   larger of (float32 oracle - float64 oracle) and, for the stable methods, ``1e-6 * sum_c |w_c A_c|`` (maps
-  are channel sums that can cancel by 1e6 and more, so rounding is relative to the terms, not to the map). bfloat16 / float16: the stable methods (gradcam, gradcam_max, hirescam, layercam, elementwise)
-  within 10 % / 2 % of the summed absolute terms ``sum_c |w_c A_c|`` of the float32 map; gradcampp, xgradcam
+  are channel sums that can cancel by 1e6 and more, so rounding is relative to the terms, not to the map).
+  bfloat16 / float16: the stable methods (gradcam, gradcam_max, hirescam, layercam, elementwise) within
+  10 % / 2 % of the summed absolute terms ``sum_c |w_c A_c|`` of the float32 map; gradcampp, xgradcam
   (near-zero denominators) and argmax_channel (a near-tie flips the channel) only finite with the right dtype.
-* Chefer relevance and grad rollout equal the per-image, per-class autograd reference of tests/test_rollout.py.
+* Chefer relevance and grad rollout equal the per-image, per-class autograd reference of tests/core/test_rollout.py.
 * Batch equals a per-image loop, permuting the classes permutes the maps, in float64 (exact up to rounding).
 * no_grad / inference_mode / requires_grad=False give the same maps bit for bit (the README's promise);
   other memory layouts the same maps up to float64 rounding; maps outside no_grad are differentiable w.r.t.
@@ -57,7 +58,7 @@ from funcam import metrics
 from funcam._src.core import methods
 from funcam.explain import METHOD_NAMES, explain
 from tests._oracle import rule
-from tests.test_rollout import ref_relevance
+from tests.core.test_rollout import ref_relevance
 
 N = 10  # classes of every model here
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

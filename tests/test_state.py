@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import funcam
+from funcam._src.core import methods
 from funcam.explain import METHOD_NAMES, explain
 from tests.conftest import make_input, make_model, record_vmap_chunks
 
@@ -401,6 +402,14 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return torch.rand(x.shape[0], 2, x.shape[2], x.shape[3], generator=g)
 
 
+def _seeded(name: str) -> dict:
+    """The methods that draw noise (SmoothGrad, VarGrad, GradientShap) draw it from a generator of their own here:
+    from torch's global one (captum's default) they would consume the global random state, and two calls would
+    differ."""
+    return {"generator": torch.Generator().manual_seed(0)} if any(
+        o.name == "generator" for o in methods.get(name).options) else {}
+
+
 ENTRY_POINTS = {  # name -> (model maker, call(model, x)); every call returns something with maps, or None
     **{f"cam-{m}": (_cnn, lambda mdl, x, m=m: funcam.cam(mdl, x, [1, 2], method=m)) for m in funcam.METHODS},
     **{f"shortcut-{m}-split": (_cnn, lambda mdl, x, m=m: getattr(funcam, m)(funcam.split(mdl), x, [1, 2]))
@@ -408,8 +417,9 @@ ENTRY_POINTS = {  # name -> (model maker, call(model, x)); every call returns so
     "cam-general": (_cnn, lambda mdl, x: funcam.cam(funcam.split(mdl)._replace(pooled=None), x, [1, 2])),
     "cam-fx-two-layers": (_cnn, lambda mdl, x: funcam.cam(funcam.split(mdl, ["layer3", "layer4"]), x, [1, 2])),
     "cam-vit": (_vit, lambda mdl, x: funcam.cam(mdl, x, [1, 2], method="gradcampp")),
-    **{f"explain-{n}": (_cnn, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2])) for n in CNN_NAMES},
-    **{f"explain-{n}-vit": (_vit, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2]))
+    **{f"explain-{n}": (_cnn, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2], **_seeded(n)))
+       for n in CNN_NAMES},
+    **{f"explain-{n}-vit": (_vit, lambda mdl, x, n=n: explain(mdl, x, method=n, classes=[1, 2], **_seeded(n)))
        for n in VIT_NAMES},
     "explain-default-top2": (_cnn, lambda mdl, x: explain(mdl, x, top_k=2)),
     "guided_backprop": (_cnn, lambda mdl, x: funcam.guided_backprop(mdl, x, [1, 2])),

@@ -114,25 +114,37 @@ def zero_weights_hint(model: nn.Module | None) -> str:
     usual), for errors about a gradient that is exactly zero; empty when there are none."""
     if not isinstance(model, nn.Module):
         return ""
-    zero = [(p.ndim < 2, n) for n, p in model.named_parameters() if p.numel() > 1 and not bool(p.detach().any())]
+    # a bias adds and never blocks a gradient: an all-zero one is usual and no suspect
+    zero = [(p.ndim < 2, n) for n, p in model.named_parameters()
+            if p.numel() > 1 and not n.endswith("bias") and not bool(p.detach().any())]
     if not zero:
         return ""
     names = [n for _, n in sorted(zero)]
-    return (f". {len(names)} parameter tensors are all zero ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}):"
+    more = ", ..." if len(names) > 3 else ""
+    return (f". {len(names)} parameter tensors are all zero ({', '.join(names[:3])}{more}):"
             f" libraries zero-initialise some layers (classifier heads, layer scales, post-norms), so an untrained "
             f"model can have no gradient at all; load trained weights")
 
 
+class ZeroMapWarning(UserWarning):
+    """Every requested map is exactly zero because the gradient of every score w.r.t. the features is zero on this
+    input: the right answer for this input, and a sign of a wrong cut if it holds for every input."""
+
+
 def check_reached(amax: Tensor, layers: Any, module: nn.Module | None) -> None:
-    """Raise when the gradient of every explained score w.r.t. the features is exactly zero (``amax``: its
-    largest absolute value per class): every map would be zero, and a zero map must not pass for an answer."""
+    """Warn (``ZeroMapWarning``) when the gradient of every explained score w.r.t. the features is exactly zero
+    (``amax``: its largest absolute value per class): every map is zero. On one input that is the answer (a ReLU
+    network whose units are all off for this image); refusing it would refuse a right map, so it is a warning, and
+    the structural case (a cut the output never depends on) is refused where it can be told: at the first-use
+    check of a split."""
     if torch.compiler.is_compiling() or amax.numel() == 0 or bool((amax != 0).any()):
         return
     where = f" at {list(layers)}" if layers else ""
-    raise ValueError(f"the gradient of every requested score w.r.t. the features{where} is exactly zero, so every "
-                     f"map would be zero: the output does not depend on the features there (a cut after the last "
-                     f"token mixing of a CLS-pooled transformer, a score that ignores the model), or the weights "
-                     f"after the cut are zero{zero_weights_hint(module)}")
+    warnings.warn(f"the gradient of every requested score w.r.t. the features{where} is exactly zero on this input, "
+                  f"so every map is zero: right if the scores do not depend on the features for this input; if they "
+                  f"never do (a cut after the last token mixing of a CLS-pooled transformer, a score that ignores "
+                  f"the model, zero weights after the cut), cut elsewhere{zero_weights_hint(module)}",
+                  ZeroMapWarning, stacklevel=3)
 
 
 def _first(items: list[int], n: int = 8) -> str:
@@ -235,7 +247,7 @@ def _guard_once(module: nn.Module | None) -> Iterator[None]:
         if random is not None:
             warnings.warn(f"{type(module).__name__} has modules in training mode ({type(random).__name__}, ...): "
                           f"dropout and batch statistics make the maps random; call model.eval() first",
-                          TrainingModeWarning)  # one source line: Python's default filter shows it once per process
+                          TrainingModeWarning, stacklevel=2)  # one source line: Python's default filter shows it once
         leave = torch.is_inference_mode_enabled()
         with torch.inference_mode(False) if leave else contextlib.nullcontext():
             yield

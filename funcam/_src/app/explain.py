@@ -17,7 +17,7 @@ from funcam._src.base import CAM, Split
 from funcam._src.core import methods
 from funcam._src.core.cams import cam
 from funcam._src.core.postprocess import fuse
-from funcam._src.cuts.timm import is_vit
+from funcam._src.cuts.vit import is_vit
 
 # The command line's spelling of every method and how captions name them: all from the one table.
 METHOD_NAMES = tuple(methods.cli_name(n) for n in methods.TABLE)

@@ -12,6 +12,8 @@ import re
 from typing import NamedTuple, Sequence
 from urllib.parse import quote
 
+from funcam._src.app.files import write_bytes
+
 __all__ = ["Figure", "Section", "Legend", "render_gallery", "write_gallery"]
 
 
@@ -109,7 +111,5 @@ def write_gallery(directory: str | os.PathLike, sections: Sequence[Section], *, 
                   intro: str = "", legend: Legend | None = None) -> str:
     """Write ``directory/index.html`` (atomically; nothing is left behind when the write fails) and return
     its path."""
-    from funcam._src.app.files import write_bytes
-
     page = render_gallery(sections, title=title, intro=intro, legend=legend)
     return write_bytes(os.path.join(os.fspath(directory), "index.html"), page.encode("utf-8"))

@@ -17,7 +17,6 @@ import urllib.parse
 from torch import nn
 
 
-
 class ModelError(ValueError):
     """A model that cannot be built or loaded; the message says why and what to do."""
 

@@ -22,6 +22,7 @@ import struct
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 MAX_PIXELS = 50_000_000  # refuse larger images: a decompression bomb would otherwise exhaust memory
@@ -61,8 +62,6 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> Tens
 
     max_pixels: refuse images whose header claims more than ``W * H = max_pixels`` pixels, before decoding.
     """
-    from PIL import Image
-
     path = _check_path(path, max_pixels)
     with _open_file(path) as f:
         try:
@@ -89,8 +88,6 @@ def probe_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> tup
     Cheap (one ``stat``, one open, the first bytes read): the command line checks every input with it before
     it loads a model. A pipe or device is refused from ``stat`` alone, never opened.
     """
-    from PIL import Image
-
     path = _check_path(path, max_pixels)
     with _open_file(path) as f:
         try:
@@ -158,8 +155,6 @@ class _Unidentified(Exception):
 def _open(f):
     """``Image.open`` without its global bomb check and limited to ``FORMATS``: the plugin whose signature
     matches parses the header (lazily, as ``Image.open`` does); no pixel is decoded yet."""
-    from PIL import Image
-
     prefix = f.read(16)
     hints, broken = [], None
     for loader in (Image.preinit, Image.init):
@@ -229,8 +224,6 @@ def _orientation(im) -> int:
 
 def _to_rgb(im) -> np.ndarray:
     """A loaded PIL image -> upright ``uint8 (H, W, 3)``."""
-    from PIL import Image
-
     method = _TRANSPOSE.get(_orientation(im))
     if method is not None:
         im = im.transpose(getattr(Image.Transpose, method))
@@ -287,4 +280,5 @@ def sample_images() -> dict[str, Tensor]:
         "motorcycle": data.stereo_motorcycle()[0],
         "china": load_sample_image("china.jpg"), "flower": load_sample_image("flower.jpg"),
     }
-    return {k: torch.from_numpy(np.array(v, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous() for k, v in arrays.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+            for k, v in arrays.items()}

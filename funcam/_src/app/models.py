@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funcam._src.app.hub import ModelError, why as _why
+from funcam._src.app.hub import ModelError, create_pretrained
+from funcam._src.app.hub import why as _why
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
@@ -186,8 +187,6 @@ def load_model(name: str | None = None, *, checkpoint: str | os.PathLike | dict 
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     try:
         if pretrained:
-            from funcam._src.app.hub import create_pretrained
-
             model = create_pretrained(arch, kwargs)
         else:
             with torch.random.fork_rng(devices=[]):

@@ -21,7 +21,11 @@ import os
 import posixpath
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from funcam._src.app.explain import METHOD_TITLES, drawn_as_gradient, method_of
+from funcam._src.app.render import gradient_image, grid, overlay, save_png, to_uint8
 
 MAX_OVERLAYS = 5   # per image: the highest-scoring explained classes (all of them for K <= 5)
 MAX_NAME = 200     # bytes of the escaped input name before it is shortened (file names stop at 255)
@@ -63,10 +67,6 @@ def overlay_tiles(x: Tensor, maps: Tensor, config, *, guided: bool) -> Tensor:
     """The crop and the rendered maps: x normalised ``(n, 3, S, S)``, maps ``(n, K, h, w)`` -> ``uint8
     (n, 1 + K, 3, S, S)``: the crop, then each map over it (``funcam.render.overlay``, per-map scaled "jet"),
     or, for the guided methods, drawn as a gradient image (``funcam.render.gradient_image``)."""
-    import torch.nn.functional as F
-
-    from funcam._src.app.render import gradient_image, overlay, to_uint8
-
     crops = to_uint8(x, mean=config.mean, std=config.std)
     if guided:
         up = F.interpolate(maps.float(), size=crops.shape[-2:], mode="bilinear", align_corners=False)
@@ -80,9 +80,6 @@ def write_overlays(out: str, paths: list[str], x: Tensor, maps: Tensor, classes:
                    method: str, names: list[str] | None) -> None:
     """The overlays of a batch of images (see the module docstring), each written atomically; ``names``: class
     names by index (None: shown as ``class N``)."""
-    from funcam._src.app.explain import METHOD_TITLES, drawn_as_gradient, method_of
-    from funcam._src.app.render import grid, save_png
-
     guided = drawn_as_gradient(method_of(method))
     tiles = overlay_tiles(x, maps, config, guided=guided)
     probs = logits.float().softmax(-1).gather(1, classes)

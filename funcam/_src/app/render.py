@@ -11,7 +11,8 @@ so colours equal matplotlib's at every value. Pillow draws the grid labels and w
 >>> import torch
 >>> colorize(torch.tensor([[[[0.0, 1.0]]]]), "jet")[0, 0, :, 0, 0].tolist()  # jet(0) is dark blue
 [0, 0, 128]
->>> colorize(torch.tensor([[[[-2.0, 0.0, 1.0]]]]), "bwr")[0, 0, :, 0, 1].tolist()  # signed: 0 is white (to 1/255, as matplotlib's)
+>>> # signed: 0 is white (to 1/255, as matplotlib's)
+>>> colorize(torch.tensor([[[[-2.0, 0.0, 1.0]]]]), "bwr")[0, 0, :, 0, 1].tolist()
 [255, 254, 254]
 """
 from __future__ import annotations
@@ -22,7 +23,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+from funcam._src.app.files import atomic_write
 
 __all__ = ["CMAPS", "colormap_table", "colorize", "to_uint8", "overlay", "gradient_image", "colorbar", "legend_labels",
            "grid", "save_png"]
@@ -220,8 +224,6 @@ def colorbar(cmap: str = "jet", width: int = 256, *, labels: Sequence[str] | Non
     """A colour scale legend: ``uint8 (3, bar_height + label_height, width)``, the colours of ``cmap`` from left
     (value 0) to right (value 1) as ``colorize`` draws them, over ``labels`` spread evenly beneath it (first
     left-aligned, last right-aligned; default ``legend_labels(cmap)``)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     if width < 2 or bar_height < 1 or label_height < 0:
         raise ValueError(f"colorbar needs width >= 2, bar_height >= 1 and label_height >= 0, got {width}, "
                          f"{bar_height}, {label_height}")
@@ -248,8 +250,6 @@ def colorbar(cmap: str = "jet", width: int = 256, *, labels: Sequence[str] | Non
 def _label_strip(texts: Sequence[str], widths: Sequence[int], height: int, pad: int, vertical: bool) -> Tensor:
     """Text labels drawn by Pillow: a ``uint8 (3, height, sum(widths) + pads)`` strip (transposed layout for
     row labels when ``vertical``)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default(size=max(8, min(14, height - 6)) if not vertical else 13)
     if vertical:  # one label per row, left of it: widths are the rows' heights, height the column width
         canvas = Image.new("RGB", (height, sum(widths) + pad * (len(widths) + 1)), "white")
@@ -291,7 +291,8 @@ def grid(tiles: Tensor, *, row_labels: Sequence[str] | None = None, col_labels: 
     canvas = tiles.new_full((3, pad + r * (h + pad), pad + c * (w + pad)), 255)
     for i in range(r):
         for j in range(c):
-            canvas[:, pad + i * (h + pad):pad + i * (h + pad) + h, pad + j * (w + pad):pad + j * (w + pad) + w] = tiles[i, j]
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[:, top:top + h, left:left + w] = tiles[i, j]
     if col_labels is not None:
         strip = _label_strip(col_labels, [w] * c, label_size, pad, vertical=False).to(canvas.device)
         canvas = torch.cat([strip, canvas], dim=1)
@@ -312,10 +313,6 @@ def grid(tiles: Tensor, *, row_labels: Sequence[str] | None = None, col_labels: 
 def save_png(image: Tensor, path: str | os.PathLike) -> str:
     """Write ``uint8 (3, H, W)`` RGB to ``path`` as PNG (atomically: a temporary file, then a rename, so a
     reader never sees half a file, and a failed write leaves no file behind). Returns the path."""
-    from PIL import Image
-
-    from funcam._src.app.files import atomic_write
-
     if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
         raise ValueError(f"image must be a uint8 (3, H, W) tensor, got "
                          f"{(image.dtype, tuple(image.shape)) if isinstance(image, Tensor) else type(image).__name__}")

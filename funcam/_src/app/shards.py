@@ -6,7 +6,7 @@
     OUT/shards/shard-000012.safetensors (or .npz)   images [12 * S, 13 * S) of the sorted list
     OUT/manifest.jsonl             rank 0 at the end: a header line, then one line per image in global order
     OUT/errors.jsonl               one line per unreadable image: {"path", "error"}
-    OUT/overlays/<path>__<class>__<method>.png   optional (see funcam._overlay)
+    OUT/overlays/<path>__<class>__<method>.png   optional (see funcam._src.app.overlay)
     OUT/.lock                      held by the run writing to OUT (its PID inside)
 
 A shard holds ``maps (n, K, h, w) float16``, ``classes (n, K) int64``, ``logits (n, N) float32`` and
@@ -20,10 +20,12 @@ import hashlib
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
 
 from funcam._src.app.files import is_temporary, write_bytes, write_npz, write_text
@@ -61,8 +63,6 @@ def write_shard(path: str, fmt: str, tensors: dict[str, Tensor], meta: dict) -> 
     every other output: safetensors' own ``save_file`` would create it 0600)."""
     blob = json.dumps(meta)
     if fmt == "safetensors":
-        from safetensors.torch import save
-
         write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"funcam": blob}),
                     fsync=True)
     else:
@@ -73,8 +73,6 @@ def read_meta(path: str) -> dict | None:
     """The shard's metadata, or None when the file cannot be read as a shard (treated as not done)."""
     try:
         if path.endswith(".safetensors"):
-            from safetensors import safe_open
-
             with safe_open(path, "pt") as f:
                 return json.loads((f.metadata() or {})["funcam"])
         with np.load(path, allow_pickle=False) as z:
@@ -86,8 +84,6 @@ def read_meta(path: str) -> dict | None:
 def read_rows(path: str, names: tuple[str, ...], lo: int, hi: int) -> dict[str, Tensor]:
     """Rows ``[lo, hi)`` of the named tensors; safetensors reads only those bytes (memory-mapped slices)."""
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
         with safe_open(path, "pt") as f:
             return {n: f.get_slice(n)[lo:hi] for n in names}
     with np.load(path, allow_pickle=False) as z:
@@ -184,3 +180,60 @@ def done_shards(out: str, fmt: str, n_shards: int, shash: str, sizes: list[int])
         if meta and meta.get("settings") == shash and len(meta["paths"]) + len(meta["errors"]) == sizes[s]:
             done.add(s)
     return done
+
+
+class MapShard(NamedTuple):
+    """Maps of ``n`` images read back from one shard: ``paths (n)``, ``maps (n, K, h, w) float16``,
+    ``classes (n, K) int64``, ``logits (n, N) float32``."""
+    paths: tuple[str, ...]
+    maps: Tensor
+    classes: Tensor
+    logits: Tensor
+
+
+def load_maps(out: str, *, paths: Sequence[str] | None = None, classes: Sequence[int] | None = None
+              ) -> Iterator[MapShard]:
+    """Iterate over the finished shards of ``out`` as ``MapShard`` chunks, reading lazily.
+
+    paths: only these images (relative paths as in the manifest); a path with no maps raises ``KeyError``
+        (with the recorded error when it failed to read).
+    classes: only these classes, as columns in this order: ``maps (n, len(classes), h, w)``, NaN where an
+        image's explained classes (e.g. its top-k) did not include that class.
+    Safetensors shards are memory-mapped and only the needed rows are read; npz shards are read per array.
+    """
+    settings = load_settings(out)
+    if settings is None:
+        raise DatasetError(f"{out} is not a funcam dataset output (no settings.json)")
+    folder = os.path.join(out, "shards")
+    files = sorted(n for n in os.listdir(folder) if SHARD_RE.match(n)) if os.path.isdir(folder) else []
+    metas = [(os.path.join(folder, n), m) for n in files if (m := read_meta(os.path.join(folder, n)))]
+    if paths is not None:
+        want = set(paths)
+        found = {p for _, m in metas for p in m["paths"]}
+        missing = [p for p in paths if p not in found]
+        if missing:
+            failed = {p: r for _, m in metas for p, r in m["errors"]}
+            raise KeyError("no maps in " + out + " for " + "; ".join(
+                f"{p!r} ({'unreadable: ' + failed[p] if p in failed else 'not in the finished shards'})"
+                for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    want_c = None if classes is None else torch.tensor([int(c) for c in classes], dtype=torch.long)
+    return _iter_maps(metas, None if paths is None else want, want_c)
+
+
+def _iter_maps(metas, want, want_c) -> Iterator[MapShard]:
+    for path, meta in metas:
+        rows = [r for r, p in enumerate(meta["paths"]) if want is None or p in want]
+        if not rows:
+            continue
+        t = read_rows(path, ("maps", "classes", "logits"), rows[0], rows[-1] + 1)
+        sel = torch.tensor(rows) - rows[0]
+        maps, cls, logits = t["maps"][sel], t["classes"][sel], t["logits"][sel]
+        if want_c is not None:
+            # (n, K, C): where each requested class sits among the image's K explained classes, if anywhere
+            match = cls.unsqueeze(-1) == want_c
+            pos = match.to(torch.uint8).argmax(1)
+            maps = maps.gather(1, pos[..., None, None].expand(-1, -1, *maps.shape[2:]))
+            maps = maps.masked_fill(~match.any(1)[..., None, None], float("nan"))
+            cls = want_c.expand(len(rows), -1)
+        yield MapShard(tuple(meta["paths"][r] for r in rows), maps, cls, logits)
+

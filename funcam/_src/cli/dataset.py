@@ -1,4 +1,4 @@
-"""``funcam explain-dir DIR --out OUT``: explain a folder of images, resumably (``funcam.dataset``).
+"""``funcam explain-dir DIR --out OUT``: explain a folder of images, resumably (``funcam.explain_dataset``).
 
 Single process:   funcam explain-dir photos/ --out cams/ --top-k 5 --workers 4
 Several:          torchrun --nproc-per-node 4 -m funcam.cli explain-dir photos/ --out cams/ --top-k 5
@@ -16,10 +16,32 @@ import argparse
 import os
 import sys
 
-from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, \
-    add_memory_arguments, add_model_arguments, add_target_arguments, cannot_write, check_fit, check_out, \
-    classes_from_args, layers, load_from_args, methods_from_args, parse_device, positive, weights_from_args, \
-    weights_note
+import torch
+
+from funcam._src.app.dataset import DatasetJob, explain_dataset
+from funcam._src.app.images import printable
+from funcam._src.app.shards import DatasetError
+from funcam._src.cli.options import (
+    UsageError,
+    add_batch_size_argument,
+    add_device_argument,
+    add_memory_arguments,
+    add_model_arguments,
+    add_target_arguments,
+    cannot_write,
+    check_fit,
+    check_out,
+    classes_from_args,
+    layers,
+    load_from_args,
+    method_options,
+    methods_from_args,
+    parse_device,
+    positive,
+    targets_from_args,
+    weights_from_args,
+    weights_note,
+)
 
 
 def add_parser(sub) -> None:
@@ -55,10 +77,6 @@ def _read_list(path: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from funcam._src.app.dataset import DatasetError, explain_dataset
-
     rank0 = os.environ.get("RANK", "0") == "0"
     # --- checks that need no model
     classes, top_k = classes_from_args(args)
@@ -77,23 +95,25 @@ def run(args: argparse.Namespace) -> int:
     methods = methods_from_args(args, model)
     if len(methods) != 1:
         raise UsageError(f"--method: explain-dir takes one method, got {args.method!r}")
-    check_fit(model, cfg, methods, classes=None if classes == "all" else classes, top_k=top_k,
-              layer=layers(args.layer))
+    # one split and one blank-image check for the whole run: explain_dataset takes the job as it is
+    options = method_options(args, methods)
+    targets = targets_from_args(model, methods, layers(args.layer))
+    n = check_fit(targets, cfg, classes=None if classes == "all" else classes, top_k=top_k, options=options)
+    job = DatasetJob(methods[0], targets[methods[0]], list(range(n)) if classes == "all" else classes,
+                     top_k if classes is None else None, args.chunk_size, args.max_memory, options[methods[0]],
+                     layers(args.layer), n)
     note = weights_note(weights)
     if note and rank0:
         print(f"funcam: warning: {note}", file=sys.stderr)
 
     def on_error(path: str, reason: str) -> None:
-        from funcam._src.app.images import printable
-
         print(f"funcam: error: {printable(path)}: {reason}", file=sys.stderr, flush=True)
 
     try:
         summary = explain_dataset(
-            images, args.out, model, cfg, root=args.dir, method=methods[0],
-            classes=classes, top_k=top_k, layer=layers(args.layer),
-            batch_size=args.batch_size, num_workers=args.workers, shard_size=args.shard_size, format=args.format,
-            overlays=args.overlays, chunk_size=args.chunk_size, max_memory=args.max_memory, progress=not args.quiet,
+            images, args.out, model, cfg, job=job, root=args.dir, batch_size=args.batch_size,
+            num_workers=args.workers, shard_size=args.shard_size, format=args.format, overlays=args.overlays,
+            progress=not args.quiet,
             model_name=weights.name + (" (random weights)" if note else ""), on_error=on_error)
     except DatasetError as e:
         raise UsageError(str(e)) from None

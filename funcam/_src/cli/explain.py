@@ -27,17 +27,35 @@ from tqdm import tqdm
 from funcam._src.app.explain import METHOD_TITLES, cmap_for, drawn_as_gradient, fold, method_of
 from funcam._src.app.files import write_npz
 from funcam._src.app.gallery import Figure, Legend, Section, write_gallery
-from funcam._src.app.images import SAMPLES, ImageError, limit_aspect, printable, probe_image, read_image, \
-    sample_images
+from funcam._src.app.images import SAMPLES, ImageError, limit_aspect, printable, probe_image, read_image, sample_images
 from funcam._src.app.models import ModelError, Preprocess, class_names, load_model, preprocess, unnormalize
 from funcam._src.app.render import colormap_table, gradient_image, grid, legend_labels, overlay, save_png
-from funcam._src.cli.options import UsageError, add_batch_size_argument, add_device_argument, \
-    add_memory_arguments, add_model_arguments, add_output_arguments, add_target_arguments, cannot_write, check_fit, \
-    classes_from_args, layers, load_from_args, method_options, methods_from_args, output_from_args, parse_device, \
-    safe_stem, targets_from_args, weights_from_args, weights_note
 from funcam._src.base import CAM
+from funcam._src.cli.options import (
+    UsageError,
+    add_batch_size_argument,
+    add_device_argument,
+    add_memory_arguments,
+    add_model_arguments,
+    add_output_arguments,
+    add_target_arguments,
+    cannot_write,
+    check_fit,
+    classes_from_args,
+    layers,
+    load_from_args,
+    method_options,
+    methods_from_args,
+    output_from_args,
+    parse_device,
+    safe_stem,
+    targets_from_args,
+    weights_from_args,
+    weights_note,
+)
 from funcam._src.core.cams import cam
 from funcam._src.core.split import split
+
 
 class Item(NamedTuple):
     stem: str              # sanitised output name
@@ -197,7 +215,8 @@ def _write_pngs(out: str, it: Item, shown: Tensor, results: dict, b: int, idx: l
              legend=cmaps[heat[0]] if heat else None, row_label_width=140)
     save_png(g, _inside(out, f"{it.stem}_grid.png"))
     predicted = ", ".join(f"{n} {p:.2f}" for n, p in zip(label, probs))
-    return Section(it.label, f"{tag}predicted: {predicted}", rows, Figure(f"{it.stem}_grid.png", "comparison grid (PNG)"))
+    return Section(it.label, f"{tag}predicted: {predicted}", rows,
+                   Figure(f"{it.stem}_grid.png", "comparison grid (PNG)"))
 
 
 def add_parser(sub) -> None:

@@ -10,7 +10,7 @@ never a traceback; an unanticipated exception (a bug) still shows its traceback.
 Each command checks what it can before it loads a model or writes a file: the options, the input files (from
 their headers), --out, the device, the model name, the source of the weights and the checkpoint's contents.
 With the model loaded, and still nothing written, one blank image checks the method, the layer and the
-classes against the model (``funcam.explain.validate``).
+classes against the model (``funcam._src.app.explain.validate``).
 
 The layout: ``options`` holds what the commands share (the parser, the options, their checks, ``UsageError``);
 each command module (``explain``: explain and demo; ``dataset``: explain-dir) adds its subcommands with
@@ -24,6 +24,7 @@ import os
 import sys
 from typing import Sequence
 
+from funcam._src.base import __version__
 from funcam._src.cli import dataset, explain
 from funcam._src.cli.options import Parser, UsageError
 
@@ -33,8 +34,6 @@ COMMANDS = (explain, dataset)  # in the order ``funcam --help`` lists them
 
 
 def build_parser() -> Parser:
-    from funcam._src.base import __version__
-
     parser = Parser(prog="funcam", description="Class activation maps for image classifiers, built on torch.func.")
     parser.add_argument("--version", action="version", version=f"funcam {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -18,8 +18,15 @@ from torch import nn
 
 from funcam._src.app.explain import METHOD_NAMES, check_method, default_method, validate
 from funcam._src.app.images import printable
-from funcam._src.app.models import DEFAULT_MODEL, WHEELS, ModelError, Preprocess, check_model_name, load_model, \
-    read_checkpoint
+from funcam._src.app.models import (
+    DEFAULT_MODEL,
+    WHEELS,
+    ModelError,
+    Preprocess,
+    check_model_name,
+    load_model,
+    read_checkpoint,
+)
 from funcam._src.app.render import CMAPS
 from funcam._src.core.methods import TABLE, cli_name, get
 from funcam._src.core.request import DEFAULT_MAX_MEMORY, Option
@@ -333,8 +340,9 @@ def targets_from_args(model: nn.Module, methods: Sequence[str], layer) -> dict[s
     layer that cannot be cut, or ``--layer`` with a method of the whole model."""
     whole = [m for m in methods if get(m).needs != "split"]
     if layer is not None and whole:
-        raise UsageError(f"--layer does not apply to {', '.join(whole)}: {'it explains' if len(whole) == 1 else 'they explain'} "
-                         f"the whole model, not the features at a cut")
+        verb = "it explains" if len(whole) == 1 else "they explain"
+        raise UsageError(f"--layer does not apply to {', '.join(whole)}: {verb} the whole model, not the features at "
+                         f"a cut")
     sp = None
     if len(whole) < len(methods):
         try:
@@ -347,7 +355,8 @@ def targets_from_args(model: nn.Module, methods: Sequence[str], layer) -> dict[s
 
 def check_fit(targets: dict[str, Any], pre: Preprocess, *, classes: Sequence[int] | None, top_k: int | None,
               options: dict[str, dict]) -> int:
-    """Each method on its target (``targets_from_args``) and one blank image (``funcam.explain.validate``), then
+    """Each method on its target (``targets_from_args``) and one blank image
+    (``funcam._src.app.explain.validate``), then
     ``classes`` / ``top_k`` against the model's N classes; returns N. Nothing is written; ``UsageError`` names the
     option at fault."""
     n = None

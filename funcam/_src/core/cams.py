@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from funcam._src import guard as _guard
 from funcam._src.base import CAM, Split
 from funcam._src.core import methods, request
-from funcam._src.core.split import in_chans_of, split as make_split
+from funcam._src.core.split import in_chans_of
+from funcam._src.core.split import split as make_split
 
 METHODS = methods.CAM_METHODS
 

@@ -364,7 +364,7 @@ def _one_hot(idx: Tensor, n: int, dtype: torch.dtype) -> Tensor:
 
 def _pooled_maps(pooled: Any, a: Tensor, req: Request, pooled_reduce: Callable, layers: Any = (),
                  module: Any = None) -> CAM:
-    """The exact fast path for heads that start with global average pooling (``funcam.split.Pooled``).
+    """The exact fast path for heads that start with global average pooling (``funcam.Pooled``).
 
     With z = mean_hw A (B, C), d logit_k / dA = (d logit_k / dz) / (h w) at every position. For class
     indices and a final Linear, d logit_k / d(pre-logits) is the weight row W[k] (no (K, B, N) x (N, D)

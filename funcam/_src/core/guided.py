@@ -30,12 +30,12 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from funcam._src import guard as _guard
-from funcam._src.cuts.attention import explicit_sdpa
 from funcam._src.base import CAM, Split
 from funcam._src.core import rules
 from funcam._src.core.engine import class_maps, class_vjp
 from funcam._src.core.postprocess import upsample
 from funcam._src.core.request import Request
+from funcam._src.cuts.attention import explicit_sdpa
 
 
 class _GuidedClamp(torch.autograd.Function):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from funcam._src import guard as _guard
 from funcam._src.core.engine import resolve_classes
+from funcam._src.core.postprocess import normalize as minmax
 
 __all__ = ["boxes_to_masks", "pointing_game", "energy_in_box", "ConfidenceChange", "confidence_change",
            "DeletionInsertion", "deletion_insertion", "impute", "road"]
@@ -100,7 +101,8 @@ def _score(logits: Tensor, score: str) -> Tensor:
     return logits
 
 
-def _setup(model: Callable, x: Tensor, maps: Tensor, classes: Any, score: str, chunk_size: int) -> tuple[Tensor, Tensor]:
+def _setup(model: Callable, x: Tensor, maps: Tensor, classes: Any, score: str,
+           chunk_size: int) -> tuple[Tensor, Tensor]:
     """Checks; returns (classes (B, K), scores of the clean input (B, K))."""
     if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a floating (B, C, H, W) tensor, got "
@@ -118,7 +120,8 @@ def _setup(model: Callable, x: Tensor, maps: Tensor, classes: Any, score: str, c
         raise ValueError("classes must be given: the (K,) or (B, K) classes the K maps explain")
     idx = resolve_classes(classes, None, logits)
     if idx.shape != maps.shape[:2]:
-        raise ValueError(f"classes must give K = {maps.shape[1]} classes per image like maps, got shape {tuple(idx.shape)}")
+        raise ValueError(f"classes must give K = {maps.shape[1]} classes per image like maps, got shape "
+                         f"{tuple(idx.shape)}")
     return idx, _score(logits, score).gather(1, idx)
 
 
@@ -153,7 +156,6 @@ def confidence_change(model: Callable, x: Tensor, maps: Tensor, classes: Any, *,
     """
     idx, y = _setup(model, x, maps, classes, score, chunk_size)
     if normalize:
-        from funcam._src.core.postprocess import normalize as minmax
         maps = minmax(maps)
     b, k = idx.shape
 

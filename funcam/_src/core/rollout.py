@@ -5,7 +5,7 @@ Where the attention probabilities come from:
 * timm Vision Transformers with pre-norm blocks and plain softmax attention: every block's probabilities are
   recomputed from the block's own parameters (``funcam._src.cuts.attention.attention_probs``).
 * any other model (timm's BEiT, EVA, DeiT3, CaiT's self-attention blocks, torchvision ``vit_b_16``, Hugging Face
-  ViT / DeiT / Dinov2, ...): the model's graph is captured (``funcam.cuts``) and every attention over its patch
+  ViT / DeiT / Dinov2, ...): the model's graph is captured (``funcam._src.cuts``) and every attention over its patch
   tokens - ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``, an explicit softmax - is computed
   explicitly with a zero-valued tap on its probabilities (``funcam._src.cuts.attention.graph_attention``).
   Pass ``funcam.split(model)`` instead of the model to reuse its captured graph across calls.
@@ -26,113 +26,29 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import torch
-from einops import rearrange, reduce as ereduce
+from einops import rearrange
+from einops import reduce as ereduce
 from torch import Tensor, nn
 
-from funcam._src.cuts.timm import _grid, check_size, is_vit
-from funcam._src.cuts.attention import attention_output, attention_probs, is_plain_attention
 from funcam._src import guard as _guard
-from funcam._src.base import CAM
+from funcam._src.base import CAM, Split
 from funcam._src.core.engine import class_indices, class_vjp, logits_or_output
 from funcam._src.core.request import Option, Request
-from funcam._src.core.split import Split
+from funcam._src.cuts.attention import Source
+from funcam._src.cuts.route import attention_source
 
-_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 HEAD_FUSIONS = ("mean", "max", "min")
 
 
-def check_vit(model: nn.Module) -> None:
-    """Raise unless ``model`` is a timm VisionTransformer of pre-norm blocks with plain softmax attention."""
-    if not is_vit(model):
-        raise ValueError(f"model must be a timm VisionTransformer (ViT, DeiT, registers) with attention blocks; "
-                         f"got {type(model).__name__}, which has no transformer blocks to roll out")
-    for i, blk in enumerate(model.blocks):
-        missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
-        if missing or not is_plain_attention(blk.attn):
-            attn = type(getattr(blk, "attn", None)).__name__
-            raise ValueError(f"model.blocks[{i}] ({type(blk).__name__} with {attn}) is not a pre-norm timm Block "
-                             f"with plain softmax Attention; rollout needs those")
-    pool = getattr(model, "global_pool", "token")
-    if type(model).__name__ != "VisionTransformerDistilled" and pool not in ("token", "avg"):
-        raise ValueError(f"rollout reads the CLS row (global_pool='token') or the mean patch row "
-                         f"(global_pool='avg'); this model has global_pool={pool!r}")
-
-
-def _run(model: nn.Module, x: Tensor, deltas: tuple[Tensor, ...] | None = None) -> tuple[Tensor, list[Tensor]]:
-    """timm's forward with explicit attention: x (B, 3, H, W) -> (logits (B, classes), [probs (B, heads, N, N)]).
-
-    ``deltas[l]`` (zeros) is added to block l's probabilities: the gradient w.r.t. it is the gradient w.r.t.
-    the probabilities as an intermediate of the forward, which ``torch.func.vjp`` can only take of inputs.
-    """
-    check_size(model, x)
-    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    probs = []
-    for i, blk in enumerate(model.blocks):
-        h = blk.norm1(t)
-        p, v = attention_probs(blk.attn, h)
-        if deltas is not None:
-            p = p + deltas[i]
-        probs.append(p)
-        t = t + blk.drop_path1(blk.ls1(attention_output(blk.attn, h, p, v)))
-        t = t + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(t))))
-    return model.forward_head(model.norm(t)), probs
-
-
-class Source(NamedTuple):
-    """Where a model's attention probabilities come from, for one input size.
-
-    run(x, deltas) -> (the model's output, [probs (B, heads, N, N) per attention layer]); deltas: zero taps shaped
-    like the probabilities (``taps(x)``), or None. layers: how many. readout: (N,) weights of the rows the output
-    reads. prefix, grid: the token axis (prefix tokens, then a gh x gw grid). module: the model (for the guard).
-    """
-
-    run: Callable[[Tensor, Any], tuple[Any, list[Tensor]]]
-    taps: Callable[[Tensor], tuple[Tensor, ...]]
-    layers: int
-    readout: Tensor
-    prefix: int
-    grid: tuple[int, int]
-    module: nn.Module
-
-
 def source(model_or_split: Any, x: Tensor) -> Source:
-    """The attention ``Source`` of a model (or of ``funcam.split(model)``, reusing its captured graph) for ``x``."""
+    """The attention ``Source`` of a model (or of ``funcam.split(model)``, reusing its captured graph) for ``x``: the
+    route table's (``funcam._src.cuts.route.attention_source``)."""
     graph = getattr(model_or_split, "graph", None) if isinstance(model_or_split, Split) else None
     model = _guard.unwrap(model_or_split.module if isinstance(model_or_split, Split) else model_or_split)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module or a funcam.Split of one, got {type(model_or_split).__name__}")
-    if _is_plain_vit(model):
-        return _timm_source(model, x)
-    if graph is None:
-        from funcam._src.cuts.auto import GraphCut
-
-        graph = GraphCut(model, None)
-    ga = _guard.run(model, lambda: graph.attention(x))
-    return Source(ga.run, ga.taps, len(ga.names), ga.readout.to(device=x.device, dtype=x.dtype), ga.prefix, ga.grid,
-                  model)
-
-
-def _is_plain_vit(model: nn.Module) -> bool:
-    try:
-        check_vit(model)
-    except ValueError:
-        return False
-    return True
-
-
-def _timm_source(model: nn.Module, x: Tensor) -> Source:
-    gh, gw = _grid(model, x)
-    npre = int(getattr(model, "num_prefix_tokens", 1))
-    n = npre + gh * gw
-    idx = torch.arange(n, device=x.device)
-    if type(model).__name__ != "VisionTransformerDistilled" and getattr(model, "global_pool", "token") == "avg":
-        readout = (idx >= npre).to(x.dtype) / (n - npre)
-    else:
-        readout = (idx == 0).to(x.dtype)
-    heads = [blk.attn.num_heads for blk in model.blocks]
-    return Source(lambda inp, d: _run(model, inp, d), lambda inp: tuple(inp.new_zeros(inp.shape[0], h, n, n)
-                                                                        for h in heads),
-                  len(heads), readout, npre, (gh, gw), model)
+        raise TypeError(f"model must be a torch.nn.Module or a funcam.Split of one, got "
+                        f"{type(model_or_split).__name__}")
+    return attention_source(model, x, graph)
 
 
 @_guard.entry()

@@ -117,7 +117,7 @@ def argmax_channel(g: Tensor, a: Tensor) -> Tensor:
 
 
 # --- Spatially constant gradients -------------------------------------------------------------------------
-# When the head starts with global average pooling (``funcam.split.Pooled``), g is constant over space:
+# When the head starts with global average pooling (``funcam.Pooled``), g is constant over space:
 # g[b, k, c, i, j] = v[b, k, c]. The same equations then reduce to channel weights on (B, K, C), and all
 # K maps of an image come from one (K, C) x (C, h w) product: the (K, B, C, h, w) gradient never exists.
 # Each rule: v (B, K, C), A (B, C, h, w) -> maps (B, K, h, w), equal to the per-class rule on the broadcast g

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from funcam._src.cuts.capture import build, copy_node, first_output, scopes, unflatten
+from funcam._src.cuts.layout import B, C
+
 _PARTS = ("qkv", "q_norm", "k_norm", "norm", "proj", "proj_drop", "attn_drop", "num_heads", "scale")
 
 
@@ -94,6 +97,23 @@ def tapped_sdpa(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, attn_mask
     return out, probs
 
 
+class Source(NamedTuple):
+    """Where a model's attention probabilities come from, for one input size.
+
+    run(x, deltas) -> (the model's output, [probs (B, heads, N, N) per attention layer]); deltas: zero taps shaped
+    like the probabilities (``taps(x)``), or None. layers: how many. readout: (N,) weights of the rows the output
+    reads. prefix, grid: the token axis (prefix tokens, then a gh x gw grid). module: the model (for the guard).
+    """
+
+    run: Callable[[Tensor, Any], tuple[Any, list[Tensor]]]
+    taps: Callable[[Tensor], tuple[Tensor, ...]]
+    layers: int
+    readout: Tensor
+    prefix: int
+    grid: tuple[int, int]
+    module: nn.Module
+
+
 class GraphAttention(NamedTuple):
     """The global self-attentions of a captured graph, each with a tap on its probabilities.
 
@@ -115,8 +135,6 @@ class GraphAttention(NamedTuple):
 
 def _token_attention(node: fx.Node, roles: dict) -> tuple[str, Any] | None:
     """('sdpa' | 'softmax', token role) when ``node`` is an attention over one token sequence, else None."""
-    from funcam._src.cuts.layout import B, C
-
     if node.op != "call_function":
         return None
     if node.target is torch.ops.aten.scaled_dot_product_attention.default:
@@ -181,11 +199,10 @@ def _other_attention(node: fx.Node, roles: dict) -> bool:
 
 
 def graph_attention(cap: Any, roles: dict, model: nn.Module, ex: Tensor) -> GraphAttention:
-    """``GraphAttention`` for a captured graph (``funcam.cuts.capture``) with its axis roles
-    (``funcam._src.cuts.layout.propagate``), checked at the example input ``ex``: every ``F.scaled_dot_product_attention`` (timm's fused attention,
-    ``nn.MultiheadAttention``, Hugging Face's sdpa attention) and every explicit softmax over a token axis."""
-    from funcam._src.cuts.capture import _scopes, build, copy_node, first_output, unflatten
-
+    """``GraphAttention`` for a captured graph (``funcam._src.cuts.capture``) with its axis roles
+    (``funcam._src.cuts.layout.propagate``), checked at the example input ``ex``: every
+    ``F.scaled_dot_product_attention`` (timm's fused attention, ``nn.MultiheadAttention``, Hugging Face's sdpa
+    attention) and every explicit softmax over a token axis."""
     found = [(n,) + kind for n in cap.graph.nodes if (kind := _token_attention(n, roles)) is not None]
     windowed = [n for n in cap.graph.nodes if _other_attention(n, roles) and n not in {f[0] for f in found}]
     if not found and not windowed:
@@ -254,4 +271,4 @@ def graph_attention(cap: Any, roles: dict, model: nn.Module, ex: Tensor) -> Grap
                          f"at every token): untrained zero weights, or an attention funcam misread")
     readout = rows.to(ex.dtype) / rows.sum()
     return GraphAttention(run, taps, int(prefix), (int(gh), int(gw)), readout.detach(),
-                          tuple((_scopes(n)[-1][1] if _scopes(n) else n.name) for n, _, _ in found))
+                          tuple((scopes(n)[-1][1] if scopes(n) else n.name) for n, _, _ in found))

@@ -16,7 +16,7 @@ swap them in.
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.fx as fx
@@ -35,6 +35,9 @@ class Captured(NamedTuple):
     out_spec: how to put ``outputs`` back into the model's output structure (a tensor, tuple, dict, ModelOutput).
     bsym: the batch size symbol (sympy), or None when the capture fixed the batch size.
     batch: the captured batch size when ``bsym`` is None.
+    returns: module path -> the node of the value it returns, for the modules whose call signature the capture was
+        asked to keep (``preserve``): how a module that leaves no node of its own (``nn.Identity``, folded away)
+        is found.
     """
 
     graph: fx.Graph
@@ -44,6 +47,18 @@ class Captured(NamedTuple):
     out_spec: Any
     bsym: Any
     batch: int
+    returns: dict = {}
+
+
+class SplitArgs(NamedTuple):
+    """What ``funcam.split`` was asked, checked: where to cut (``layer``: names, or None for the default cut),
+    ``token_cut`` (None, "norm1" or "norm2"), ``tracer_leaves`` (classes FX's tracer keeps whole) and ``example``
+    (an input to capture with now, or None). Every route (``funcam._src.cuts.route``) reads it."""
+
+    layer: tuple[str, ...] | None = None
+    token_cut: str | None = None
+    tracer_leaves: tuple = ()
+    example: Tensor | None = None
 
 
 class CaptureError(ValueError):
@@ -59,14 +74,16 @@ def example_batch(x: Tensor) -> Tensor:
     return x.new_zeros((2,) + tuple(x.shape[1:]))
 
 
-def capture(model: nn.Module, x: Tensor) -> Captured:
-    """``model.forward`` on inputs shaped like ``x (B, C, H, W)`` as a ``Captured`` graph (any batch size)."""
+def capture(model: nn.Module, x: Tensor, preserve: Sequence[str] = ()) -> Captured:
+    """``model.forward`` on inputs shaped like ``x (B, C, H, W)`` as a ``Captured`` graph (any batch size);
+    ``preserve``: submodule paths whose returned value must be known even when their call leaves no node."""
     ex = example_batch(x.detach())
     with warnings.catch_warnings():
         # the capture traces the user's forward on fake tensors; its warnings are not the user's
         warnings.simplefilter("ignore")
         try:
-            ep = torch.export.export(model, (ex,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+            ep = torch.export.export(model, (ex,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False,
+                                     preserve_module_call_signature=tuple(preserve))
         except Exception as e:  # noqa: BLE001 - export raises many types for untraceable code
             raise CaptureError(f"could not capture {type(model).__name__} as a graph with torch.export "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
@@ -90,7 +107,13 @@ def capture(model: nn.Module, x: Tensor) -> Captured:
     out_spec = ep.module_call_graph[0].signature.out_spec
     s0 = x_node.meta["val"].shape[0]
     bsym = None if isinstance(s0, int) else s0.node.expr
-    return Captured(ep.graph, x_node, tensors, user, out_spec, bsym, int(ex.shape[0]))
+    by_name = {n.name: n for n in ep.graph.nodes}
+    returns = {}
+    for entry in ep.module_call_graph:
+        outs = entry.signature.outputs if entry.fqn in preserve and entry.signature is not None else []
+        if len(outs) == 1 and getattr(outs[0], "name", None) in by_name:
+            returns[entry.fqn] = by_name[outs[0].name]
+    return Captured(ep.graph, x_node, tensors, user, out_spec, bsym, int(ex.shape[0]), returns)
 
 
 def unflatten(cap: Captured, leaves: Any) -> Any:
@@ -150,7 +173,7 @@ def copy_node(graph: fx.Graph, node: fx.Node, env: dict, cap: Captured) -> fx.No
     return new
 
 
-def _scopes(node: fx.Node) -> list[tuple[str, str, str]]:
+def scopes(node: fx.Node) -> list[tuple[str, str, str]]:
     """(call key, module path, class name) of the modules ``node`` runs inside, outermost first."""
     stack = node.meta.get("nn_module_stack") or {}
     out = []
@@ -166,3 +189,32 @@ def _first_non_tensor(graph: fx.Graph) -> fx.Node:
         if not (n.op == "placeholder" and n.meta.get("funcam_tensor") is not None):
             return n
     return graph._root  # noqa: SLF001 - an empty graph's sentinel: inserting before it appends
+
+
+def default_example(model: nn.Module, in_chans: int | None = None) -> Tensor:
+    """One random input at the model's configured size: Hugging Face ``config.image_size``, timm's
+    ``pretrained_cfg['input_size']`` or patch embedding size, torchvision's ``image_size``; else 224x224."""
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "image_size", None) or getattr(model, "image_size", None)
+    pe = getattr(model, "patch_embed", None)
+    if size is None and getattr(pe, "img_size", None) is not None:
+        size = tuple(pe.img_size)
+    if size is None:
+        size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))[1:]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    p = next(model.parameters(), None)
+    dtype, device = (p.dtype, p.device) if p is not None else (torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, in_chans or 3, int(h), int(w), generator=g).to(device=device, dtype=dtype)
+
+
+def declared_in_chans(model: nn.Module) -> int | None:
+    """The input channels the model declares (timm's ``in_chans``, Hugging Face ``config.num_channels``), else the
+    first convolution's (torchvision stems); a space-to-depth stem (TResNet) declares its own."""
+    for v in (getattr(model, "in_chans", None), getattr(getattr(model, "config", None), "num_channels", None)):
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None

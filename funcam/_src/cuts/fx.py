@@ -15,15 +15,14 @@ GraphModules reference the user's modules, nothing is copied or changed):
 from __future__ import annotations
 
 import difflib
-
 from typing import Callable, Sequence
 
 import torch.fx as fx
 from torch import Tensor, nn
 
-from funcam._src.cuts.graph import ancestors
-from funcam._src.cuts.pooled import pools_first
 from funcam._src.base import Features
+from funcam._src.cuts.graph import cut_graphs
+from funcam._src.cuts.pooled import pools_first
 
 
 def suggest_names(model: nn.Module, name: str, extra: Sequence[str] = ()) -> list[str]:
@@ -31,15 +30,6 @@ def suggest_names(model: nn.Module, name: str, extra: Sequence[str] = ()) -> lis
     names = [n for n, _ in model.named_modules() if n] + list(extra)
     close = difflib.get_close_matches(name, names, n=8, cutoff=0.5)
     return close or names[-8:]
-
-
-def _tap(r: Tensor, m: Tensor) -> Tensor:
-    return r + (m - m.detach())
-
-
-def _clone(v: object) -> object:
-    # a shape (torch.Size) or other plain value read before the cut is a constant, not a tensor to copy
-    return v.clone() if isinstance(v, Tensor) else v
 
 
 class _Tracer(fx.Tracer):
@@ -107,50 +97,22 @@ def _find(gm: fx.GraphModule, model: nn.Module, name: str) -> fx.Node:
 def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, ...] = ()
              ) -> tuple[Callable, Callable, tuple[str, ...], bool]:
     """``(extract, head, names in graph order, pools)`` for cuts after ``names``; pools: one cut, and every use of
-    it is a global average over its grid (``funcam.cuts.pooled.pools_first``; NCHW assumed, as FX cannot tell)."""
+    it is a global average over its grid (``funcam._src.cuts.pooled.pools_first``; NCHW assumed, as FX cannot tell)."""
     gm = trace(model, tracer_leaves)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     found = {_find(gm, model, name): name for name in names}
     cuts = sorted(found, key=order.__getitem__)
     if len(cuts) != len(names):
         raise ValueError(f"split: layer names {names} name the same node more than once")
-    first = cuts[0]
-    before = ancestors([first])  # computed by extract; everything else is recomputed by head
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         raise ValueError(f"split: the model's forward takes {len(inputs)} inputs; funcam cuts models of one "
                          f"input x (B, C, H, W)")
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    after = [n for n in gm.graph.nodes if n not in before and n.op != "output"]
-    # values from before the first cut that the rest reads: skips over the cut, and the input x itself where it
-    # is read again (its shape, a skip from the input); all held constant, non-tensors (shapes) as they are
-    context = [n for n in gm.graph.nodes
-               if n in before and n is not first and any(u not in before for u in n.users)]
-
-    # extract graph: x -> (maps, context)
-    g_ex = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    needed = ancestors(cuts) | before
-    for n in gm.graph.nodes:
-        if n in needed:
-            env[n] = g_ex.node_copy(n, env.__getitem__)
-    g_ex.output((tuple(env[c] for c in cuts), tuple(env[c] for c in context)))
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    g_ex, g_hd, _ = cut_graphs(nodes, cuts, None, lambda g, n, env: g.node_copy(n, env.__getitem__),
+                               output.args[0])
     extract_gm = fx.GraphModule(gm, g_ex, "extract")
-
-    # head graph: (map_0, ..., map_m, *context) -> logits
-    g_hd = fx.Graph()
-    env = {}
-    taps = [g_hd.placeholder(f"map_{i}") for i in range(len(cuts))]
-    # The head's inputs are cloned: the model may write into a cut value in place (a conv followed by
-    # ReLU(inplace=True)), which would corrupt the map's A and is refused on vjp's differentiable input.
-    env[first] = g_hd.call_method("clone", (taps[0],))
-    for c in context:
-        env[c] = g_hd.call_function(_clone, (g_hd.placeholder(f"ctx_{c.name}"),))
-    for n in after:
-        env[n] = g_hd.node_copy(n, env.__getitem__)
-        if n in cuts:
-            env[n] = g_hd.call_function(_tap, (env[n], taps[cuts.index(n)]))
-    g_hd.output(fx.map_arg(output.args[0], env.__getitem__))
     head_gm = fx.GraphModule(gm, g_hd, "head")
     chained = len(cuts) > 1
 
@@ -163,4 +125,4 @@ def fx_split(model: nn.Module, names: list[str], *, tracer_leaves: tuple[type, .
         """Features -> logits (B, num_classes)."""
         return head_gm(*feats.maps, *feats.context)
 
-    return extract, head, tuple(found[c] for c in cuts), len(cuts) == 1 and pools_first(first, model=gm)
+    return extract, head, tuple(found[c] for c in cuts), len(cuts) == 1 and pools_first(cuts[0], model=gm)

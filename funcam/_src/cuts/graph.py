@@ -1,9 +1,9 @@
-"""Cut a captured graph (``funcam.cuts.capture``) after one or more values, and find the default cut.
+"""Cut a captured graph (``funcam._src.cuts.capture``) after one or more values, and find the default cut.
 
 Two graphs are built over the model's own tensors:
 
 * extract: the nodes needed for the cut values; returns them as ``(B, C, h, w)`` maps (whatever their layout:
-  NCHW, NHWC, tokens with prefix tokens; ``funcam.cuts.layout``) and, in ``Features.context``, the values that
+  NCHW, NHWC, tokens with prefix tokens; ``funcam._src.cuts.layout``) and, in ``Features.context``, the values that
   the rest of the graph reads from before the cut (skips over the cut, the input ``x`` itself, shapes as
   integers, the prefix tokens of a token cut). Context is held constant when differentiating.
 * head: every node after the first cut; later cuts are recomputed from the first and enter as zero-valued taps
@@ -26,10 +26,10 @@ import torch.fx as fx
 from einops import rearrange
 from torch import Tensor, nn
 
-from funcam._src.cuts.attention import unfuse_attention
-from funcam._src.cuts.capture import Captured, _scopes, build, copy_node, first_output, unflatten
-from funcam._src.cuts.layout import Layout, layout_of, propagate
 from funcam._src.base import Features
+from funcam._src.cuts.attention import unfuse_attention
+from funcam._src.cuts.capture import Captured, build, copy_node, first_output, scopes, unflatten
+from funcam._src.cuts.layout import Layout, layout_of, propagate
 
 
 class Cut(NamedTuple):
@@ -67,12 +67,14 @@ def from_map(fmap: Tensor, prefix: Tensor | None, lay: Layout) -> Tensor:
     return fmap.permute(*inverse)
 
 
-def _tap(r: Tensor, m: Tensor) -> Tensor:
+def tap(r: Tensor, m: Tensor) -> Tensor:
+    """A later cut's value in the head: ``r`` (recomputed), with the gradient at the tap ``m``."""
     return r + (m - m.detach())
 
 
-def _clone(v: Any) -> Any:
-    # the head may write into what it is given (an in-place ReLU after the cut); maps and context stay intact
+def clone_value(v: Any) -> Any:
+    """What the head is given, cloned: it may write into it (an in-place ReLU after the cut); a shape or other plain
+    value read before the cut is a constant, not a tensor to copy."""
     return v.clone() if isinstance(v, Tensor) else v
 
 
@@ -136,45 +138,63 @@ def ancestors(nodes: Sequence[fx.Node], deps: dict[fx.Node, list[fx.Node]] | Non
     return seen
 
 
-def cut_graph(cap: Captured, cut: Cut, model: nn.Module, until: fx.Node | None = None
-              ) -> tuple[Callable[[Tensor], Features], Callable[[Features], Any]]:
-    """``(extract, head)`` for ``cut``: extract(x) -> Features; head(Features) -> the model's output (or, with
-    ``until``, that node's value: the input of a final classifier). Both read ``model``'s tensors when called."""
-    cuts = list(cut.nodes)
+def cut_graphs(nodes: Sequence[fx.Node], cuts: Sequence[fx.Node], deps: dict[fx.Node, list[fx.Node]] | None,
+               copy: Callable[[fx.Graph, fx.Node, dict], fx.Node], outputs: Any) -> tuple[fx.Graph, fx.Graph, int]:
+    """The two graphs of a cut after ``cuts`` (in graph order) of a graph whose ``nodes`` (its output excluded) are
+    given in order; ``copy(graph, node, env)`` copies one node; ``outputs``: the head's output (nodes in a structure
+    ``fx.map_arg`` walks).
+
+    extract: ``x -> (cut values, context)``, context being the values from before the first cut that the rest reads
+    (skips over the cut, ``x`` itself, shapes). head: ``(cut values..., *context) -> outputs``: every node after the
+    first cut; later cuts are recomputed and enter as zero-valued taps (value recomputed, gradient at that cut).
+    Returns (extract graph, head graph, number of context values). The one cutting algorithm of both graph routes
+    (``torch.export``'s ATen graph here, ``torch.fx``'s in ``funcam._src.cuts.fx``).
+    """
     first = cuts[0]
-    tensors = set(cap.tensors)
-    deps = dependencies(cap.graph)
     before = ancestors([first], deps)
-    is_model_tensor = lambda n: n.op == "placeholder" and n.name in tensors  # noqa: E731
-    nodes = [n for n in cap.graph.nodes if n.op not in ("output",) and not is_model_tensor(n)]
     after = [n for n in nodes if n not in before]
+    read = set()
+    fx.map_arg(outputs, read.add)
     context = [n for n in nodes if n in before and n is not first
-               and any(u not in before and u.op != "output" for u in n.users)]
+               and (n in read or any(u not in before and u.op != "output" for u in n.users))]
 
     g_ex = fx.Graph()
     env: dict = {}
-    needed = ancestors(cuts, deps) | before
+    needed = ancestors(list(cuts), deps) | before
     for n in nodes:
         if n in needed:
-            env[n] = copy_node(g_ex, n, env, cap)
+            env[n] = copy(g_ex, n, env)
     g_ex.output((tuple(env[c] for c in cuts), tuple(env[c] for c in context)))
-    ex_gm = build(cap, g_ex, "extract")
 
     g_hd = fx.Graph()
     env = {}
     ins = [g_hd.placeholder(f"cut_{i}") for i in range(len(cuts))]
-    env[first] = g_hd.call_function(_clone, (ins[0],))
+    # the head's inputs are cloned: the model may write into a cut value in place (a conv followed by
+    # ReLU(inplace=True)), which would corrupt the map and is refused on vjp's differentiable input
+    env[first] = g_hd.call_function(clone_value, (ins[0],))
     for c in context:
-        env[c] = g_hd.call_function(_clone, (g_hd.placeholder(f"ctx_{c.name}"),))
+        env[c] = g_hd.call_function(clone_value, (g_hd.placeholder(f"ctx_{c.name}"),))
     for n in after:
-        env[n] = copy_node(g_hd, n, env, cap)
+        env[n] = copy(g_hd, n, env)
         if n in cuts:
-            env[n] = g_hd.call_function(_tap, (env[n], ins[cuts.index(n)]))
-    outs = cap.outputs if until is None else (until,)
-    g_hd.output(tuple(env[o] if isinstance(o, fx.Node) else o for o in outs))
+            env[n] = g_hd.call_function(tap, (env[n], ins[list(cuts).index(n)]))
+    g_hd.output(fx.map_arg(outputs, env.__getitem__))
+    return g_ex, g_hd, len(context)
+
+
+def cut_graph(cap: Captured, cut: Cut, model: nn.Module, until: fx.Node | None = None
+              ) -> tuple[Callable[[Tensor], Features], Callable[[Features], Any]]:
+    """``(extract, head)`` for ``cut``: extract(x) -> Features; head(Features) -> the model's output (or, with
+    ``until``, that node's value: the input of a final classifier). Both read ``model``'s tensors when called."""
+    tensors = set(cap.tensors)
+    nodes = [n for n in cap.graph.nodes if n.op != "output" and not (n.op == "placeholder" and n.name in tensors)]
+    outs = tuple(cap.outputs if until is None else (until,))
+    g_ex, g_hd, _ = cut_graphs(nodes, cut.nodes, dependencies(cap.graph), lambda g, n, env: copy_node(g, n, env, cap),
+                               outs)
+    ex_gm = build(cap, g_ex, "extract")
     hd_gm = build(cap, unfuse_attention(g_hd), "head")
     lays = cut.layouts
-    chained = len(cuts) > 1
+    chained = len(cut.nodes) > 1
 
     def extract(x: Tensor) -> Features:
         """x (B, C, H, W) -> Features(maps=((B, C_i, h_i, w_i), ...), context=(prefix, *skips))."""
@@ -194,7 +214,7 @@ def cut_graph(cap: Captured, cut: Cut, model: nn.Module, until: fx.Node | None =
     return extract, head
 
 
-# --- names -------------------------------------------------------------------------------------------------------------
+# --- names ------------------------------------------------------------------------------------------------------
 
 def _in_scope(node: fx.Node, key: str) -> bool:
     return key in (node.meta.get("nn_module_stack") or {})
@@ -219,7 +239,7 @@ def module_inputs(cap: Captured, key: str) -> list[fx.Node]:
 
 def name_of(cap: Captured, node: fx.Node) -> str:
     """The outermost module whose output is ``node`` (``"layer4"``, ``"blocks.11.norm1"``), else the node name."""
-    for key, path, _ in _scopes(node):
+    for key, path, _ in scopes(node):
         if module_outputs(cap, key) == [node]:
             return path
     return node.name
@@ -229,7 +249,7 @@ def find(cap: Captured, name: str, module_names: Sequence[str]) -> fx.Node:
     """The node a ``layer=`` name refers to: a submodule's output (the path from ``named_modules``) or a node name."""
     calls: dict[str, list[str]] = {}
     for n in cap.graph.nodes:
-        for key, path, _ in _scopes(n):
+        for key, path, _ in scopes(n):
             if path == name and key not in calls.setdefault(path, []):
                 calls[path].append(key)
     keys = calls.get(name, [])
@@ -245,9 +265,11 @@ def find(cap: Captured, name: str, module_names: Sequence[str]) -> fx.Node:
     by_name = [n for n in cap.graph.nodes if n.name == name and n.op == "call_function"]
     if by_name:
         return by_name[0]
+    if name in cap.returns and cap.returns[name].op == "call_function":
+        return cap.returns[name]  # a module the capture folded away (nn.Identity): the value it returns
     if name in module_names:
         raise ValueError(f"split: layer {name!r} is a submodule that does not run in the forward (unused, or it "
-                         f"only holds parameters); cut at a module that runs, e.g. "
+                         f"only holds parameters), or returns the input x itself; cut at a module that runs, e.g. "
                          f"{_suggest(name, module_names, cap)}")
     raise ValueError(f"split: unknown layer {name!r}; nearest valid names: {_suggest(name, module_names, cap)}")
 
@@ -263,7 +285,7 @@ def _suggest(name: str, module_names: Sequence[str], cap: Captured) -> list[str]
 class Probe(NamedTuple):
     """What one forward and backward of the captured graph tells about its values (at the example input).
 
-    roles: axis roles of every node (``funcam.cuts.layout``); layouts: node -> Layout for the values on the grid;
+    roles: axis roles of every node (``funcam._src.cuts.layout``); layouts: node -> Layout for the values on the grid;
     reaching: the grid values whose gradient from the first output is non-zero at some grid position;
     learned: nodes from which the first output is reached through a layer with parameters or an op that leaves
         the grid (``_informative``).
@@ -382,7 +404,7 @@ def default_cut(cap: Captured, pr: Probe) -> fx.Node:
         raise ValueError("no value inside the model is both on the input's grid and reached by the gradient of its "
                          "output at grid positions (pass layer='NAME' to cut after a submodule)")
     last = max(ok, key=order.__getitem__)
-    for key, _, _ in reversed(_scopes(last)):  # innermost first
+    for key, _, _ in reversed(scopes(last)):  # innermost first
         if any(o in pr.reaching for o in module_outputs(cap, key)):
             continue
         if _attends(cap, key):
@@ -445,3 +467,10 @@ def _through_layout_ops(node: fx.Node, pr: Probe) -> fx.Node:
             break
         node = src
     return node
+
+
+def silent_modules(cap: Captured, names: Sequence[str], module_names: Sequence[str]) -> list[str]:
+    """The submodule paths among ``names`` that no node of the capture runs inside: modules the capture folded away
+    (``nn.Identity``) or that do not run; a capture preserving their call signatures tells which is which."""
+    seen = {path for n in cap.graph.nodes for _, path, _ in scopes(n)}
+    return [n for n in names if n in module_names and n not in seen]

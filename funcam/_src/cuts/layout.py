@@ -271,7 +271,7 @@ def _rule_slice(node, env, bsym):
     src = node.args[0]
     r = list(env[src])
     d = _arg(node, 1, "dim", 0) % len(r)
-    start, end = _arg(node, 2, "start", None) or 0, _arg(node, 3, "end", None)
+    start = _arg(node, 2, "start", None) or 0
     step = _arg(node, 4, "step", 1)
     n_in = _shape(src.meta["val"], bsym)[d]
     n_out = _shape(node.meta["val"], bsym)[d]

@@ -11,7 +11,7 @@ the model's classes (``funcam.Pooled`` with ``classifier=None``). It is accepted
   probe refuses what the first may let through by chance: a head that weights positions (flatten then Linear),
   max-pools, or attends over them does not give one output per spatial mean.
 
-The graph route checks each capture (each input size) for itself, at capture time; see ``funcam.cuts.auto``.
+The graph route checks each capture (each input size) for itself, at capture time; see ``funcam._src.cuts.auto``.
 """
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcam
-from tests.conftest import make_input, make_model, record_vmap_chunks
 from funcam import guided_backprop, guided_gradcam
 from funcam._src.core.engine import DEFAULT_MAX_MEMORY, auto_chunk_size
 from funcam._src.core.guided import GUIDED_BYTES_PER_INPUT_BYTE
+from tests.conftest import make_input, make_model, record_vmap_chunks
 
 CLASSES = torch.tensor([[1, 5, 7], [7, 0, 2], [3, 3, 9]])  # (B, K) per image, a repeated class included
 

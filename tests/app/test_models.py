@@ -158,9 +158,8 @@ def test_random_weights_are_seeded_and_leave_the_global_generator():
 
 def test_pretrained_offline_fails_within_seconds(tmp_path, monkeypatch):
     # issue 16: without a network, timm's download retried for about a minute (46 s measured here)
-    import time
-
     import socket
+    import time
 
     from huggingface_hub import constants
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from funcam._src.cli.options import UsageError, parse_classes, safe_stem, size_in_bytes
 from funcam.cli import main
-from funcam._src.cli.options import parse_classes, safe_stem, size_in_bytes, UsageError
 from tests._cli_runner import runner
 from tests.conftest import record_vmap_chunks
 
@@ -350,7 +350,8 @@ def test_hostile_file_names_stay_inside_out_and_are_escaped(photos, tmp_path, cl
     assert p.returncode == 0, p
     written = sorted(f.name for f in out.iterdir())
     assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", n) for n in written), written
-    assert {"script_alert_1_input.png", "img_src_x_onerror_alert_2_input.png", "png_input.png", "a_b_c_input.png", "coffee-copy_input.png"} <= set(written)
+    assert {"script_alert_1_input.png", "img_src_x_onerror_alert_2_input.png", "png_input.png", "a_b_c_input.png",
+            "coffee-copy_input.png"} <= set(written)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["coffee-copy.png", "deep", "sub"])
     page = (out / "index.html").read_text()
     assert "<script>alert" not in page and "<img src=x" not in page
@@ -426,7 +427,8 @@ def test_help_and_subcommands(capsys):
     text = capsys.readouterr().out
     assert "explain" in text and "demo" in text and "explain-dir" in text and "--version" in text
     assert main([]) == 2
-    assert capsys.readouterr().err == "funcam: error: the following arguments are required: {explain,demo,explain-dir}\n"
+    want = "funcam: error: the following arguments are required: {explain,demo,explain-dir}\n"
+    assert capsys.readouterr().err == want
     assert main(["explain-dir", "--help"]) == 0
     assert "--random-weights" in capsys.readouterr().out
 

@@ -13,7 +13,6 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer,
 import funcam
 from benchmarks.supported_models import fill_zeros, hf_model
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 

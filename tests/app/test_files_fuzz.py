@@ -457,8 +457,8 @@ def test_explain_with_no_readable_image_exits_2_and_writes_nothing(tmp_path, cap
 
 
 def test_explain_dir_records_the_corpus_in_errors_jsonl(tmp_path, capsys, checkpoint):
+    from funcam._src.app.shards import load_maps
     from funcam.cli import main
-    from funcam._src.app.dataset import load_maps
 
     img = tmp_path / "img"
     files = corpus()
@@ -517,12 +517,13 @@ def test_explain_dir_list_file_problems(tmp_path, capsys, checkpoint):
     _no_traceback(cap.err)
     assert sorted(cap.err.splitlines()) == ["funcam: error: bad\\x01name.png: no such file",
                                             "funcam: error: missing.png: no such file"]
-    errors = {e["path"]: e["error"] for e in map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())}
+    lines = (tmp_path / "out" / "errors.jsonl").read_text().splitlines()
+    errors = {e["path"]: e["error"] for e in map(json.loads, lines)}
     assert errors == {"missing.png": "no such file", "bad\x01name.png": "no such file"}
 
 
 def test_list_images_survives_symlink_loops(tmp_path):
-    from funcam._src.app.dataset import list_images
+    from funcam._src.app.folder import list_images
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.png").write_bytes(b"")

@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from funcam.metrics import boxes_to_masks, confidence_change, deletion_insertion, energy_in_box, impute, pointing_game, road
+from funcam.metrics import (
+    boxes_to_masks,
+    confidence_change,
+    deletion_insertion,
+    energy_in_box,
+    impute,
+    pointing_game,
+    road,
+)
 
 
 def tiny_model(c: int = 3, n: int = 5) -> nn.Module:
@@ -93,8 +101,11 @@ def test_errors_name_the_argument():
 
 
 def test_confidence_change_loop_and_pytorch_grad_cam():
-    from pytorch_grad_cam.metrics.cam_mult_image import (CamMultImageConfidenceChange, DropInConfidence,
-                                                         IncreaseInConfidence)
+    from pytorch_grad_cam.metrics.cam_mult_image import (
+        CamMultImageConfidenceChange,
+        DropInConfidence,
+        IncreaseInConfidence,
+    )
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     model = tiny_model()

@@ -8,6 +8,7 @@ import torch
 
 from funcam.images import ImageError, probe_image, read_image
 
+
 def _save(tmp_path, name, arr, mode=None):
     from PIL import Image
 

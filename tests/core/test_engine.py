@@ -23,7 +23,8 @@ def x():
 @pytest.mark.parametrize("bad,exc,msg", [
     (torch.randn(3, 64, 64), ValueError, r"x must have shape \(B, C, H, W\), got shape \(3, 64, 64\)"),
     (torch.randn(2, 4, 64, 64), ValueError, r"x must have 3 channels for this model, got shape \(2, 4, 64, 64\)"),
-    (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), TypeError, "x must be a floating-point tensor, got dtype torch.uint8"),
+    (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), TypeError,
+     "x must be a floating-point tensor, got dtype torch.uint8"),
     ([[1.0]], TypeError, "x must be a torch.Tensor"),
 ])
 def test_bad_x(sp, bad, exc, msg):
@@ -36,7 +37,8 @@ def test_bad_x(sp, bad, exc, msg):
     (torch.tensor([-1, 3]), ValueError, r"classes must lie in \[0, 10\).*from -1 to 3"),
     (torch.tensor([1.0, 2.0]), TypeError, "classes must be an integer tensor, got dtype torch.float32"),
     (torch.tensor([True]), TypeError, "classes must be an integer tensor, got dtype torch.bool"),
-    (torch.zeros(3, 2, dtype=torch.long), ValueError, r"classes must have shape \(K,\) or \(B, K\) = \(2, K\), got shape \(3, 2\)"),
+    (torch.zeros(3, 2, dtype=torch.long), ValueError,
+     r"classes must have shape \(K,\) or \(B, K\) = \(2, K\), got shape \(3, 2\)"),
     (torch.zeros(2, 2, 2, dtype=torch.long), ValueError, r"got shape \(2, 2, 2\)"),
     ([1.5], TypeError, "classes must be integers"),
     ("cat", TypeError, "classes must be an int, a list of ints"),

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from tests.conftest import make_input, make_model, record_vmap_chunks
 import funcam
 from funcam import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
 from funcam._src.core.engine import DEFAULT_MAX_MEMORY, auto_chunk_size
 from funcam._src.core.rollout import relevance_bytes_per_class, source, token_width
+from tests.conftest import make_input, make_model, record_vmap_chunks
 
 VITS = ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"]
 NPRE = {"vit_tiny_patch16_224": 1, "deit_tiny_distilled_patch16_224": 2, "vit_small_patch14_reg4_dinov2": 5}
@@ -218,7 +218,8 @@ def test_relevance_bytes_per_class_counts_taps_and_tokens():
     """The estimate behind max_memory, counted by hand for vit_tiny at 64x64 (12 blocks, 3 heads, N = 1 + 4x4):
     two (B, heads, N, N) per block kept, four of one block in flight, eight (B, N, 768) token gradients (768: the
     MLP's hidden width, the widest Linear)."""
-    model, x = make_model("vit_tiny_patch16_224", dtype=torch.float64), make_input("vit_tiny_patch16_224", dtype=torch.float64)
+    model = make_model("vit_tiny_patch16_224", dtype=torch.float64)
+    x = make_input("vit_tiny_patch16_224", dtype=torch.float64)
     taps = source(model, x).taps(x)
     assert len(taps) == 12 and taps[0].shape == (2, 3, 17, 17) and token_width(model) == 768
     probs = 2 * 3 * 17 * 17 * 8

@@ -92,7 +92,8 @@ def tv_state(src: dict) -> dict:
         for kind in ("weight", "bias"):
             out.update({d + f"self_attention.out_proj.{kind}": src[s + f"attn.proj.{kind}"],
                         d + f"ln_1.{kind}": src[s + f"norm1.{kind}"], d + f"ln_2.{kind}": src[s + f"norm2.{kind}"],
-                        d + f"mlp.0.{kind}": src[s + f"mlp.fc1.{kind}"], d + f"mlp.3.{kind}": src[s + f"mlp.fc2.{kind}"]})
+                        d + f"mlp.0.{kind}": src[s + f"mlp.fc1.{kind}"],
+                        d + f"mlp.3.{kind}": src[s + f"mlp.fc2.{kind}"]})
     return out
 
 

@@ -12,7 +12,8 @@ import pytest
 from funcam._src.app.gallery import Figure, Section, write_gallery
 
 CHROMIUM = "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium: apt-get install chromium")
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason="needs Debian's chromium: apt-get install chromium")
 
 
 def chromium(tmp: Path, page: Path, *args: str) -> subprocess.CompletedProcess:

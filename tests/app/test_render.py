@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from funcam._src.app.render import save_png, to_uint8
 from funcam.render import CMAPS, colorbar, colorize, colormap_table, gradient_image, grid, legend_labels, overlay
-from funcam._src.app.render import \
-    save_png, to_uint8
 
 mpl = pytest.importorskip("matplotlib")
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
@@ -23,7 +22,8 @@ def _ours(values: torch.Tensor, cmap: str, **kw) -> np.ndarray:
 
 @pytest.mark.parametrize("cmap", [c for c in CMAPS if c != "bwr"])
 def test_colormap_equals_matplotlib(cmap):
-    t = torch.cat([torch.linspace(0, 1, 1001, dtype=torch.float64), torch.rand(500, generator=torch.Generator().manual_seed(0), dtype=torch.float64)])
+    t = torch.cat([torch.linspace(0, 1, 1001, dtype=torch.float64),
+                   torch.rand(500, generator=torch.Generator().manual_seed(0), dtype=torch.float64)])
     ref = mpl.colormaps[cmap](t.numpy())[:, :3]
     np.testing.assert_allclose(_ours(t, cmap, vmin=0, vmax=1), ref, atol=TOL, rtol=0)
 
@@ -148,8 +148,8 @@ def test_gradient_image_equals_deprocess_image():
     # (mean to mid-grey, 0.1 per standard deviation), applied map by map.
     deprocess = pytest.importorskip("pytorch_grad_cam.utils.image").deprocess_image
     g = torch.Generator().manual_seed(0)
-    grads = torch.randn(2, 3, 3, 9, 7, generator=g, dtype=torch.float64) * torch.tensor([1e-4, 1.0, 30.0],
-                                                                                         dtype=torch.float64).view(1, 3, 1, 1, 1)
+    scale = torch.tensor([1e-4, 1.0, 30.0], dtype=torch.float64).view(1, 3, 1, 1, 1)
+    grads = torch.randn(2, 3, 3, 9, 7, generator=g, dtype=torch.float64) * scale
     grads[1, 2] = 0  # a zero gradient: uniform grey, no NaN
     out = gradient_image(grads)
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 3, 9, 7)

@@ -14,12 +14,11 @@ import torchvision
 from torch import nn
 
 import funcam
-from funcam._src.cuts.timm import _cat
-from funcam._src.cuts.attention import attend
 from funcam._src.base import as_features
-from funcam._src.core import rules
+from funcam._src.core import engine, rules
 from funcam._src.core.split import Features
-from funcam._src.core import engine
+from funcam._src.cuts.attention import attend
+from funcam._src.cuts.blocks import cat_prefix as _cat
 from funcam._src.cuts.pooled import averages_first
 from tests._oracle import loop_cams
 from tests.conftest import make_input, make_model
@@ -213,7 +212,7 @@ def test_pooled_head_is_differentiable_like_the_general_path():
 
 def _full_attention_split(model, sp):
     """The norm1 split with the original head: full attention over all tokens, then the whole block."""
-    blk, npre = model.blocks[-1], model.num_prefix_tokens
+    blk = model.blocks[-1]
 
     def head(feats: Features):
         (fmap,), (t, prefix) = feats.maps, feats.context

@@ -9,8 +9,8 @@ import copy
 
 import pytest
 import timm
-from timm.models.vgg import VGG
 import torch
+from timm.models.vgg import VGG
 from torch import nn
 
 import funcam
@@ -47,7 +47,8 @@ def test_shift_jacobian_equals_per_class_path_and_loop(name):
     per_class = funcam.gradcam(sp, x, classes, relu=False, chunk_size=n // 3)
     torch.testing.assert_close(fast, per_class, rtol=1e-9, atol=1e-14)
     some = [0, n // 2, n - 1]
-    torch.testing.assert_close(fast[:, [n - 1 - k for k in some]], loop_cams(sp, x, lambda out: out[:, some], "gradcam"), rtol=1e-9, atol=1e-14)
+    want = loop_cams(sp, x, lambda out: out[:, some], "gradcam")
+    torch.testing.assert_close(fast[:, [n - 1 - k for k in some]], want, rtol=1e-9, atol=1e-14)
     assert fast.abs().amax() > 0 and fast.flatten(2).std(-1).min() > 0  # not all zero, not constant
 
 
@@ -66,7 +67,7 @@ def test_shift_jacobian_with_a_score_callable():
     assert fast.abs().amax() > 0
 
 
-# --- Swin's norm2 cut: the shifted head of funcam._src.cuts.shifted (a (C, C) matrix per image) ---------------------
+# --- Swin's norm2 cut: the shifted head of funcam._src.cuts.swin (a (C, C) matrix per image) ---------------------
 
 SWIN = "swin_tiny_patch4_window7_224-narrow"  # C = 32 at the cut, 8x8 tokens
 SWIN_CLASSES = 48  # K > C: the Jacobian path
@@ -95,7 +96,7 @@ def test_swin_shifted_head_equals_per_class_path_and_loop(form, monkeypatch):
     feats = sp.extract(x)
     c = feats.maps[0].shape[1]
     classes, kw = _class_forms(SWIN_CLASSES, x.shape[0])[form]
-    from funcam._src.cuts import shifted as shifted_mod
+    from funcam._src.cuts import swin as shifted_mod
 
     calls = []
     real = shifted_mod.norm_mlp_jacobian
@@ -186,7 +187,7 @@ def test_swin_shifted_head_only_where_its_form_holds(kind):
 
 def test_swin_shifted_head_in_training_mode_runs_the_plain_head(monkeypatch):
     # no random module (drop rates 0), so the maps are those of eval mode; the parts' training flag picks the route
-    from funcam._src.cuts import shifted as shifted_mod
+    from funcam._src.cuts import swin as shifted_mod
 
     model = _swin()
     for m in model.modules():
@@ -203,7 +204,7 @@ def test_swin_shifted_head_in_training_mode_runs_the_plain_head(monkeypatch):
 
 @pytest.mark.parametrize("norm", ["model", "identity", "no_affine"])
 def test_norm_mlp_jacobian_is_the_jacobian_of_the_pooled_norm(norm):
-    from funcam._src.cuts.shifted import norm_mlp_jacobian
+    from funcam._src.cuts.blocks import norm_mlp_jacobian
 
     model = _swin()
     mlp = model.layers[-1].blocks[-1].mlp
