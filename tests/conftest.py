@@ -10,6 +10,7 @@ import timm
 import torch
 
 import funcam
+from funcam._src.core import methods
 from funcam._src.core.lrp import as_method
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -63,9 +64,13 @@ def noised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def quick_options(method: str) -> dict:
     """Options for the tests that run every method of the table: the methods whose cost is num_samples x C masked
     forwards (SS-CAM, IS-CAM) run one set of C forwards there (their samples are tested in
-    tests/core/test_perturbation.py); SS-CAM's noise comes from a generator seeded anew for each call."""
-    return {"sscam": {"num_samples": 1, "generator": torch.Generator().manual_seed(0)},
-            "iscam": {"num_samples": 1}}.get(method.replace("-", "_"), {})
+    tests/core/test_perturbation.py); the methods that draw noise (SS-CAM, SmoothGrad, VarGrad, GradientShap) draw it
+    from a generator seeded anew for each call, so that two calls agree and the global random state is untouched."""
+    name = method.replace("-", "_")
+    opts = {"sscam": {"num_samples": 1}, "iscam": {"num_samples": 1}}.get(name, {})
+    if any(o.name == "generator" for o in methods.get(name).options):
+        opts["generator"] = torch.Generator().manual_seed(0)
+    return opts
 
 
 def make_input(name: str, batch: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -55,6 +55,7 @@ from hypothesis import strategies as st
 
 import funcam
 from funcam import metrics
+from funcam._src.core import methods
 from funcam.explain import METHOD_NAMES, explain
 from tests._oracle import rule
 from tests.core.test_rollout import ref_relevance
@@ -169,6 +170,16 @@ def entries(key: str) -> list[tuple[str, str]]:
 SCORE_FAMILY = ("scorecam", "sscam", "iscam")
 
 
+# Methods that draw noise per call, (S, B, C, H, W) at once from torch's generator: two calls, or a batch and its
+# images one by one, draw different noise, so the batch-equals-loop and bit-for-bit properties cannot hold for them.
+# tests/core/test_attributions.py checks them batch against loop (classes and images) with fixed draws.
+RANDOM = ("smoothgrad", "vargrad", "gradient-shap")
+
+
+def deterministic(key: str) -> list[tuple[str, str]]:
+    return [e for e in entries(key) if not (e[0] == "explain" and e[1] in RANDOM)]
+
+
 # explain(method="rollout") refuses a classes callable (test_explain_rollout_accepts_a_classes_callable): that
 # one combination is left out of the drawn cases, so the properties test everything else.
 ROLLOUT = ("explain", "rollout")
@@ -204,11 +215,12 @@ def layers_split(m: torch.nn.Module) -> funcam.Split:
 
 
 def tail(key: str, entry: tuple[str, str], h: int, w: int) -> tuple[int, ...]:
-    """Shape of one map: (h, w) at feature resolution, (H, W) for explain's guided, (3, H, W) for guided."""
+    """Shape of one map: (h, w) at feature resolution, (H, W) for explain's input attributions (guided, saliency,
+    ...: folded over the colours), (3, H, W) for guided."""
     kind, name = entry
     if kind in ("guided_backprop", "guided_gradcam"):
         return (3, h, w)
-    if kind == "explain" and (name.startswith("guided") or name == "fullgrad"):  # maps at input resolution
+    if kind == "explain" and (methods.get(name).output == "input" or name == "fullgrad"):  # input resolution
         return (h, w)
     if kind == "explain_layers":  # fused at the larger (layer3) resolution
         return layer3_size(h, w)
@@ -232,6 +244,8 @@ def nonnegative(entry: tuple[str, str], relu: bool) -> bool:
         return relu
     if kind == "explain_layers":
         return True  # each layer min-max normalised before the mean
+    if kind == "explain" and methods.get(name).signed:
+        return False  # signed input attributions (Integrated Gradients, ...), folded by their signed sum
     return True  # rollout, relevance, explain's guided (absolute values)
 
 
@@ -506,7 +520,7 @@ def test_cam_matches_the_loop_oracle(data):
 
 def check_entry_points(data) -> None:
     key = data.draw(st.sampled_from(CNNS + VITS), label="model")
-    entry = data.draw(st.sampled_from(entries(key)), label="entry")
+    entry = data.draw(st.sampled_from(deterministic(key)), label="entry")
     m = model(key, torch.float64)
     b = data.draw(st.integers(1, 3), label="B")
     x, xc = make_x(data, key, b, torch.float64)
@@ -540,7 +554,8 @@ def check_entry_points(data) -> None:
     scale = float(maps.abs().max())
     kind, name = entry
     signed_or_guided = not relu or kind.startswith("guided") or name.startswith("guided") or \
-        kind in ("chefer_relevance", "grad_rollout") or name in ("rollout", "chefer", "grad-rollout")
+        kind in ("chefer_relevance", "grad_rollout") or name in ("rollout", "chefer", "grad-rollout") or \
+        (kind == "explain" and methods.get(name).output == "input")
     # (guided Grad-CAM is legitimately zero where the ReLU'd Grad-CAM is; argmax_channel may pick a dead channel)
     if signed_or_guided and name not in ("argmax_channel", "argmax-channel", "guided-gradcam") \
             and kind != "guided_gradcam":
@@ -591,7 +606,7 @@ def test_vit_relevance_matches_autograd_reference(data):
 
 def check_invariance(data) -> None:
     key = data.draw(st.sampled_from(CNNS + VITS), label="model")
-    entry = data.draw(st.sampled_from(entries(key)), label="entry")
+    entry = data.draw(st.sampled_from(deterministic(key)), label="entry")
     dtype = data.draw(st.sampled_from(dtypes_for(key)), label="dtype")
     ctx = data.draw(st.sampled_from(["none", "no_grad", "inference_mode"]), label="context")
     rg = data.draw(st.booleans(), label="requires_grad")

@@ -101,6 +101,7 @@ SHORTCUTS = {"chefer": "chefer_relevance"}  # the public names that differ from 
 def test_cam_and_explain_run_every_entry_by_either_name(name, one_thread):
     family = "vit_tiny_patch16_224" if methods.TABLE[name].needs == "attention" else "resnet18"
     model, x = make_model(family), make_input(family)
+    # the methods that draw noise draw the same from a generator seeded alike (quick_options)
     with torch.no_grad():
         want = funcam.cam(model, x, [1, 3], method=name, **quick_options(name)).maps.detach()
     assert bool((want != 0).any()), name

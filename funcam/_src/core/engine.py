@@ -11,6 +11,7 @@ import warnings
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as _pytree
 from einops import rearrange
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -22,7 +23,8 @@ from funcam._src.core.request import DEFAULT_MAX_MEMORY, Request, auto_chunk_siz
 from funcam._src.core.rules import Rule, channel_sum
 
 __all__ = ["DEFAULT_MAX_MEMORY", "auto_chunk_size", "class_hvp", "class_indices", "class_maps", "class_vjp",
-           "jacobian_pays", "logits_of", "logits_or_output", "resolve_classes"]
+           "jacobian_pays", "logits_of", "logits_or_output", "resolve_classes", "sample_chunks", "sample_scores",
+           "sampled_class_vjp"]
 
 
 def resolve_classes(classes: Any, top_k: int | None, logits: Tensor) -> Tensor:
@@ -91,17 +93,18 @@ def class_maps(split: Split, x: Tensor, req: Request, rule: Rule) -> CAM:
 
 
 def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple,
-                 randomness: str = "error") -> Any:
+                 randomness: str = "error", whole: bool = False) -> Any:
     """``vmap(fn)(cot)`` over the K cotangents ``cot (K, ...)``, ``chunk_size`` at a time.
 
     Differentiable results (grad mode on): each chunk's per-class backward would stay in the autograd graph until
     the results die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and results and
-    recomputes its backward when they are differentiated, so max_memory bounds this case too. ``randomness``: vmap's,
-    for an ``fn`` that runs a forward (dropout of a model in training mode): ``"same"`` for every class."""
+    recomputes its backward when they are differentiated, so max_memory bounds this case too; ``whole``: a single
+    chunk too (one of several vjps whose backwards would otherwise pile up). ``randomness``: vmap's, for an ``fn``
+    that runs a forward (dropout of a model in training mode): ``"same"`` for every class."""
     k = cot.shape[0]
-    if chunk_size is not None and chunk_size < k and _keeps_graph(primals):
+    if (whole or chunk_size is not None and chunk_size < k) and _keeps_graph(primals):
         parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size, randomness=randomness), ct,
-                            use_reentrant=False) for ct in cot.split(chunk_size)]
+                            use_reentrant=False) for ct in cot.split(chunk_size or k)]
         if isinstance(parts[0], Tensor):
             return torch.cat(parts, dim=0)
         return tuple(torch.cat(p, dim=0) for p in zip(*parts))
@@ -143,6 +146,8 @@ def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, req: 
     score_fn = req.score_fn
     if known is not None and not jacobian_pays(known, n_dir, split.shifted is not None):
         return None  # decided before any head forward: the per-class path costs nothing more at small K
+    if isinstance(split.module, torch.nn.Module) and any(m.training for m in split.module.modules()):
+        return None  # dropout inside the vmap over directions would draw one mask per direction: a wrong Jacobian
     if torch.compiler.is_compiling():
         # torch 2.14 cannot trace jvp through layer_norm inside vmap (an internal assert on _fw_primal with fake
         # tensors), which every ViT head has: compiled callers take the per-class path, which traces everywhere
@@ -248,6 +253,119 @@ def class_vjp(forward: Callable[..., tuple[Tensor, Any]], primals: tuple[Tensor,
     per = _vmap_chunks(lambda ct: reduce(vjp_fn(ct), aux), cot, req.chunk(per_class_bytes, cot.shape[0]),
                        primals + (logits,))  # (K, B, ...)
     return CAM(per.movedim(0, 1), picked, logits)
+
+
+def sampled_class_vjp(forward: Callable[[Tensor], Any], x: Tensor, req: Request,
+                      reduce: Callable[..., Tensor], *, empty: Callable[[int], Tensor], sample_bytes: int,
+                      class_bytes: int, samples: tuple[Tensor, ...] | None = None,
+                      point: Callable[..., Tensor] | None = None) -> CAM:
+    """``sum_s reduce(d score_k / d x_s, *samples[s])`` for every requested class k and S points ``x_s`` near x.
+
+    The input-gradient attributions that average or integrate over perturbed copies of x (SmoothGrad, Integrated
+    Gradients, GradientShap) need K x S backward passes. Here the S points of a chunk of samples are one forward of
+    s * B images, and that forward's one vjp is vmapped over the K one-hot cotangents: the forward is shared by the
+    K classes, every backward by the s * B images. Chunked under ``max_memory`` over both axes.
+
+    forward(inp (n, C, H, W)) -> the model's output. x: (B, C, H, W); the classes are resolved, and the logits
+        reported, at x (one forward of B images), and a ``classes`` callable scores each sample's (B, ...) output.
+    samples: per-sample tensors, each with S leading (Integrated Gradients' alphas and step sizes, SmoothGrad's
+        noise (S, B, C, H, W)); point(x, *chunk) -> (s, B, C, H, W) the chunk's points. None: the one point x
+        itself (its forward also gives the logits).
+    reduce(g (s, B, C, H, W), *chunk) -> the chunk's part (B, ...) of the sum, run under vmap over the classes.
+    sample_bytes: what one image's forward keeps for its vjp; class_bytes: what one class of one image's vmapped
+        backward holds (``sample_chunks`` plans the chunks from both).
+    empty(B) -> (B, 0, ...) for K == 0.
+    Returns CAM(maps (B, K, ...) the sums, classes (B, K) or None for a callable, logits (B, N) at x).
+
+    Differentiable maps (grad mode, with x or the parameters requiring grad) keep every chunk's forward, S * B
+    images' activations, until they are freed (``torch.func.vjp`` cannot run inside a checkpoint, which would
+    recompute it); each chunk's backwards are checkpointed. Under ``torch.no_grad()`` (as ``funcam.explain``
+    runs) one chunk exists at a time, within ``max_memory``.
+    """
+    b = x.shape[0]
+    score_fn = req.score_fn
+
+    def scores(inp: Tensor, s: int) -> tuple[Tensor, Any]:
+        return sample_scores(forward(inp), s, b, req)
+
+    def attribute(total: Tensor | None, forward_at: Callable[[Tensor], tuple], inp: Tensor, s: int, chunk: tuple,
+                  idx: Tensor | None, k_step: Callable[[int], int | None]) -> tuple[Tensor, Tensor, Any]:
+        """One forward of the chunk's s * B points ``inp``, its vjp vmapped over the K classes chunk by chunk, each
+        chunk's (k, B, ...) part added into ``total`` (K, B, ...), made at the first chunk: no (K, ...) result
+        exists twice, and the (k, s * B, N) cotangents only per chunk. (idx None: the classes come from this
+        forward's logits.) Returns (total, idx, the forward's aux)."""
+        out, vjp_fn, aux = torch.func.vjp(forward_at, inp, has_aux=True)
+        if idx is None:
+            idx = class_indices(out, aux, req, b)[0]
+        k = idx.shape[1]
+        step = k_step(k) or k
+        # with a graph kept, each chunk's K backwards would stay alive until the maps die: checkpointed instead
+        keep = _keeps_graph((inp, out))
+        for k0 in range(0, k, step):
+            cot = _one_hot(idx[:, k0:k0 + step], out.shape[1], out.dtype).repeat(1, s, 1)  # rows sample-major
+            per = torch.func.vmap(lambda ct: reduce(vjp_fn(ct)[0].unflatten(0, (s, b)), *chunk))
+            part = checkpoint(per, cot, use_reentrant=False) if keep else per(cot)
+            if total is None:
+                total = part.new_zeros((k,) + tuple(part.shape[1:]))
+            total[k0:k0 + step] += part
+        return total, idx, aux
+
+    if samples is None:
+        # the one point x: its forward gives the classes and logits, and its vjp serves every class; the forward is
+        # the model's own, so only the per-class backwards count against max_memory, as for class_vjp
+        total, idx, logits = attribute(None, lambda p: scores(p, 1), x, 1, (), None,
+                                       lambda k: req.chunk(b * class_bytes, k))
+        picked = idx if score_fn is None else None
+        if idx.shape[1] == 0:
+            return CAM(empty(b), picked, logits)
+        return CAM(total.movedim(0, 1), picked, logits)
+
+    # the classes (top_k, range checks) and logits at x itself, not at a perturbed point
+    out, logits = sample_scores(forward(x), 1, b, req)
+    idx, picked = class_indices(out, logits, req, b)
+    if idx.shape[1] == 0:
+        return CAM(empty(b), picked, logits)
+    n = samples[0].shape[0]
+    s_step, k_step = sample_chunks(b, n, idx.shape[1], sample_bytes, class_bytes, req)
+    total = None
+    for lo in range(0, n, s_step):
+        chunk = tuple(t[lo:lo + s_step] for t in samples)
+        pts = point(x, *chunk)
+        s = pts.shape[0]
+        total = attribute(total, lambda p, s=s: scores(p, s), pts.flatten(0, 1), s, chunk, idx, lambda k: k_step)[0]
+    return CAM(total.movedim(0, 1), picked, logits)
+
+
+def sample_scores(out: Any, s: int, b: int, req: Request) -> tuple[Tensor, Any]:
+    """(scores, logits or output) of a model's output for s * B images, s samples of the B images (sample-major):
+    its logits (s * B, N), or the ``classes`` callable's scores (s * B, K), each sample's B images scored on their
+    own (a callable may hold per-image targets (B, ...))."""
+    score_fn = req.score_fn
+    if score_fn is None:
+        logits = logits_of(out)
+        return logits, logits
+    parts = [score_fn(_pytree.tree_map(lambda t, i=i: t[i * b:(i + 1) * b] if isinstance(t, Tensor) else t, out))
+             for i in range(s)]
+    return torch.cat(parts), logits_or_output(out)
+
+
+def sample_chunks(b: int, n: int, k: int, sample_bytes: int, class_bytes: int,
+                  req: Request) -> tuple[int, int | None]:
+    """(samples per forward, classes per vmapped chunk or None for all) for B images, S = ``n`` samples and K = ``k``
+    classes, so that a chunk's s * B * (sample_bytes + k * class_bytes) stays within ``max_memory`` (``chunk_size``
+    classes when given).
+
+    The forward work is S * B images however the samples are chunked, and the backward work K * S * B: only the
+    batch sizes change. For a given number s * k of backward images at once, s = 1 costs the least memory, so
+    all K classes at once are tried first with as many samples as fit, else one sample with as many classes."""
+    budget = DEFAULT_MAX_MEMORY if req.max_memory is None else req.max_memory
+    if req.chunk_size is not None:
+        kk = min(req.chunk_size, k)
+        return max(1, min(n, budget // max(1, b * (sample_bytes + kk * class_bytes)))), req.chunk_size
+    s = budget // max(1, b * (sample_bytes + k * class_bytes))
+    if s >= 1:
+        return min(n, s), None
+    return 1, auto_chunk_size(b * class_bytes, k, max(1, budget - b * sample_bytes))
 
 
 def class_indices(out: Tensor, logits: Tensor, req: Request, b: int | None) -> tuple[Tensor, Tensor | None]:

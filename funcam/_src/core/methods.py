@@ -25,10 +25,19 @@ from typing import Callable, NamedTuple
 
 from funcam._src.core import rules
 from funcam._src.core.ablation import ABLATION_OPTIONS, ablation_cam
+from funcam._src.core.attributions import (
+    IG_OPTIONS,
+    SALIENCY_OPTIONS,
+    input_x_gradient_cam,
+    integrated_gradients_cam,
+    saliency_cam,
+)
 from funcam._src.core.contrast import FINER_OPTIONS, finer_cam
 from funcam._src.core.fullgrad import FULLGRAD_OPTIONS, full_grad
 from funcam._src.core.guided import guided_backprop_cam, guided_gradcam_cam
 from funcam._src.core.lrp import ATTN_OPTIONS, LRP, LRP_OPTIONS
+from funcam._src.core.noise import NOISE_OPTIONS, SHAP_OPTIONS, gradient_shap_cam, smoothgrad_cam, vargrad_cam
+from funcam._src.core.occlusion import OCCLUSION_OPTIONS, occlusion_cam
 from funcam._src.core.perturbation import ISCAM_OPTIONS, SCORE_OPTIONS, SSCAM_OPTIONS, is_cam, score_cam, ss_cam
 from funcam._src.core.projection import eigen_cam, eigen_grad_cam
 from funcam._src.core.request import Option
@@ -131,6 +140,30 @@ TABLE: dict[str, Method] = {m.name: m for m in (
     Method("shapleycam", "ShapleyCAM", "Cai et al. 2025, eq. 9 (pytorch-grad-cam's ShapleyCAM)",
            Finished(shapley_cam), options=SHAPLEY_OPTIONS,
            use="Grad-CAM with the head's second-order term (equal to it for piecewise-linear heads)"),
+    # input-gradient attributions (captum's): per-channel maps; "absmax" folds the unsigned magnitudes as Simonyan et
+    # al. 2014 (sec. 3.1: the largest |gradient| over the channels), "sum" keeps the additive ones additive (IG's
+    # completeness, SHAP's local accuracy: the channels of a pixel sum to its share of the score difference)
+    Method("saliency", "Saliency", "Simonyan et al. 2014, sec. 3.1 (captum's Saliency)", saliency_cam,
+           needs="model", output="input", options=SALIENCY_OPTIONS,
+           use="the plain input gradient's magnitude: fast, noisy"),
+    Method("input_x_gradient", "Input x Gradient", "Shrikumar et al. 2016 (captum's InputXGradient)",
+           input_x_gradient_cam, needs="model", output="input", signed=True, fold="sum",
+           use="the first-order contribution of each pixel, for and against"),
+    Method("integrated_gradients", "Integrated Gradients", "Sundararajan et al. 2017, eq. 1-3 (captum's "
+           "IntegratedGradients)", integrated_gradients_cam, needs="model", output="input", options=IG_OPTIONS,
+           signed=True, fold="sum", use="attributions that add up to the score's change from a baseline"),
+    Method("smoothgrad", "SmoothGrad", "Smilkov et al. 2017, eq. 2 (captum's NoiseTunnel(Saliency))", smoothgrad_cam,
+           needs="model", output="input", options=NOISE_OPTIONS,
+           use="a saliency map with the gradient's noise averaged away"),
+    Method("vargrad", "VarGrad", "Adebayo et al. 2018 (captum's NoiseTunnel(Saliency), vargrad)", vargrad_cam,
+           needs="model", output="input", options=NOISE_OPTIONS,
+           use="where the gradient varies most under input noise"),
+    Method("gradient_shap", "GradientShap", "Lundberg & Lee 2017, expected gradients (captum's GradientShap)",
+           gradient_shap_cam, needs="model", output="input", options=SHAP_OPTIONS, signed=True, fold="sum",
+           use="SHAP values against a distribution of baselines"),
+    Method("occlusion", "Occlusion", "Zeiler & Fergus 2014, sec. 4.2 (captum's Occlusion)", occlusion_cam,
+           needs="model", output="input", options=OCCLUSION_OPTIONS, signed=True, fold="sum",
+           use="what covering each region costs the score: no gradients, any model"),
 )}
 
 # funcam.METHODS: the channel-weighting CAM methods of the Grad-CAM family (a Rule on the gradient at a cut)
