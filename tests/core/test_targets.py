@@ -209,6 +209,34 @@ def test_boxes_score_and_gradient_equal_pytorch_grad_cam_per_box():
     assert (got[0, [0, 3]] > 1).all() and torch.equal(got[0, [1, 2]], torch.zeros(2, dtype=torch.float64))
 
 
+def test_boxes_reference_equal_to_its_detection_up_to_roundoff_has_no_iou_gradient():
+    """A model's own detection as the reference: IoU = 1, its peak. pytorch-grad-cam on the bitwise-equal box gets
+    no gradient from the IoU (torch splits max / min ties in half), and funcam gets the same for a detection that a
+    split recomputed with roundoff-sized differences, where plain autograd would give a one-sided derivative."""
+    from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
+
+    dets = _detections()[:1]
+    d, s = dets[0]["boxes"], dets[0]["scores"]
+    pgc = FasterRCNNBoxScoreTarget([1], d[:1].detach().numpy())(dets[0])[0]
+    want = torch.autograd.grad(pgc, [d, s])
+    assert torch.equal(want[0], torch.zeros_like(d)) and float(want[1][0]) == 1.0
+    off = d.detach()[0] * (1 + 1e-14 * torch.tensor([1.0, -1, 1, -1], dtype=torch.float64))  # roundoff
+    pgc_off = FasterRCNNBoxScoreTarget([1], off[None].numpy())(dets[0])[0]
+    assert torch.autograd.grad(pgc_off, d)[0].abs().amax() > 0.01  # the one-sided derivative: roundoff's doing
+    for ref in (d.detach()[0], off):
+        got = boxes(ref[None], [1])(dets)[0, 0]
+        torch.testing.assert_close(got, pgc, rtol=1e-12, atol=1e-12)
+        for w, h in zip(want, torch.autograd.grad(got, [d, s])):
+            torch.testing.assert_close(h, w, rtol=0, atol=1e-15)
+    # off the peak by more than roundoff (1e-3 px): the IoU's derivative, as pytorch-grad-cam's
+    ref = d.detach()[0] + 1e-3
+    pgc = FasterRCNNBoxScoreTarget([1], ref[None].numpy())(dets[0])[0]
+    want = torch.autograd.grad(pgc, d)[0]
+    assert want.abs().amax() > 0.01
+    torch.testing.assert_close(torch.autograd.grad(boxes(ref[None], [1])(dets)[0, 0], d)[0], want, rtol=1e-12,
+                               atol=1e-12)
+
+
 def test_boxes_per_image_references_and_refusals():
     dets = _detections()[:1] * 2
     d = dets[0]["boxes"].detach()

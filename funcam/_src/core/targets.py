@@ -160,7 +160,8 @@ def boxes(boxes: Tensor, labels: Tensor | Sequence[int], *, iou: float = 0.5) ->
     torchvision detector in eval mode, funcam's detection splits). Per reference box, pytorch-grad-cam's
     ``FasterRCNNBoxScoreTarget`` rule: the detection with the largest IoU with it, whatever its label (the first
     of equals), matches when that IoU is > ``iou`` and its label is the reference label; the score is that IoU plus
-    the detection's score (the IoU term carries the gradient through the box regression). A box without a match
+    the detection's score (the IoU term carries the gradient through the box regression, except for a
+    reference equal to its detection up to roundoff: the IoU's peak, where it has none). A box without a match
     (or whose best overlap has another label) scores 0, so its map is exactly zero: ``UnmatchedBoxWarning`` says
     so, and ``box_matches`` gives the (B, N) mask. One score per box, where pytorch-grad-cam sums them into one.
     """
@@ -238,10 +239,24 @@ def _match(dets: list, ref: Tensor, lab: Tensor, iou: float) -> tuple[list, list
         all_ious = box_iou(r, d["boxes"])  # (N, M)
         i = all_ious.detach().argmax(dim=1)  # the selection: no gradient, the first of equals
         best = all_ious.gather(1, i[:, None])[:, 0]
-        ious.append(best)
+        ious.append(_held_at_peak(best, r, d["boxes"][i]))
         idx.append(i)
         ok.append((best.detach() > iou) & (d["labels"][i] == lb))
     return ious, idx, ok
+
+
+def _held_at_peak(best: Tensor, ref: Tensor, det: Tensor) -> Tensor:
+    """best (N,) IoUs of references ref (N, 4) with their detections det (N, 4), with no gradient where a detection
+    equals its reference up to roundoff (every coordinate within sqrt(eps) of the box's largest one).
+
+    There the IoU is at its peak (1), a corner with no derivative: torch's rule for equal operands of ``maximum`` /
+    ``minimum`` (half the gradient to each) gives 0 for bitwise-equal boxes, which is what pytorch-grad-cam gets on a
+    model's own detections; a detection recomputed by a split (another RoIAlign, another batch) differs from the
+    model's by roundoff, and would get a one-sided derivative (about 1 / the box's side, of the roundoff's sign)
+    that outweighs the score's. The value is unchanged."""
+    tol = torch.finfo(ref.dtype).eps ** 0.5 * ref.abs().amax(-1).clamp(min=1.0)
+    near = (det.detach() - ref).abs().amax(-1) <= tol
+    return torch.where(near, best.detach(), best)
 
 
 def _reference(boxes: Any, labels: Any, iou: Any) -> tuple[Tensor, Tensor]:
