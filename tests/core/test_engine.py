@@ -70,8 +70,13 @@ def test_head_not_logits_is_clear(x):
 
 
 def test_empty_classes(sp, x):
+    """K = 0: no maps, but the forward still runs: the logits are the split's own (head of extract)."""
     out = funcam.cam(sp, x, torch.zeros(0, dtype=torch.long))
     assert out.maps.shape == (2, 0, 2, 2) and out.classes.shape == (2, 0)
+    with torch.no_grad():
+        want = sp.head(sp.extract(x))
+    assert want.abs().amax() > 0
+    torch.testing.assert_close(out.logits, want, rtol=1e-6, atol=1e-6)
 
 
 def test_targets_forms_agree(sp, x):
