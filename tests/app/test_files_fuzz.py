@@ -457,7 +457,7 @@ def test_explain_with_no_readable_image_exits_2_and_writes_nothing(tmp_path, cap
 
 
 def test_explain_dir_records_the_corpus_in_errors_jsonl(tmp_path, capsys, checkpoint):
-    from funcam._src.app.dataset import load_maps
+    from funcam._src.app.shards import load_maps
     from funcam.cli import main
 
     img = tmp_path / "img"
@@ -523,7 +523,7 @@ def test_explain_dir_list_file_problems(tmp_path, capsys, checkpoint):
 
 
 def test_list_images_survives_symlink_loops(tmp_path):
-    from funcam._src.app.dataset import list_images
+    from funcam._src.app.folder import list_images
 
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.png").write_bytes(b"")
