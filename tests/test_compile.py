@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import funcam
-from tests.conftest import make_input, make_model
+from tests.conftest import make_input, make_model, tv_model
 
 CLASSES = torch.tensor([1, 4, 7])
 
 
 def _cases():
-    torch.manual_seed(0)
-    tv = torchvision.models.resnet18(num_classes=10).eval()
+    tv = tv_model("resnet18")
     x64 = torch.randn(2, 3, 64, 64)
     return {
         "resnet18": (funcam.split(make_model("resnet18")), make_input("resnet18")),

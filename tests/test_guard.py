@@ -153,7 +153,12 @@ def test_empty_batch_and_empty_classes():
     out = funcam.cam(model, x[:0], [1, 3])
     assert out.maps.shape == (0, 2, h, w) and out.classes.shape == (0, 2) and out.logits.shape == (0, 10)
     assert funcam.cam(model, x[:0], top_k=3).maps.shape == (0, 3, h, w)
-    assert funcam.cam(model, x, []).maps.shape == (2, 0, h, w)
+    empty = funcam.cam(model, x, [])
+    assert empty.maps.shape == (2, 0, h, w)
+    with torch.no_grad():  # K = 0 still runs the forward: the logits are the model's
+        torch.testing.assert_close(empty.logits, model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(full.logits, model(x), rtol=1e-5, atol=1e-5)
+    assert full.maps.abs().amax() > 0
     assert funcam.guided_backprop(model, x[:0], [1]).shape == (0, 1) + tuple(x.shape[1:])
     vit, xv = make_model("vit_tiny_patch16_224"), make_input("vit_tiny_patch16_224")
     for name in ("chefer", "rollout", "grad-rollout", "gradcam"):

@@ -24,7 +24,7 @@ Invariants and tolerances:
   bfloat16 / float16: the stable methods (gradcam, gradcam_max, hirescam, layercam, elementwise) within
   10 % / 2 % of the summed absolute terms ``sum_c |w_c A_c|`` of the float32 map; gradcampp, xgradcam
   (near-zero denominators) and argmax_channel (a near-tie flips the channel) only finite with the right dtype.
-* Chefer relevance and grad rollout equal the per-image, per-class autograd reference of tests/core/test_rollout.py.
+* Chefer relevance and grad rollout equal the per-image, per-class autograd reference (_oracle.relevance_loop).
 * Batch equals a per-image loop, permuting the classes permutes the maps, in float64 (exact up to rounding).
 * no_grad / inference_mode / requires_grad=False give the same maps bit for bit (the README's promise);
   other memory layouts the same maps up to float64 rounding; maps outside no_grad are differentiable w.r.t.
@@ -48,7 +48,6 @@ import math
 import os
 
 import pytest
-import timm
 import torch
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
@@ -57,8 +56,8 @@ import funcam
 from funcam import metrics
 from funcam._src.core import methods
 from funcam.explain import METHOD_NAMES, explain
-from tests._oracle import rule
-from tests.core.test_rollout import ref_relevance
+from tests._oracle import abs_terms, hooked_forward, hooked_loop, relevance_loop, rule, timm_features, tokens
+from tests.conftest import sharpen_attention, timm_model
 
 N = 10  # classes of every model here
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -107,13 +106,8 @@ def _model(key: str, dtype: torch.dtype, requires_grad: bool) -> torch.nn.Module
     if dtype != torch.float32 or not requires_grad:
         return copy.deepcopy(model(key)).to(dtype).requires_grad_(requires_grad)
     name, kwargs = SPECS[key]
-    torch.manual_seed(0)
-    m = timm.create_model(name, pretrained=False, num_classes=N, **kwargs).eval()
-    if key in VITS:  # random ViTs attend almost uniformly: sharpen so the maps have structure to compare
-        with torch.no_grad():
-            for blk in m.blocks:
-                blk.attn.qkv.weight.mul_(4.0)
-    return m
+    m = timm_model(name, num_classes=N, **kwargs)
+    return sharpen_attention(m) if key in VITS else m  # so the maps have structure to compare
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,61 +376,30 @@ def snapshot(m: torch.nn.Module) -> tuple:
 # Slow references (no funcam code)
 # ---------------------------------------------------------------------------------------------------
 
-def feature_and_logits(key: str, m: torch.nn.Module, xb: torch.Tensor):
-    """One image, a plain model forward: (feature on the autograd graph, logits (1, N), to_map), where
-    ``to_map`` turns the feature or its gradient into (C, h, w): CNNs (1, C, h, w); ViT tokens (1, P + h*w, C)
-    with the prefix tokens dropped."""
+def oracle_maps(key: str, m: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor,
+                method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop oracle: per image one plain forward, per class torch.autograd.grad (tests/_oracle.py's hooked_loop)
+    at the feature (CNN: ``forward_features``; ViT: a forward hook on the last block's norm1 for the CLS-pooled,
+    norm2 for the average-pooled one, funcam's default cuts) and the method's formula. Returns the raw maps
+    (B, K, h, w) and the summed |terms| of each map (B, K, h, w) (``abs_terms``, for the stable methods)."""
     if key in CNNS:
-        f = m.forward_features(xb).detach().requires_grad_()
-        return f, m.forward_head(f), lambda t: t[0]
-    blk = m.blocks[-1]
-    part = blk.norm1 if key == "vit" else blk.norm2  # funcam's default cut: CLS-pooled norm1, avg-pooled norm2
-    seen = []
+        feature, to_map = timm_features, (lambda t, xb: t[0])
+    else:
+        blk = m.blocks[-1]
+        part = blk.norm1 if key == "vit" else blk.norm2
 
-    def hook(mod, inp, out):
-        seen.append(out)
-        return out.clone()
+        def feature(mm, xb):
+            return hooked_forward(mm, [part], xb)
 
-    handle = part.register_forward_hook(hook)
-    try:
-        logits = m(xb)
-    finally:
-        handle.remove()
-    (t,) = seen
-    gh, gw = map_size(key, xb.shape[2], xb.shape[3])
-    return t, logits, lambda u: u[0, -gh * gw:].T.reshape(-1, gh, gw)
+        def to_map(t, xb):  # (1, P + h*w, C) tokens, the prefix tokens dropped -> (C, h, w)
+            gh, gw = map_size(key, xb.shape[2], xb.shape[3])
+            return tokens(t.shape[1] - gh * gw, gh, gw)(t)[0]
 
-
-def loop_oracle(key: str, m: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor, method: str) -> torch.Tensor:
-    """Raw maps (B, K, h, w): per image one forward, per class torch.autograd.grad and the method's formula."""
-    out = []
-    for b in range(x.shape[0]):
-        with torch.enable_grad():
-            f, logits, to_map = feature_and_logits(key, m, x[b:b + 1])
-            maps = []
-            for k in classes[b].tolist():
-                (g,) = torch.autograd.grad(logits[0, k], f, retain_graph=True)
-                maps.append(rule(method, to_map(g), to_map(f.detach())))
-        out.append(torch.stack(maps))
-    return torch.stack(out)
-
-
-def abs_terms(key: str, m: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor, method: str) -> torch.Tensor:
-    """sum_c |term_c| of each float32 map (B, K, h, w): the scale that rounding errors are relative to."""
-    out = []
-    for b in range(x.shape[0]):
-        f, logits, to_map = feature_and_logits(key, m, x[b:b + 1])
-        per = []
-        for k in classes[b].tolist():
-            (g,) = torch.autograd.grad(logits[0, k], f, retain_graph=True)
-            g, a = to_map(g), to_map(f.detach())
-            if method in ("gradcam", "gradcam_max"):
-                wt = g.mean(dim=(1, 2)) if method == "gradcam" else g.flatten(1).amax(dim=1)
-                per.append((wt[:, None, None] * a).abs().sum(0))
-            else:  # hirescam, layercam, elementwise: element-wise products
-                per.append((g * a).abs().sum(0))
-        out.append(torch.stack(per))
-    return torch.stack(out)
+    a, g = hooked_loop(m, x, lambda b, logits: logits[0, classes[b]], feature, to_map)
+    maps = torch.stack([torch.stack([rule(method, gk[0], a[b][0]) for gk in g[b]]) for b in range(len(a))])
+    terms = (torch.stack([torch.stack([abs_terms(method, gk[0], a[b][0]) for gk in g[b]]) for b in range(len(a))])
+             if method in STABLE else None)
+    return maps, terms
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -482,16 +445,15 @@ def check_cam_oracle(data) -> None:
         assert torch.equal(out.classes, want)
     fix = (lambda t: t.clamp_min(0)) if relu else (lambda t: t)
     if dtype in (torch.float32, torch.float64):
-        ref = loop_oracle(key, model(key, torch.float64), xc.double(), out.classes, method)
+        ref, terms = oracle_maps(key, model(key, torch.float64), xc.double(), out.classes, method)
         if method != "argmax_channel":
             assert ref.abs().amax() > 0, "the oracle's raw maps are all zero: a vacuous comparison"
         noise = 0.0 if dtype == torch.float64 else \
-            float((loop_oracle(key, model(key), xc, out.classes, method).double() - ref).abs().max())
+            float((oracle_maps(key, model(key), xc, out.classes, method)[0].double() - ref).abs().max())
         if dtype == torch.float32 and method in STABLE:
             # float32 rounding is relative to the summed |terms|, and maps can cancel by 1e6 or more (found:
             # convnext_atto Grad-CAM, max|map| 7e-7 from terms of 4.1; funcam's error 3e-8 of the terms)
-            noise = max(noise, 1e-6 * float(abs_terms(key, model(key, torch.float64), xc.double(), out.classes,
-                                                      method).max()))
+            noise = max(noise, 1e-6 * float(terms.max()))
         ref = fix(ref)
         err = float((maps.double() - ref).abs().max())
         tol = (1e-9 if dtype == torch.float64 else 2e-4) * float(ref.abs().max()) + 10 * noise + 1e-300
@@ -501,8 +463,8 @@ def check_cam_oracle(data) -> None:
             assert maps.abs().amax() > 0, "all maps are zero"
     elif method in STABLE:
         m32, x32 = model(key), xc.float()
-        ref = fix(loop_oracle(key, m32, x32, out.classes, method))
-        terms = abs_terms(key, m32, x32, out.classes, method)
+        ref, terms = oracle_maps(key, m32, x32, out.classes, method)
+        ref = fix(ref)
         err = float(((maps.float() - ref).abs() / (terms + 1e-12)).max())
         note(f"relative to the summed |terms|: {err:.3g}")
         assert err < (0.1 if dtype == torch.bfloat16 else 0.02), (method, dtype, err)
@@ -582,7 +544,7 @@ def test_every_entry_point_batch_equals_loop_and_permutes(data):
 
 
 # ---------------------------------------------------------------------------------------------------
-# 3. ViT relevance against the autograd reference of tests/test_rollout.py
+# 3. ViT relevance against the autograd reference of tests/_oracle.py (relevance_loop)
 # ---------------------------------------------------------------------------------------------------
 
 @budget(25)
@@ -595,7 +557,7 @@ def test_vit_relevance_matches_autograd_reference(data):
     kw = data.draw(class_args(b, allow_empty=False), label="classes")
     out = funcam.cam(m, x, method=rule, **kw)
     gh, gw = map_size("vit", x.shape[2], x.shape[3])
-    ref = ref_relevance(m, xc, out.classes, rule)[..., 1:].reshape(b, -1, gh, gw)
+    ref = relevance_loop(m, xc, out.classes, rule)[..., 1:].reshape(b, -1, gh, gw)
     assert ref.flatten(2).std(dim=-1).min() > 0, "constant reference maps: a weak comparison"
     torch.testing.assert_close(out.maps.detach(), ref, rtol=1e-7, atol=1e-10)
 
@@ -705,17 +667,9 @@ def check_bad_values(data) -> None:
         classes = {"(B+1, K)": torch.zeros(b + 1, 2, dtype=torch.long),
                    "(1, B, K)": torch.zeros(1, b, 2, dtype=torch.long),
                    "0-dim": torch.tensor(3)}[value]
-        if value == "0-dim":
-            # a 0-dim integer tensor: accepted like an int, or refused with a clear error naming classes
-            try:
-                got = call(entry, m, x, classes=classes)
-            except (ValueError, TypeError) as e:
-                assert "classes" in str(e)
-            else:
-                assert got.maps.shape[:2] == (b, 1)
-        else:
-            with pytest.raises(ValueError, match="classes must have shape"):
-                call(entry, m, x, classes=classes)
+        # a 0-dim integer tensor too: refused (an int is the way to one shared class), with the shape it had
+        with pytest.raises(ValueError, match=r"classes must have shape \(K,\) or \(B, K\), got shape"):
+            call(entry, m, x, classes=classes)
     elif what == "nan":
         n_bad = data.draw(st.integers(1, 4), label="how many")
         images = set()
@@ -766,7 +720,10 @@ def test_bad_values_raise_documented_errors(data):
 
 def check_no_silent_nan(data) -> None:
     """A finite x that overflows inside the model (float16 above 65504, float32 above 3e38): finite maps or a
-    FloatingPointError naming the images, never NaN or Inf in the result."""
+    FloatingPointError naming the images, never NaN or Inf in the result. Which one is decided by the model's own
+    forward in that dtype where the entry returns logits: images whose own logits are not finite must be named in
+    the error; with finite logits an error may only be about the maps (a map sums h*w terms of the size of a logit,
+    so it can overflow where the logits do not)."""
     key = data.draw(st.sampled_from(CNNS + VITS), label="model")
     entry = data.draw(st.sampled_from(entries(key)), label="entry")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
@@ -777,14 +734,27 @@ def check_no_silent_nan(data) -> None:
     top = torch.finfo(dtype).max / 4
     x = (x * torch.tensor(big, dtype=torch.float64).view(b, 1, 1, 1)).clamp(-top, top).to(dtype)
     kw = data.draw(class_args(b, allow_empty=False), label="classes")
+    m = model(key, dtype)
+    with torch.no_grad():
+        own = m(x)
+    overflow = [i for i in range(b) if not bool(torch.isfinite(own[i]).all())]
+    with_logits = entry[0] != "shortcut"  # the shortcuts return maps only: their logits are never checked
     try:
         with torch.no_grad():
-            out = call(entry, model(key, dtype), x, **kw)
+            out = call(entry, m, x, **kw)
     except FloatingPointError as e:
         event(f"FloatingPointError {dtype}")
-        assert "images [" in str(e) and "finite x" in str(e), str(e)
+        msg = str(e)
+        assert "finite x" in msg, msg
+        named = [int(i) for i in msg.split("images [", 1)[1].split("]", 1)[0].split(",") if i.strip() != "..."]
+        assert named and set(named) <= set(range(b)), msg
+        if with_logits and overflow:  # the model's own logits overflow: they must be what is named
+            assert "non-finite logits" in msg and named == overflow, (msg, overflow)
+        elif with_logits:
+            assert "non-finite maps" in msg, msg  # finite logits: only the maps may have overflowed
         return
     event(f"finite {dtype}")
+    assert not (with_logits and overflow), f"the model's own logits overflow for images {overflow}: no error raised"
     assert torch.isfinite(out.maps).all(), "non-finite maps returned without an error"
     if out.logits is not None:
         assert torch.isfinite(out.logits).all(), "non-finite logits returned without an error"

@@ -29,13 +29,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from torch import nn
 
 import funcam
 from funcam.explain import METHOD_NAMES, explain
-from tests.conftest import make_input, make_model, quick_options, record_vmap_chunks
+from tests.conftest import make_input, make_model, quick_options, record_vmap_chunks, timm_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -386,9 +385,8 @@ def _cnn() -> tuple[nn.Module, torch.Tensor]:
 
 
 def _vit() -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)  # dropout and drop-path active in training mode
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=64,
-                              drop_rate=0.1, drop_path_rate=0.1).eval()
+    # dropout and drop-path active in training mode
+    model = timm_model("vit_tiny_patch16_224", img_size=64, drop_rate=0.1, drop_path_rate=0.1)
     return model, make_input("vit_tiny_patch16_224")
 
 

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 
@@ -19,13 +18,13 @@ import funcam
 from funcam._src.app.dataset import explain_dataset
 from funcam._src.app.folder import list_images
 from funcam._src.app.shards import DatasetError, load_maps
-from funcam._src.cli.options import parse_classes
+from funcam._src.cli.options import UsageError, parse_classes
 from funcam.cli import main as funcam_main
 from funcam.explain import explain
 from funcam.images import read_image, sample_images
 from funcam.models import load_model, preprocess
 from tests._cli_runner import runner
-from tests.conftest import FullDisk, record_vmap_chunks
+from tests.conftest import FullDisk, record_vmap_chunks, timm_model
 
 ARCH = "mobilenetv3_small_050"  # 224 px input but only ~25 MFLOPs: a 40-image run takes a few seconds
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,8 +35,7 @@ def _env() -> dict:
 
 
 def _save_checkpoint(path, seed: int) -> str:
-    torch.manual_seed(seed)
-    torch.save(timm.create_model(ARCH, pretrained=False, num_classes=10).state_dict(), path)
+    torch.save(timm_model(ARCH, seed=seed).state_dict(), path)
     return str(path)
 
 
@@ -291,7 +289,7 @@ def test_all_classes_overlays_and_argument_errors(data, tmp_path):
     top5 = logits.topk(5).indices.tolist()
     assert sorted(os.listdir(out / "overlays")) == sorted(f"r.png__{c}__gradcampp.png" for c in top5)
     assert parse_classes("3, 7,10-12") == [3, 7, 10, 11, 12]
-    with pytest.raises(Exception, match="ranges like"):
+    with pytest.raises(UsageError, match="ranges like"):
         parse_classes("3,x")
     for kw, msg in [(dict(format="hdf5"), "format must be one of"), (dict(batch_size=0), "batch_size must be"),
                     (dict(shard_size=1.5), "shard_size must be"), (dict(classes=[1]), "either classes= or top_k=")]:
@@ -560,8 +558,7 @@ def test_a_failed_log_append_leaves_no_empty_log_and_names_the_file(tmp_path, mo
 def many(tmp_path_factory):
     """Two small images and a 70-class checkpoint: K = 70 is above the 64 that explain_dataset used to force."""
     d = tmp_path_factory.mktemp("many")
-    torch.manual_seed(3)
-    state = timm.create_model(ARCH, pretrained=False, num_classes=70).state_dict()
+    state = timm_model(ARCH, num_classes=70, seed=3).state_dict()
     # random weights give maps of about 1e-4, mostly below float16's normal range (6e-5), where the stored maps
     # keep only absolute precision; a 1000x classifier scales Grad-CAM's and LayerCAM's maps by 1000
     state["classifier.weight"] *= 1000

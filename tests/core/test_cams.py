@@ -1,6 +1,6 @@
 """Oracle tests: funcam's maps against references computed another way, compared as numbers.
 
-* A slow loop oracle written out here: for each image b, one plain forward of the *model* (not of
+* The slow loop oracle (tests/_oracle.py: hooked_loop, rule): for each image b, one plain forward of the *model* (not of
   funcam's split), ``torch.autograd.grad(score_k, feature)`` for each class k separately, and each
   method's formula by hand on that image's ``(C, h, w)`` tensors. The feature is taken without funcam:
   ``model.forward_features`` for timm CNNs; a forward hook on the last block's ``norm1``/``norm2`` for
@@ -29,13 +29,13 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torchvision
 from torch import Tensor, nn
 
 import funcam
-from tests._oracle import hooked_forward, hooked_loop, rule
+from tests._oracle import hooked_forward, hooked_loop, nhwc, rule, timm_features, tokens
+from tests.conftest import timm_model, tv_model
 
 B, K, N_CLASSES = 2, 3, 10
 # per-image classes (B, K): different classes per image, one shared (7) in different positions
@@ -65,12 +65,7 @@ def class_scores(classes: Tensor) -> Callable[[int, Tensor], Tensor]:
     return lambda b, logits: logits[0, classes[b]]
 
 
-# feature extractors for the oracle (no funcam code)
-
-def timm_cnn_feature(model, xb):
-    a = model.forward_features(xb).detach().requires_grad_()
-    return model.forward_head(a), [a]
-
+# feature extractors for the oracle (no funcam code): tests/_oracle.py's timm_features and hooked_forward
 
 def cnn_to_map(f, xb):
     return f[0]
@@ -88,16 +83,14 @@ def vit_to_map(model):
 
     def to_map(t, xb):  # (1, N, C): prefix tokens then h*w patch tokens in row-major order
         gh, gw = xb.shape[2] // p[0], xb.shape[3] // p[1]
-        patches = t[0, t.shape[1] - gh * gw:]
-        return patches.T.reshape(t.shape[2], gh, gw)
+        return tokens(t.shape[1] - gh * gw, gh, gw)(t)[0]
     return to_map
 
 
 def swin_to_map(t, xb):
     if t.ndim == 4:  # norm1 output (1, h, w, C)
-        return t[0].permute(2, 0, 1)
-    gh, gw = xb.shape[2] // 32, xb.shape[3] // 32  # norm2 output (1, h*w, C)
-    return t[0].T.reshape(t.shape[2], gh, gw)
+        return nhwc(t)[0]
+    return tokens(0, xb.shape[2] // 32, xb.shape[3] // 32)(t)[0]  # norm2 output (1, h*w, C)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,7 +149,7 @@ class Family:
         return funcam.split(self.model[dtype], token_cut=self.spec.token_cut)
 
     def feature_fn(self):
-        return timm_cnn_feature if self.spec.kind == "cnn" else norm_hook_feature(self.spec.cut)
+        return timm_features if self.spec.kind == "cnn" else norm_hook_feature(self.spec.cut)
 
     def to_map_fn(self):
         if self.spec.kind == "cnn":
@@ -173,8 +166,7 @@ class Family:
 
 
 def build(spec: Spec) -> Family:
-    torch.manual_seed(0)
-    m32 = timm.create_model(spec.name, pretrained=False, num_classes=N_CLASSES, **dict(spec.kwargs)).eval()
+    m32 = timm_model(spec.name, num_classes=N_CLASSES, **dict(spec.kwargs))
     m64 = copy.deepcopy(m32).double()
     x32 = torch.randn(B, 3, *spec.size, generator=torch.Generator().manual_seed(1))
     return Family(spec, {torch.float32: m32, torch.float64: m64},
@@ -279,8 +271,7 @@ def test_loop_oracle_softmax_callable(family: Family) -> None:
 
 @pytest.fixture(scope="module")
 def tv_resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None, num_classes=N_CLASSES).eval()
+    return tv_model("resnet18", num_classes=N_CLASSES)
 
 
 def test_loop_oracle_fx_multilayer(tv_resnet18) -> None:
@@ -390,9 +381,8 @@ def test_pgc_torchvision_resnet18_multilayer(tv_resnet18, method) -> None:
 
 @pytest.fixture(scope="module")
 def timm_pair():
-    torch.manual_seed(0)
-    return {name: timm.create_model(name, pretrained=False, num_classes=N_CLASSES).eval()
-            for name in ("resnet18", "convnext_atto")}
+    resnet = timm_model("resnet18", num_classes=N_CLASSES)
+    return {"resnet18": resnet, "convnext_atto": timm_model("convnext_atto", num_classes=N_CLASSES, seed=None)}
 
 
 @pytest.mark.parametrize("method", PGC_METHODS)
@@ -440,8 +430,7 @@ def test_pgc_vgg_inplace_relu(mini_vgg, method) -> None:
 @pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
 def test_pgc_torchvision_vgg11(method) -> None:
     """The real torchvision vgg11 (a 100M-parameter classifier, hence slow) at its last in-place ReLU."""
-    torch.manual_seed(0)
-    model = torchvision.models.vgg11(weights=None, num_classes=N_CLASSES).eval()
+    model = tv_model("vgg11", num_classes=N_CLASSES)
     x = torch.randn(B, 3, 64, 96, generator=torch.Generator().manual_seed(7))
     check_vs_pgc(method, model, [model.features[19]], funcam.split(model, "features.19"), x, CLASSES)
 
@@ -491,8 +480,7 @@ def test_gap_linear_closed_form() -> None:
     """timm resnet18: logit_k = W_k . mean_hw A + b_k, so dlogit_k/dA_chw = W_kc / (h w) and the pre-ReLU
     Grad-CAM map is einsum('kc,bchw->bkhw', W[classes], A) / (h w); HiResCAM gives the same map, and
     its spatial sum is logit_k - b_k (HiResCAM's faithfulness)."""
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=N_CLASSES).eval().double()
+    model = timm_model("resnet18", num_classes=N_CLASSES).double()
     x = torch.randn(B, 3, 96, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     sp = funcam.split(model)
     with torch.no_grad():
@@ -518,10 +506,8 @@ def test_gap_linear_closed_form() -> None:
 
 @pytest.fixture(scope="module")
 def prop_models():
-    torch.manual_seed(0)
-    resnet = timm.create_model("resnet18", pretrained=False, num_classes=N_CLASSES).eval()
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=N_CLASSES, img_size=(48, 80),
-                            global_pool="avg").eval()
+    resnet = timm_model("resnet18", num_classes=N_CLASSES)
+    vit = timm_model("vit_tiny_patch16_224", num_classes=N_CLASSES, seed=None, img_size=(48, 80), global_pool="avg")
     return {"resnet18": (resnet, (96, 128)), "vit_avg": (vit, (48, 80))}
 
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import funcam
-from tests.conftest import make_input, make_model
+from tests._oracle import class_grads, hooked_forward, rule
+from tests.conftest import make_input, make_model, tv_model
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,13 @@ def test_head_not_logits_is_clear(x):
 
 
 def test_empty_classes(sp, x):
+    """K = 0: no maps, but the forward still runs: the logits are the split's own (head of extract)."""
     out = funcam.cam(sp, x, torch.zeros(0, dtype=torch.long))
     assert out.maps.shape == (2, 0, 2, 2) and out.classes.shape == (2, 0)
+    with torch.no_grad():
+        want = sp.head(sp.extract(x))
+    assert want.abs().amax() > 0
+    torch.testing.assert_close(out.logits, want, rtol=1e-6, atol=1e-6)
 
 
 def test_targets_forms_agree(sp, x):
@@ -146,23 +151,15 @@ def test_model_argument_is_split_by_default_rule(sp, x):
 
 def test_chained_multilayer_total_derivative():
     """Two cuts on one path: layer3's gradient is the total derivative through layer4 (a plain backward)."""
-    torch.manual_seed(0)
-    m = torchvision.models.resnet18(num_classes=10).eval()
+    m = tv_model("resnet18")
     x = torch.randn(2, 3, 64, 64)
-    a3 = m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))))).detach().requires_grad_()
-    a4 = m.layer4(a3)
-    a4.retain_grad()
-    logits = m.fc(torch.flatten(m.avgpool(a4), 1))
     classes = [3, 8]
-    expect3, expect4 = [], []
-    for k in classes:
-        g3, g4 = torch.autograd.grad(logits[:, k].sum(), [a3, a4], retain_graph=True)
-        expect3.append(torch.einsum("bc,bchw->bhw", g3.mean(dim=(2, 3)), a3))
-        expect4.append(torch.einsum("bc,bchw->bhw", g4.mean(dim=(2, 3)), a4))
+    (a3, a4), (g3, g4) = class_grads(lambda t: hooked_forward(m, [m.layer3, m.layer4], t), x,
+                                     lambda logits: logits[:, classes])
     maps3, maps4 = funcam.gradcam(funcam.split(m, ["layer3", "layer4"]), x, classes, relu=False)
     assert torch.count_nonzero(maps3) > 0 and torch.count_nonzero(maps4) > 0
-    torch.testing.assert_close(maps3, torch.stack(expect3, 1).detach(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(maps4, torch.stack(expect4, 1).detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(maps3, rule("gradcam", g3, a3[:, None]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(maps4, rule("gradcam", g4, a4[:, None]), atol=1e-6, rtol=1e-5)
 
 
 class TinyNet(nn.Module):

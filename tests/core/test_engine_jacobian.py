@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 from timm.models.vgg import VGG
 from torch import nn
@@ -16,13 +15,12 @@ from torch import nn
 import funcam
 from funcam._src.base import as_features
 from tests._oracle import loop_cams
-from tests.conftest import make_input, make_model, noised
+from tests.conftest import make_input, make_model, noised, timm_model
 
 
 def _models():
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=250)  # C = 192 < K
-    vit_avg = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=250, global_pool="avg")
+    vit = timm_model("vit_tiny_patch16_224", num_classes=250, img_size=32, depth=2)  # C = 192 < K
+    vit_avg = timm_model("vit_tiny_patch16_224", num_classes=250, seed=None, img_size=32, depth=2, global_pool="avg")
     # timm's VGG with its ConvMlp head (no pooled fast path), narrowed: C = 32 < K = 100
     vgg = VGG(cfg=[16, "M", 32, "M", 32, "M"], num_classes=100, mlp_ratio=1 / 64)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),

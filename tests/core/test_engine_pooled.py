@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
-import torchvision
 from torch import nn
 
 import funcam
@@ -21,7 +19,7 @@ from funcam._src.cuts.attention import attend
 from funcam._src.cuts.blocks import cat_prefix as _cat
 from funcam._src.cuts.pooled import averages_first
 from tests._oracle import loop_cams
-from tests.conftest import make_input, make_model
+from tests.conftest import make_input, make_model, timm_model, tv_model
 
 POOLED = ["resnet18", "convnext_atto", "tf_efficientnet_lite0", "regnetx_002", "mobilenetv3_small_050", "densenet121"]
 CLASS_FORMS = {
@@ -58,8 +56,7 @@ def test_pooled_head_equals_general_path(name, method):
 
 
 def _tv_resnet18():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).to(torch.float64).eval()
+    return tv_model("resnet18").to(torch.float64)
 
 
 def _x(batch=3, size=64, channels=3):
@@ -185,8 +182,7 @@ def test_pooled_elementwise_is_two_products_of_signed_parts(name):
 
 @pytest.mark.parametrize("pool", ["max", "avgmax"])
 def test_other_pooling_keeps_the_general_path(pool):
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=5, global_pool=pool).eval()
+    model = timm_model("resnet18", num_classes=5, global_pool=pool)
     assert funcam.split(model).pooled is None
 
 

@@ -13,13 +13,13 @@ DeepLabV3 is in the slow suite (its capture alone takes about 10 s here).
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import funcam
 from tests._oracle import loop_cams
+from tests.conftest import timm_model, tv_model
 
 B = 2
 LABELS = torch.tensor([1, 2, 3])  # K=3 segmentation labels explained
@@ -106,11 +106,7 @@ def test_integer_classes_on_a_dict_output_say_to_pass_a_callable(segmenter):
 
 @pytest.mark.slow
 def test_torchvision_deeplabv3_mask_scores_equal_the_loop():
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
-        weights=None, weights_backbone=None, num_classes=4).eval()
+    model = tv_model("segmentation.deeplabv3_mobilenet_v3_large", num_classes=4)
     x = torch.randn(B, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     assert_matches_loop(funcam.split(model, example=x), x, inside_mask, "gradcam")
 
@@ -130,8 +126,7 @@ class Embedder(nn.Module):
 
 @pytest.fixture(scope="module")
 def embedders():
-    torch.manual_seed(0)
-    net = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()  # output: (B, 512) pooled
+    net = timm_model("resnet18", num_classes=0)  # output: (B, 512) pooled
     g = torch.Generator().manual_seed(2)
     x = torch.randn(B, 3, 64, 96, generator=g)
     with torch.no_grad():

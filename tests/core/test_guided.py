@@ -5,9 +5,7 @@ import copy
 import warnings
 
 import pytest
-import timm
 import torch
-import torchvision
 from captum.attr import GuidedBackprop
 from pytorch_grad_cam import GuidedBackpropReLUModel
 from torch import nn
@@ -17,7 +15,8 @@ import funcam
 from funcam import guided_backprop, guided_gradcam
 from funcam._src.core.engine import DEFAULT_MAX_MEMORY, auto_chunk_size
 from funcam._src.core.guided import GUIDED_BYTES_PER_INPUT_BYTE
-from tests.conftest import make_input, make_model, record_vmap_chunks
+from tests._oracle import input_grads
+from tests.conftest import make_input, make_model, record_vmap_chunks, timm_model, tv_model
 
 CLASSES = torch.tensor([[1, 5, 7], [7, 0, 2], [3, 3, 9]])  # (B, K) per image, a repeated class included
 
@@ -47,15 +46,13 @@ def assert_unchanged(before: dict, model: nn.Module) -> None:
 
 
 def torchvision_resnet18() -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()  # one in-place ReLU module used twice per block
+    return tv_model("resnet18")  # one in-place ReLU module used twice per block
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vgg11", "tv_resnet18"])
 def test_equals_captum_and_pytorch_grad_cam(name):
     if name == "vgg11":  # the ConvMlp head narrowed (4096 -> 256 hidden): the same layers, 16x fewer weights
-        torch.manual_seed(0)
-        model = timm.create_model("vgg11", num_classes=10, mlp_ratio=1 / 16).eval()
+        model = timm_model("vgg11", mlp_ratio=1 / 16)
     else:
         model = torchvision_resnet18() if name == "tv_resnet18" else make_model(name)
     classes = CLASSES
@@ -208,6 +205,5 @@ def test_compiled_relu_free_model_gives_plain_gradient():
     x = torch.randn(2, 3, 2, 2)
     torch._dynamo.reset()
     got = torch.compile(lambda x: guided_backprop(net, x, [1]), fullgraph=True, backend="aot_eager")(x)
-    xr = x.clone().requires_grad_()
-    (want,) = torch.autograd.grad(net(xr)[:, 1].sum(), xr)
+    want = input_grads(net, x, lambda out: out[:, [1]])[:, 0]
     torch.testing.assert_close(got[:, 0], want)

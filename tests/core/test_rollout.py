@@ -1,4 +1,4 @@
-"""Attention rollout, grad rollout and the Chefer et al. 2021 rule against slow references written plainly here."""
+"""Attention rollout, grad rollout and the Chefer et al. 2021 rule against the slow references of tests/_oracle.py."""
 from __future__ import annotations
 
 import copy
@@ -11,76 +11,28 @@ import funcam
 from funcam import attention_rollout, block_attentions, chefer_relevance, grad_rollout, rollout_matrix
 from funcam._src.core.engine import DEFAULT_MAX_MEMORY, auto_chunk_size
 from funcam._src.core.rollout import relevance_bytes_per_class, source, token_width
-from tests.conftest import make_input, make_model, record_vmap_chunks
+from tests._oracle import hand_vit_forward, relevance_loop, rollout_loop
+from tests.conftest import make_input, make_model, record_vmap_chunks, sharpen_attention
 
 VITS = ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2"]
 NPRE = {"vit_tiny_patch16_224": 1, "deit_tiny_distilled_patch16_224": 2, "vit_small_patch14_reg4_dinov2": 5}
 
 
 def peaky(name: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A copy of the cached model with qkv weights scaled up: random-weight ViTs attend almost uniformly,
-    which would make every map nearly constant and the comparisons weak."""
-    model = copy.deepcopy(make_model(name)).to(dtype)
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(4.0)
-    return model
+    """A copy of the cached model with sharpened attention (conftest.sharpen_attention)."""
+    return sharpen_attention(copy.deepcopy(make_model(name)).to(dtype))
 
 
-def hand_forward(model, x):
-    """timm's ViT forward with every attention written out from the qkv weights: (logits, [A (B, H, N, N)])."""
-    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    attns = []
-    for blk in model.blocks:
-        at = blk.attn
-        h = blk.norm1(t)
-        b, n, _ = h.shape
-        nh, d = at.num_heads, at.head_dim
-        qkv = h @ at.qkv.weight.T
-        if at.qkv.bias is not None:
-            qkv = qkv + at.qkv.bias
-        q, k, v = (qkv[..., i * nh * d:(i + 1) * nh * d].reshape(b, n, nh, d).transpose(1, 2) for i in range(3))
-        q, k = at.q_norm(q), at.k_norm(k)
-        a = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1)
-        attns.append(a)
-        o = (a @ v).transpose(1, 2).reshape(b, n, nh * d)
-        t = t + blk.ls1(at.proj(o))
-        t = t + blk.ls2(blk.mlp(blk.norm2(t)))
-    return model.forward_head(model.norm(t)), attns
-
-
-def ref_rollout(attns, head_fusion, discard_ratio, start, npre, grid):
-    """Loops over images, blocks and heads: the vit-explain recipe, per image, rows normalised with keepdim."""
-    b_, nh, n, _ = attns[0].shape
-    maps = []
-    for b in range(b_):
-        r = torch.eye(n, dtype=attns[0].dtype)
-        for a_l in attns[start:]:
-            heads = [a_l[b, h] for h in range(a_l.shape[1])]
-            if head_fusion == "mean":
-                a = sum(heads) / len(heads)
-            elif head_fusion == "max":
-                a = torch.stack(heads).max(dim=0).values
-            else:
-                a = torch.stack(heads).min(dim=0).values
-            flat = a.flatten().clone()
-            k = int(n * n * discard_ratio)
-            if k:
-                low = flat.argsort()[:k]
-                flat[low[low != 0]] = 0  # CLS->CLS (flat index 0) is never discarded
-            a = (flat.reshape(n, n) + torch.eye(n, dtype=a.dtype)) / 2
-            for i in range(n):
-                a[i] = a[i] / a[i].sum()
-            r = a @ r  # block l acts after the blocks before it
-        maps.append(r[0, npre:].reshape(grid))
-    return torch.stack(maps)
+def cls_maps(r: torch.Tensor, npre: int, grid) -> torch.Tensor:
+    """R (B, N, N) -> the CLS row at the patch columns (B, *grid)."""
+    return r[:, 0, npre:].reshape(-1, *grid)
 
 
 @pytest.mark.parametrize("name", VITS)
 def test_block_attentions_rebuild_block_outputs(name):
     model, x = make_model(name), make_input(name)
     attns = block_attentions(model, x)
-    _, hand = hand_forward(model, x)
+    _, hand = hand_vit_forward(model, x)
     t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
     assert len(attns) == len(model.blocks)
     for blk, a, a_hand in zip(model.blocks, attns, hand, strict=True):
@@ -107,8 +59,8 @@ def test_rollout_equals_slow_reference(name, head_fusion, discard_ratio):
     assert got.shape == (3, 1, *model.patch_embed.grid_size)  # one class-agnostic map per image
     got = got[:, 0]
     with torch.no_grad():
-        _, attns = hand_forward(model, x)
-    want = ref_rollout(attns, head_fusion, discard_ratio, 0, NPRE[name], got.shape[-2:])
+        _, attns = hand_vit_forward(model, x)
+    want = cls_maps(rollout_loop(attns, head_fusion, discard_ratio, 0), NPRE[name], got.shape[-2:])
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     if "reg4" in name and discard_ratio and head_fusion != "min":
         # the CLS row keeps only prefix columns once 90% of the entries are dropped (registers take the
@@ -125,8 +77,8 @@ def test_rollout_start_block_batch_and_rows(name):
     model, x = peaky(name), make_input(name, batch=3, seed=1)
     got = attention_rollout(model, x, head_fusion="max", discard_ratio=0.5, start_block=5)[:, 0]
     with torch.no_grad():
-        _, attns = hand_forward(model, x)
-    torch.testing.assert_close(got, ref_rollout(attns, "max", 0.5, 5, NPRE[name], got.shape[-2:]),
+        _, attns = hand_vit_forward(model, x)
+    torch.testing.assert_close(got, cls_maps(rollout_loop(attns, "max", 0.5, 5), NPRE[name], got.shape[-2:]),
                                atol=1e-6, rtol=1e-4)
     loop = torch.cat([attention_rollout(model, x[i:i + 1], head_fusion="max", discard_ratio=0.5, start_block=5)[:, 0]
                       for i in range(3)])
@@ -146,31 +98,6 @@ def test_avg_pooled_non_square_grid_reads_mean_patch_row():
     torch.testing.assert_close(got, r[:, 1:, 1:].mean(1).reshape(2, 3, 5), atol=1e-7, rtol=1e-5)
 
 
-def ref_relevance(model, x, classes, rule):
-    """Per image and class: autograd.grad of the logit w.r.t. the hand-forward's attentions, then the rule."""
-    out = []
-    for b in range(x.shape[0]):
-        per = []
-        for c in classes[b].tolist():
-            logits, attns = hand_forward(model, x[b:b + 1])
-            grads = torch.autograd.grad(logits[0, c], attns)
-            n = attns[0].shape[-1]
-            eye = torch.eye(n, dtype=x.dtype)
-            r = eye.clone()
-            for a, g in zip(attns, grads):  # forward order: block 0 first
-                a, g = a[0].detach(), g[0]
-                if rule == "grad_rollout":
-                    m = (g * a).mean(dim=0).clamp(min=0)
-                    m = (m + eye) / 2
-                    m = m / m.sum(dim=-1, keepdim=True)
-                    r = m @ r
-                else:  # Chefer et al. 2021: R += E_h[(grad * A)^+] R
-                    r = r + (g * a).clamp(min=0).mean(dim=0) @ r
-            per.append(r[0])
-        out.append(torch.stack(per))
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("name", VITS)
 @pytest.mark.parametrize("rule", ["grad_rollout", "chefer"])
 def test_relevance_equals_autograd_loop(name, rule):
@@ -179,7 +106,7 @@ def test_relevance_equals_autograd_loop(name, rule):
     got = funcam.cam(model, x, classes, chunk_size=2, method=rule)
     assert torch.equal(got.classes, classes)
     torch.testing.assert_close(got.logits, model(x))
-    full = ref_relevance(model, x, classes, rule)
+    full = relevance_loop(model, x, classes, rule)
     want = full[..., NPRE[name]:].reshape(got.maps.shape)
     torch.testing.assert_close(got.maps, want, atol=1e-10, rtol=1e-7)
     assert want.flatten(2).std(dim=-1).min() > 0

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
-import torchvision
 from torch import nn
 
 import funcam
 from funcam._src.core.engine import as_features
-from tests.conftest import make_input, make_model
+from tests._oracle import hooked_forward, tokens
+from tests.conftest import make_input, make_model, timm_model, tv_model
 
 # The fused attention kernel and the explicit softmax used in the ViT head differ by float rounding.
 SPLIT_ATOL = {"vit": 1e-5, "deit": 1e-5}
@@ -38,13 +37,22 @@ def test_split_invariant(family):
     ("swin_tiny_patch4_window7_224", (7, 7)),
 ])
 def test_token_grid_and_prefix(name, grid):
-    """Prefix tokens (1 CLS, CLS + distillation, CLS + 4 registers) leave the map; the grid is (h, w)."""
+    """Prefix tokens (1 CLS, CLS + distillation, CLS + 4 registers) leave the map; the grid is (h, w): the map is the
+    cut module's output in the model's own forward (a hook), its prefix tokens dropped and its patch tokens laid out
+    row-major on the grid by hand."""
     model, x = make_model(name), make_input(name)
-    fs, _ = as_features(funcam.split(model).extract(x))
+    sp = funcam.split(model)
+    fs, _ = as_features(sp.extract(x))
     assert tuple(fs.maps[0].shape) == (2, model.num_features, *grid)
+    prefix = getattr(model, "num_prefix_tokens", 0)  # Swin: none
     if hasattr(model, "num_prefix_tokens"):
         # the map's first cell is the first patch token, not a prefix token
         assert fs.context[1].shape[1] == model.num_prefix_tokens
+    with torch.no_grad():
+        _, (cut,) = hooked_forward(model, [model.get_submodule(sp.layers[0])], x)
+    want = tokens(prefix, *grid)(cut)
+    assert want.abs().amax() > 0
+    torch.testing.assert_close(fs.maps[0], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,layers", [
@@ -116,8 +124,7 @@ def test_swin_norm1_override():
 
 @pytest.fixture(scope="module")
 def tv_resnet():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=10).eval()
+    return tv_model("resnet18")
 
 
 @pytest.mark.parametrize("layer", ["layer4", "layer3", "layer4.1.conv2", "layer4_1_relu_1", ["layer3", "layer4"],
@@ -136,8 +143,8 @@ def test_fx_cut_invariant(tv_resnet, layer):
 def test_fx_cut_is_the_submodule_output(tv_resnet):
     x = torch.randn(2, 3, 64, 64)
     m = tv_resnet
-    a3 = m.layer3(m.layer2(m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x)))))))
-    a4 = m.layer4(a3)
+    with torch.no_grad():
+        _, (a3, a4) = hooked_forward(m, [m.layer3, m.layer4], x)  # the model's own forward
     sp = funcam.split(m, ["layer4", "layer3"])
     assert sp.layers == ("layer3", "layer4")  # ordered by position in the graph
     maps = sp.extract(x).maps
@@ -146,8 +153,7 @@ def test_fx_cut_is_the_submodule_output(tv_resnet):
 
 
 def test_fx_vgg_inplace_relu():
-    torch.manual_seed(0)
-    vgg = torchvision.models.vgg11(num_classes=10).eval()
+    vgg = tv_model("vgg11")
     x = torch.randn(2, 3, 64, 64)
     sp = funcam.split(vgg, "features.19")  # the last ReLU (in place) of vgg11's features
     torch.testing.assert_close(sp.head(sp.extract(x)), vgg(x), atol=0, rtol=0)
@@ -243,8 +249,7 @@ def test_model_untouched(name):
 
 
 def test_frozen_parameters():
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval().requires_grad_(False)
+    model = timm_model("resnet18").requires_grad_(False)
     x = make_input("resnet18")
     maps = funcam.gradcam(funcam.split(model), x, [1, 2], relu=False)
     assert torch.count_nonzero(maps) > 0 and all(p.grad is None for p in model.parameters())

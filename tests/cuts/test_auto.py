@@ -4,7 +4,7 @@ the model is explained on, and cuts at any named module, including one the captu
 The fixed-weight net is captum's test model (tests/helpers/basic_models.py: BasicModel_ConvNet_One_Conv with its
 weights); its biases (-50, -75) switch every unit off for small random inputs, so a random probe sees no gradient,
 while the documented input ``arange(16)`` does. Oracle: captum's LayerGradCam on the same layer, and the analytic
-Grad-CAM of a hand-written autograd loop."""
+Grad-CAM from the per-class autograd loop of tests/_oracle.py at the module's output (a forward hook)."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +15,8 @@ from captum.attr import LayerGradCam
 from torch import nn
 
 import funcam
+from tests._oracle import hook_grads, nchw, rule
+from tests.conftest import make_input, make_model, noised
 
 
 class FixedConvNet(nn.Module):
@@ -37,13 +39,10 @@ class FixedConvNet(nn.Module):
         return self.relu2(self.fc1(self.relu1(self.conv1(x)).flatten(1)))
 
 
-def _loop_gradcam(model: nn.Module, module: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
-    """Grad-CAM before the ReLU by autograd: sum_c mean_hw(g_c) A_c, with A the module's output recomputed."""
-    a = torch.relu(model.conv1(x)) if module is model.relu1 else model.conv1(x)
-    a = a.detach().requires_grad_()
-    out = model.relu2(model.fc1((torch.relu(a) if module is model.conv1 else a).flatten(1)))
-    (g,) = torch.autograd.grad(out[:, k].sum(), a)
-    return (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).detach()
+def _hook_gradcam(model: nn.Module, layer: str, x: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """Grad-CAM before the ReLU, (B, K, h, w), from the module's output and gradients in the model's own forward."""
+    a, g = hook_grads(model, x, layer, nchw, lambda out: out[:, classes])
+    return rule("gradcam", g, a[:, None])
 
 
 @pytest.mark.parametrize("layer", ["conv1", "relu1"])
@@ -53,10 +52,11 @@ def test_a_data_dependent_zero_on_the_probe_is_not_refused(layer, with_example):
     x = torch.arange(16.0).view(1, 1, 4, 4)
     sp = funcam.split(model, layer, example=x if with_example else None)
     got = funcam.gradcam(sp, x, [0, 1], relu=False)
+    loop = _hook_gradcam(model, layer, x, [0, 1])
     for k in (0, 1):
         want = LayerGradCam(model, getattr(model, layer)).attribute(x, target=k)[:, 0]
         torch.testing.assert_close(got[:, k], want, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(got[:, k], _loop_gradcam(model, getattr(model, layer), x, k), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[:, k], loop[:, k], rtol=1e-6, atol=1e-6)
     assert bool(got.any())
     if layer == "conv1":  # the issue's numbers
         torch.testing.assert_close(got[0, 0], torch.tensor([[11.25, 13.5], [20.25, 22.5]]))
@@ -119,12 +119,8 @@ def test_any_named_module_is_a_cut_identity_included(layer):
     sp = funcam.split(model, layer)
     assert sp.layers == (layer,)
     got = funcam.gradcam(sp, x, [0, 2], relu=False)
-    a = torch.relu(model.conv(x)).detach().requires_grad_()  # the value both modules return
-    out = model.fc(a.mean((2, 3)))
-    for i, k in enumerate((0, 2)):
-        (g,) = torch.autograd.grad(out[:, k].sum(), a, retain_graph=True)
-        want = (g.mean(dim=(2, 3), keepdim=True) * a).sum(1).detach()
-        torch.testing.assert_close(got[:, i], want, rtol=1e-10, atol=1e-12)
+    want = _hook_gradcam(model, layer, x, [0, 2])  # both modules return relu(conv(x))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert bool(got.any())
 
 
@@ -135,8 +131,6 @@ def test_any_named_module_is_a_cut_identity_included(layer):
 def test_timm_identity_names_are_cuts(name, identity, same):
     """timm keeps ``nn.Identity`` in many named places: the cut is the value the identity returns, so its maps are
     those of the module before it."""
-    from tests.conftest import make_input, make_model, noised
-
     model, x = noised(copy.deepcopy(make_model(name))), make_input(name)
     assert isinstance(model.get_submodule(identity), nn.Identity)
     got = funcam.gradcam(funcam.split(model, identity), x, [1, 3], relu=False)

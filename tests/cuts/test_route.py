@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import funcam
 from funcam._src.cuts import auto, vit
 from funcam._src.cuts.capture import SplitArgs
 from funcam._src.cuts.route import ROUTES, attention_source, route_for
-from tests.conftest import make_input, make_model
+from tests.conftest import make_input, make_model, tv_model
 
 
 @pytest.mark.parametrize("name,want", [
@@ -28,7 +27,7 @@ def test_timm_families_take_their_route(name, want):
 
 def test_the_graph_route_is_last_and_takes_any_model():
     assert ROUTES[-1].name == "graph"
-    tv = torchvision.models.resnet18(num_classes=5).eval()
+    tv = tv_model("resnet18", num_classes=5)
     assert route_for(tv, SplitArgs()).name == "graph"
     assert route_for(nn.Sequential(nn.Conv2d(3, 2, 1)), SplitArgs()).name == "graph"
 
