@@ -431,6 +431,14 @@ ENTRY_POINTS = {  # name -> (model maker, call(model, x)); every call returns so
 # Score-CAM and its variants run C masked forwards of the whole model per call (512 for resnet18): in the slow set here,
 # their own tests (tests/core/test_perturbation.py) run in the fast one
 SLOW_ENTRIES = {f"explain-{m}{s}" for m in ("scorecam", "sscam", "iscam") for s in ("", "-vit")}
+# The fast set checks every entry point of the library and, through explain, the methods of the first table plus
+# one of each later kind (a perturbation CAM, a projection CAM, an input attribution over samples, occluded
+# forwards, LRP on the rewritten graph); every other method's explain entry runs in the slow set. They share the
+# code paths the representatives take (funcam.cam, the request, the engine's vjp / forward loops).
+FAST_METHODS = {"gradcam", "gradcam-max", "gradcampp", "xgradcam", "hirescam", "elementwise", "layercam",
+                "argmax-channel", "rollout", "grad-rollout", "chefer", "guided-gradcam", "guided-backprop",
+                "ablationcam", "eigencam", "integrated-gradients", "occlusion", "attnlrp"}
+SLOW_ENTRIES |= {f"explain-{m}{s}" for m in METHOD_NAMES if m not in FAST_METHODS for s in ("", "-vit")}
 
 
 def _marked(names: list) -> list:
@@ -525,8 +533,14 @@ def _process_group(tmp_path_factory):
         dist.destroy_process_group()
 
 
+# the wrappers are unwrapped once, at the entry (guard.unwrap): a few entry points of each kind in the fast set
+DP_FAST = {"cam-gradcam", "cam-vit", "explain-gradcam", "explain-chefer-vit", "explain-attnlrp", "guided_backprop",
+           "attention_rollout", "metrics.road"}
+
+
 @pytest.mark.parametrize("wrapper", ["DataParallel", "DistributedDataParallel"])
-@pytest.mark.parametrize("name", _marked([n for n in sorted(ENTRY_POINTS) if n != "split"]))
+@pytest.mark.parametrize("name", [n if n in DP_FAST else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(ENTRY_POINTS) if n != "split"])
 def test_data_parallel_wrappers_give_the_wrapped_models_maps(name, wrapper, _process_group):
     # pytorch-grad-cam breaks on DataParallel models; funcam explains the wrapped module itself (the wrapper
     # only scatters batches over devices), so every entry point gives the plain model's maps bit for bit.

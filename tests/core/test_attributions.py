@@ -206,7 +206,8 @@ def test_top_k_and_logits_come_from_x_itself(model, x):
     assert empty.maps.shape == (2, 0, 3, 32, 32) and funcam.vargrad(model, x, []).shape == (2, 0, 3, 32, 32)
 
 
-@pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad", "vargrad"])
+@pytest.mark.parametrize("method", ["integrated_gradients"] + [pytest.param(m, marks=pytest.mark.slow)
+                                                                for m in ("smoothgrad", "vargrad")])
 def test_fullgraph_aot_eager_equals_eager(model, x, method):
     # the noise passed in: compiled code draws from torch's generator differently from eager
     opts = {"n_steps": 4, "integration": "riemann_middle"} if method == "integrated_gradients" else {

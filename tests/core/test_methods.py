@@ -95,8 +95,8 @@ def test_unknown_method_names_the_valid_ones(bad, near):
 SHORTCUTS = {"chefer": "chefer_relevance"}  # the public names that differ from the method's
 
 
-# SS-CAM and IS-CAM are Score-CAM's C masked forwards with other masks: Score-CAM stands for them in the fast set
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("sscam", "iscam") else n
+# Score-CAM, SS-CAM and IS-CAM cost C masked forwards per call: their own tests (test_perturbation) run them
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("scorecam", "sscam", "iscam") else n
                                   for n, m in methods.TABLE.items() if not m.agnostic])
 def test_cam_and_explain_run_every_entry_by_either_name(name, one_thread):
     family = "vit_tiny_patch16_224" if methods.TABLE[name].needs == "attention" else "resnet18"
@@ -111,7 +111,9 @@ def test_cam_and_explain_run_every_entry_by_either_name(name, one_thread):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+# every method with one bad value in the fast set (the request is parsed at funcam.cam, before any method runs);
+# all four bad values on every method in the slow set
+@pytest.mark.parametrize("bad", [0] + [pytest.param(v, marks=pytest.mark.slow) for v in (-1, True, 1.5)])
 @pytest.mark.parametrize("name", list(methods.TABLE))
 def test_every_method_refuses_a_bad_max_memory(name, bad, one_thread):
     family = "vit_tiny_patch16_224" if methods.TABLE[name].needs == "attention" else "resnet18"

@@ -59,6 +59,7 @@ def test_iscam_of_one_sample_and_noiseless_sscam_are_torchcams_scorecam(setup):
         assert bool((got != 0).any()) and rel_err(got, want) <= TOL
 
 
+@pytest.mark.slow  # num_samples x C masked forwards per call, twice; IS-CAM of one sample = Score-CAM is fast
 def test_sscam_equals_torchcam(setup):
     from torchcam.methods import SSCAM
     model, x, sp = setup
@@ -71,6 +72,7 @@ def test_sscam_equals_torchcam(setup):
     torch.testing.assert_close(again, got, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # num_samples x C masked forwards per call
 def test_iscam_equals_torchcam(setup):
     from torchcam.methods import ISCAM
     model, x, sp = setup

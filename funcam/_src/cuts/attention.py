@@ -74,6 +74,17 @@ def unfuse_attention(graph: fx.Graph) -> fx.Graph:
 
 # --- attention found in a captured graph (any transformer) ---------------------------------------------------------
 
+def masked_softmax(scores: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor:
+    """``F.scaled_dot_product_attention``'s probabilities from its scores ``(..., L, S)``: a causal mask and
+    ``attn_mask`` (boolean: where attention may go; else added to the scores) applied, softmax over S."""
+    if is_causal:
+        keep = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(dim=-1)
+
+
 def tapped_sdpa(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, attn_mask: Tensor | None = None,
                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                 enable_gqa: bool = False) -> tuple[Tensor, Tensor]:
@@ -84,13 +95,7 @@ def tapped_sdpa(q: Tensor, k: Tensor, v: Tensor, delta: Tensor | None, attn_mask
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
-    scores = (q * s) @ k.transpose(-2, -1)
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = scores.softmax(dim=-1)
+    probs = masked_softmax((q * s) @ k.transpose(-2, -1), attn_mask, is_causal)
     if delta is not None:
         probs = probs + delta
     out = (F.dropout(probs, dropout_p) if dropout_p > 0 else probs) @ v

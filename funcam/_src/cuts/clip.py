@@ -120,7 +120,16 @@ def split(model: nn.Module) -> Split:
                          f"funcam.split(model)")
     # a module whose output is the embedding: the tower itself, or a CLIPModel's image features
     module = ImageFeatures(v) if type(v).__name__ == "CLIPModel" else v
-    sp = Split(extract, head, 3, layers, module=module, shifted=shifted)
+    size = image_size(v)
+
+    def checked(x: Tensor) -> Features:
+        # the positional embeddings fix the grid: another size would fail deep inside the head
+        if tuple(x.shape[-2:]) != size:
+            raise ValueError(f"x must be {size[0]}x{size[1]} for this CLIP tower (its positional embeddings fix "
+                             f"the input size), got shape {tuple(x.shape)}; resize the images first")
+        return extract(x)
+
+    sp = Split(checked, head, 3, layers, module=module, shifted=shifted)
     _confirm(sp, module, v)
     return sp
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from funcam._src.cuts.attention import masked_softmax
+
 
 def stabilize(z: Tensor, eps: float) -> Tensor:
     """``z + eps * sign(z)`` with sign(0) = +1: the denominator of LRP-epsilon (Bach et al. 2015, eq. 58), as
@@ -180,13 +182,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropo
     dq, dk, dv = deps
     if cp:
         q, k, dq, dk = q.detach(), k.detach(), False, False
-    scores = product(torch.matmul, (dq, dk), q * s, k.transpose(-2, -1))
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = scores.softmax(dim=-1)
+    probs = masked_softmax(product(torch.matmul, (dq, dk), q * s, k.transpose(-2, -1)), attn_mask, is_causal)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return product(torch.matmul, (dq or dk, dv), probs, v)
