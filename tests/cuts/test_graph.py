@@ -176,6 +176,7 @@ def test_maps_equal_loop_oracle(zoo, name):
         torch.testing.assert_close(got.logits, logits_of(model(x)), rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow  # the same cuts' maps are compared with the loop oracle in the fast set (test_maps_equal_loop_oracle)
 @pytest.mark.parametrize("name", MODULE_CUTS)
 def test_maps_equal_hook_grads(zoo, name):
     """The cut module's output and gradient from the unmodified model, its layout written by hand."""
