@@ -457,6 +457,11 @@ def _modes(names: list) -> list:
             else pytest.param(n, g) for n in names for g in (True, False)]
 
 
+def _few(names: list) -> list:
+    """The entry points of ``NO_GRAD_FAST`` in the fast set, the rest in the slow set."""
+    return [n if n in NO_GRAD_FAST else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 NO_WARNING = {"split"}  # builds callables and probes the head under no_grad; no maps, no training-mode forward
 
 
@@ -481,7 +486,7 @@ def test_model_untouched_by_every_entry_point(name, grad):
 
 
 # guided_gradcam runs guided backprop and Grad-CAM, each an entry point of its own: still one warning
-@pytest.mark.parametrize("name", _marked([n for n in sorted(ENTRY_POINTS) if n not in NO_WARNING]))
+@pytest.mark.parametrize("name", _few([n for n in sorted(ENTRY_POINTS) if n not in NO_WARNING]))
 def test_training_mode_warns_once_and_leaves_the_model_bit_identical(name):
     make, call = ENTRY_POINTS[name]
     model, x = make()
