@@ -208,7 +208,7 @@ def check_loop_oracle(family: Family, dtype, methods, relu: bool, rel) -> None:
                                     f"{family.spec.id} {dtype} {method} relu={relu} b={b} k={k}")
 
 
-@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("relu", [False, pytest.param(True, marks=pytest.mark.slow)])  # the ReLU: f32 tests, fast
 def test_loop_oracle_all_methods_f64(family: Family, relu) -> None:
     """funcam (one forward, vmapped vjp over classes) == per-image, per-class autograd + the formula,
     for every method, in float64 (observed errors <= 5e-13 * scale)."""

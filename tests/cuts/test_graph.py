@@ -158,6 +158,7 @@ def test_default_cut(zoo, name):
         assert built.sp.layers[0] in dict(built.model.named_modules())  # a name the user can look up
 
 
+@pytest.mark.slow  # funcam.split's first-use check asserts the same on every zoo model the fast set splits
 @pytest.mark.parametrize("name", ALL)
 def test_head_of_extract_is_the_model(zoo, name):
     model, x, sp = zoo[name]
