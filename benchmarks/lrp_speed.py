@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import sys
-import types
 import warnings
 from functools import partial
 
@@ -33,6 +32,7 @@ if __package__ in (None, ""):
 from benchmarks.peers import measure, model_limit  # noqa: E402
 from funcam._src.core.engine import DEFAULT_MAX_MEMORY  # noqa: E402
 from funcam._src.core.lrp import LRP_BYTES_PER_WIDEST, graph_for, rule_set  # noqa: E402
+from tests._oracle import lxt_efficient, patched  # noqa: E402
 from tests.conftest import lrp  # noqa: E402
 
 
@@ -57,39 +57,20 @@ def lxt_patched(rule: str):
     """lxt 2.1's patches for torchvision's ViT (its ``cp_LRP`` map; for AttnLRP its attention rule at
     ``nn.MultiheadAttention``), loaded without lxt.efficient's package __init__ (broken on transformers 5), undone
     afterwards."""
-    import lxt
+    with lxt_efficient():
+        from lxt.efficient.models.vit_torch import cp_LRP
+        from lxt.efficient.patches import patch_method
+        from lxt.efficient.rules import divide_gradient
 
-    root = os.path.join(os.path.dirname(lxt.__file__), "efficient")
-    before = set(sys.modules)
-    for name, path in (("lxt.efficient", root), ("lxt.efficient.models", os.path.join(root, "models"))):
-        stub = types.ModuleType(name)
-        stub.__path__ = [path]
-        sys.modules.setdefault(name, stub)
-    from lxt.efficient.models.vit_torch import cp_LRP
-    from lxt.efficient.patches import patch_method
-    from lxt.efficient.rules import divide_gradient
+        def attn_forward(self, query, key, value, *args, **kwargs):
+            return self.original_forward(divide_gradient(query, 4), divide_gradient(key, 4),
+                                         divide_gradient(value, 2), *args, **kwargs)
 
-    def attn_forward(self, query, key, value, *args, **kwargs):
-        return self.original_forward(divide_gradient(query, 4), divide_gradient(key, 4), divide_gradient(value, 2),
-                                     *args, **kwargs)
-
-    pm = dict(cp_LRP)
-    if rule == "attnlrp":
-        pm[nn.MultiheadAttention] = partial(patch_method, attn_forward, keep_original=True)
-    saved = {c: {k: vars(c)[k] for k in ("forward", "original_forward") if k in vars(c)} for c in pm}
-    try:
-        for target, patch in pm.items():
-            assert patch(target)
-        yield
-    finally:
-        for c, d in saved.items():
-            for k in ("forward", "original_forward"):
-                if k in d:
-                    setattr(c, k, d[k])
-                elif k in vars(c):
-                    delattr(c, k)
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
+        pm = dict(cp_LRP)
+        if rule == "attnlrp":
+            pm[nn.MultiheadAttention] = partial(patch_method, attn_forward, keep_original=True)
+        with patched(pm):
+            yield
 
 
 def lxt_one_at_a_time(model: nn.Module, x: torch.Tensor, n: int):

@@ -20,7 +20,11 @@ The loop: ``class_grads(forward, x, score)``, one ``torch.autograd.grad`` per sc
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
+import types
 from typing import Any, Callable
 
 import torch
@@ -381,3 +385,48 @@ def input_grads(model: nn.Module, x: Tensor, score: Callable[[Any], Tensor]) -> 
     """The plain gradient of each score column w.r.t. the input (vanilla saliency): (B, K, C, H, W)."""
     _, (g,) = class_grads(lambda t: (model(t), [t]), x.detach().clone().requires_grad_(), score)
     return g
+
+
+# --- lxt 2.1, as a peer -----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def lxt_efficient():
+    """lxt.efficient's modules without its package __init__ (which imports lxt's BERT copy, broken on transformers 5);
+    the stub packages and every lxt.efficient module loaded are removed afterwards."""
+    import lxt
+
+    root = os.path.join(os.path.dirname(lxt.__file__), "efficient")
+    before = set(sys.modules)
+    for name, path in (("lxt.efficient", root), ("lxt.efficient.models", os.path.join(root, "models"))):
+        if name not in sys.modules:
+            stub = types.ModuleType(name)
+            stub.__path__ = [path]
+            sys.modules[name] = stub
+    try:
+        yield
+    finally:
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
+
+
+@contextlib.contextmanager
+def patched(patch_map: dict, attrs: dict = ()):
+    """lxt's class patches (``patch_map``: class -> lxt patch function, as ``lxt.efficient.monkey_patch`` applies them)
+    and module attributes (``attrs``: (module, name) -> value), undone afterwards: lxt patches classes globally."""
+    saved = {c: {k: vars(c)[k] for k in ("forward", "original_forward") if k in vars(c)} for c in patch_map}
+    old = {key: getattr(*key) for key in dict(attrs)}
+    try:
+        for target, patch in patch_map.items():
+            assert patch(target)
+        for (mod, name), value in dict(attrs).items():
+            setattr(mod, name, value)
+        yield
+    finally:
+        for c, d in saved.items():
+            for k in ("forward", "original_forward"):
+                if k in d:
+                    setattr(c, k, d[k])
+                elif k in vars(c):
+                    delattr(c, k)
+        for (mod, name), value in old.items():
+            setattr(mod, name, value)

@@ -2,11 +2,7 @@
 and inputs in float64; batched classes against one class at a time; conservation from ``lrp_budget``."""
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
-import sys
-import types
 import warnings
 from functools import partial
 
@@ -18,6 +14,7 @@ from torch import nn
 
 import funcam
 from funcam._src.core.lrp import LRP_RULES, lrp_budget
+from tests._oracle import lxt_efficient, patched
 from tests.conftest import lrp, make_input, make_model, noised, record_vmap_chunks
 
 CLASSES = torch.tensor([[3, 0, 7], [5, 5, 1]])  # (B, K) per image, a repeated class included
@@ -29,49 +26,6 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 # --- lxt 2.1 ------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def lxt_efficient():
-    """lxt.efficient's modules without its package __init__ (which imports lxt's BERT copy, broken on transformers 5);
-    the stub packages and every lxt.efficient module loaded are removed afterwards."""
-    import lxt
-
-    root = os.path.join(os.path.dirname(lxt.__file__), "efficient")
-    before = set(sys.modules)
-    for name, path in (("lxt.efficient", root), ("lxt.efficient.models", os.path.join(root, "models"))):
-        if name not in sys.modules:
-            stub = types.ModuleType(name)
-            stub.__path__ = [path]
-            sys.modules[name] = stub
-    try:
-        yield
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
-
-
-@contextlib.contextmanager
-def patched(patch_map: dict, attrs: dict = ()):
-    """lxt's class patches (``patch_map``: class -> lxt patch function, as ``lxt.efficient.monkey_patch`` applies them)
-    and module attributes (``attrs``: (module, name) -> value), undone afterwards: lxt patches classes globally."""
-    saved = {c: {k: vars(c)[k] for k in ("forward", "original_forward") if k in vars(c)} for c in patch_map}
-    old = {key: getattr(*key) for key in dict(attrs)}
-    try:
-        for target, patch in patch_map.items():
-            assert patch(target)
-        for (mod, name), value in dict(attrs).items():
-            setattr(mod, name, value)
-        yield
-    finally:
-        for c, d in saved.items():
-            for k in ("forward", "original_forward"):
-                if k in d:
-                    setattr(c, k, d[k])
-                elif k in vars(c):
-                    delattr(c, k)
-        for (mod, name), value in old.items():
-            setattr(mod, name, value)
-
 
 def grad_x_input(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """lxt's recipe, one class at a time: ``y[:, c].backward()`` (relevance starts at the logit), ``x * x.grad`` summed
