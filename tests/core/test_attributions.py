@@ -252,3 +252,15 @@ def test_a_batch_equals_its_images_one_by_one(model, x, method):
             one_opts = opts if method == "integrated_gradients" else {"noise": noise[:, i:i + 1]}
             one = funcam.cam(model, x[i:i + 1], CLASSES[i:i + 1], method=method, **one_opts).maps
             assert_rel_close(one, full[i:i + 1], 1e-10)
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient"])
+def test_no_classes_gives_empty_maps_and_the_logits(model, x, method):
+    # K = 0 on the one-point path (saliency, input x gradient): the K-chunk loop runs no chunk (a regression:
+    # a zero chunk step raised inside the engine) and the logits are the model's own
+    with torch.no_grad():
+        out = funcam.cam(model, x, torch.zeros(2, 0, dtype=torch.long), method=method)
+        want = model(x)
+    assert out.maps.shape == (2, 0) + tuple(x.shape[1:]) and out.classes.shape == (2, 0)
+    assert bool(want.abs().sum() > 0)
+    torch.testing.assert_close(out.logits, want, rtol=1e-12, atol=1e-12)

@@ -356,3 +356,16 @@ def test_compiles_with_fullgraph():
     torch.testing.assert_close(fn(x).detach(), want)
     fn(x + 1)
     assert counter.frame_count == 1
+
+
+@pytest.mark.slow  # float16 convolutions on CPU: about 15 s
+def test_float16_keeps_the_forward_exact():
+    # the rules' ratios y / z overflow float16 (above 65504) where z is tiny; an infinite ratio times the zero
+    # gradient-only term made the rewritten forward NaN and the graph was refused (through() holds it finite)
+    m = make_model("convnext_atto")
+    x = torch.randn(1, 3, 33, 34, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = funcam.cam(m, x, 0, method="lrp").maps
+        got = funcam.cam(copy.deepcopy(m).half(), x.half(), 0, method="lrp").maps.float()
+    assert bool(want.abs().amax() > 0) and bool(torch.isfinite(got).all())
+    assert float((got - want).abs().amax() / want.abs().amax()) < 0.05

@@ -298,7 +298,7 @@ def sampled_class_vjp(forward: Callable[[Tensor], Any], x: Tensor, req: Request,
         if idx is None:
             idx = class_indices(out, aux, req, b)[0]
         k = idx.shape[1]
-        step = k_step(k) or k
+        step = k_step(k) or max(k, 1)  # K == 0: no chunk runs
         # with a graph kept, each chunk's K backwards would stay alive until the maps die: checkpointed instead
         keep = _keeps_graph((inp, out))
         for k0 in range(0, k, step):

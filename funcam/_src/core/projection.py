@@ -32,11 +32,15 @@ def first_component(t: Tensor) -> Tensor:
     work = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
     m = t.to(work).reshape(n, c, h * w).transpose(1, 2)  # (N, hw, C)
     centred = m - m.mean(dim=1, keepdim=True)
+    # LAPACK fails on a non-finite matrix (features that overflowed): those maps are NaN, for the entry's finite
+    # check to name their images, and the SVD runs on zeros in their place
+    bad = ~torch.isfinite(centred).flatten(1).all(dim=1)  # (N,)
+    centred = torch.where(bad[:, None, None], 0.0, centred)
     v = torch.linalg.svd(centred, full_matrices=False)[2][:, 0]  # (N, C): the first right singular vector
     proj = torch.einsum("npc,nc->np", centred, v)
     # the dot product with the channel mean; a tie (0) keeps the SVD's sign, decided by where, not a branch
     sign = torch.where((proj * m.mean(dim=2)).sum(dim=1, keepdim=True) < 0, -1.0, 1.0).to(work)
-    return (proj * sign).view(n, h, w).to(t.dtype)
+    return torch.where(bad[:, None], torch.nan, proj * sign).view(n, h, w).to(t.dtype)
 
 
 def _projected(terms: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:

@@ -32,13 +32,21 @@ def stabilize(z: Tensor, eps: float) -> Tensor:
 
 def scale_grad(v: Tensor, c: Any) -> Tensor:
     """The value ``v``, the gradient ``c * g`` (``c`` a constant tensor or number)."""
-    c = c.detach() if isinstance(c, Tensor) else c
-    return v.detach() + c * (v - v.detach())
+    return v.detach() + through(v, c)
 
 
 def rewire(y: Tensor, z: Tensor, c: Tensor) -> Tensor:
     """The value ``y``; the gradient ``c * g`` sent through ``z`` instead of through ``y``."""
-    return y.detach() + c.detach() * (z - z.detach())
+    return y.detach() + through(z, c)
+
+
+def through(z: Tensor, c: Any) -> Tensor:
+    """Zero in value, the gradient ``c * g`` sent through ``z``. An infinite ``c`` (a ratio that overflows, as
+    float16's do above 65504) is held at the dtype's largest finite number: ``inf * 0`` would make the forward's
+    value NaN, while the rules change gradients only."""
+    if isinstance(c, Tensor):
+        c = torch.nan_to_num(c.detach())
+    return c * (z - z.detach())
 
 
 def _pos(x: Tensor) -> Tensor:
@@ -79,14 +87,19 @@ def uniform(v: Tensor, n: int) -> Tensor:
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5, *_: Any) -> Tensor:
     """LayerNorm with its standard deviation held constant, the mean keeping its gradient (AttnLRP sec. 3.3.2, the
-    identity rule through normalisation; lxt's ``layer_norm_forward``)."""
+    identity rule through normalisation; lxt's ``layer_norm_forward``). The value is the native kernel's, so that
+    the rewritten forward overflows where the model's does (the written-out variance overflows to inf and gives 0
+    where the kernel gives NaN)."""
     dims = tuple(range(-len(normalized_shape), 0))
     mean = x.mean(dim=dims, keepdim=True)
     var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
     y = (x - mean) / (var + eps).sqrt().detach()
     if weight is not None:
         y = y * weight
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    value = F.layer_norm(x.detach(), tuple(normalized_shape), None if weight is None else weight.detach(),
+                         None if bias is None else bias.detach(), eps)
+    return value + (y - y.detach())
 
 
 def rms_norm(x: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,
@@ -222,7 +235,7 @@ def alpha_beta(op: Callable, rest: Sequence[Any], x: Tensor, w: Tensor, b: Tenso
         za, zb = za + lin(_neg(x), wn, None), zb + lin(_neg(x), wp, None)
     ca = alpha * y / stabilize(za.detach(), eps)
     cb = beta * y / stabilize(zb.detach(), eps)
-    return y + ca * (za - za.detach()) - cb * (zb - zb.detach())
+    return y + through(za, ca) - through(zb, cb)
 
 
 def gamma_rule(op: Callable, rest: Sequence[Any], x: Tensor, w: Tensor, b: Tensor | None, *, gamma: float = 0.25,
@@ -238,7 +251,7 @@ def gamma_rule(op: Callable, rest: Sequence[Any], x: Tensor, w: Tensor, b: Tenso
         zp, zq = zp + lin(_neg(x), wn, None), zq + lin(_neg(x), wp, None)
     cp = _pos(y) / stabilize(zp.detach(), eps)
     cq = _neg(y) / stabilize(zq.detach(), eps)
-    return y + cp * (zp - zp.detach()) + cq * (zq - zq.detach())
+    return y + through(zp, cp) + through(zq, cq)
 
 
 def zbox(op: Callable, rest: Sequence[Any], x: Tensor, t: Tensor, w: Tensor, b: Tensor | None, low: Tensor,
