@@ -369,3 +369,15 @@ def test_float16_keeps_the_forward_exact():
         got = funcam.cam(copy.deepcopy(m).half(), x.half(), 0, method="lrp").maps.float()
     assert bool(want.abs().amax() > 0) and bool(torch.isfinite(got).all())
     assert float((got - want).abs().amax() / want.abs().amax()) < 0.05
+
+
+@pytest.mark.parametrize("rule", ["cplrp", pytest.param("attnlrp", marks=pytest.mark.slow)])
+def test_an_overflowing_model_is_named_not_explained(rule):
+    # the model's own logits overflow at this finite x; the rewritten forward once normalised the overflow away
+    # (its written-out variance became inf, the output 0) and returned finite relevance for a model that has none
+    m = make_model("vit_tiny_patch16_224")
+    x = make_input("vit_tiny_patch16_224")[:1] * 1e30
+    with torch.no_grad():
+        assert not bool(torch.isfinite(m(x)).all())
+        with pytest.raises(FloatingPointError, match=r"non-finite logits for images \[0\]"):
+            funcam.cam(m, x, 0, method=rule)

@@ -51,6 +51,18 @@ def test_first_component_is_get_2d_projection_with_the_sign_rule():
     assert bool(((got * t.mean(dim=1)).flatten(1).sum(dim=1) >= 0).all())  # the rule itself
 
 
+
+def test_non_finite_terms_give_nan_maps_and_leave_the_others_alone():
+    # features that overflowed: LAPACK refuses a non-finite matrix; the image's map is NaN (the entry's finite check
+    # then names it) and the other images' maps are what they are alone
+    t = torch.randn(3, 7, 4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.3
+    bad = t.clone()
+    bad[1, 2, 0, 0] = float("inf")
+    got = first_component(bad)
+    assert bool(got[1].isnan().all())
+    torch.testing.assert_close(got[[0, 2]], first_component(t[[0, 2]]), rtol=0, atol=0)
+    assert bool(got[0].abs().amax() > 0)
+
 def test_eigencam_equals_pytorch_grad_cam(setup):
     from pytorch_grad_cam import EigenCAM
     model, x = setup
