@@ -63,6 +63,7 @@ def test_non_finite_terms_give_nan_maps_and_leave_the_others_alone():
     torch.testing.assert_close(got[[0, 2]], first_component(t[[0, 2]]), rtol=0, atol=0)
     assert bool(got[0].abs().amax() > 0)
 
+
 def test_eigencam_equals_pytorch_grad_cam(setup):
     from pytorch_grad_cam import EigenCAM
     model, x = setup

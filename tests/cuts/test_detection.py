@@ -231,3 +231,43 @@ def test_applies_only_to_detectors():
         detection.split(m)
     with pytest.raises(ValueError, match="yolo split"):
         yolo.split(m)
+
+
+@pytest.mark.parametrize("name", ["tiny_fasterrcnn", "tiny_fcos", pytest.param("yolo11n", marks=pytest.mark.slow)])
+def test_eigencam_per_level_is_pytorch_grad_cams_projection(name):
+    # Eigen-CAM is class-agnostic (pytorch-grad-cam's YOLO / Faster R-CNN tutorials): per level, the first principal
+    # component of the unmodified model's own activations (a forward hook), by pytorch-grad-cam's get_2d_projection,
+    # with funcam's sign rule (correlate with the channel mean); the same map for every reference box
+    from tests.core.test_projection import peer_projection, signed_like
+
+    make, route = MODELS[name]
+    model = make()
+    sp = _split(route, model)
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mods, levels = _levels_hook(model)
+    acts = []
+    with torch.no_grad():
+        for b in range(2):
+            seen = []
+            hooks = [m.register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(out)) for m in mods]
+            try:
+                (dets,) = _detect(model, x[b:b + 1])
+            finally:
+                for h in hooks:
+                    h.remove()
+            acts.append((levels(seen), dets))
+        ref = torch.stack([d["boxes"][:2] for _, d in acts])
+        labels = torch.stack([d["labels"][:2] for _, d in acts])
+        with warnings.catch_warnings():  # a box may match no detection: the class-agnostic map is drawn all the same
+            warnings.simplefilter("ignore", UnmatchedBoxWarning)
+            out = funcam.cam(sp, x, classes=boxes(ref, labels), method="eigencam", relu=False)
+            rectified = funcam.cam(sp, x, classes=boxes(ref, labels), method="eigencam").maps  # the default: ReLU'd
+    assert isinstance(out.maps, tuple) and len(out.maps) == len(acts[0][0]) > 1
+    for lv, got in enumerate(out.maps):
+        a = torch.cat([la[lv] for la, _ in acts])  # (B, C, h, w)
+        want = signed_like(peer_projection(a), a)
+        assert got.shape == (2, 2) + tuple(a.shape[2:])
+        assert bool(want.abs().amax() > 0)
+        for k in range(2):
+            torch.testing.assert_close(got[:, k], want, rtol=1e-6, atol=1e-9 * float(want.abs().amax()))
+        torch.testing.assert_close(rectified[lv], got.clamp_min(0), rtol=0, atol=0)

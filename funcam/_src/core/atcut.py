@@ -30,13 +30,18 @@ class AtCut(NamedTuple):
     scores: Tensor
 
 
-def at_cut(split: Split, x: Tensor, req: Request, method: str) -> AtCut:
+def at_cut(split: Split, x: Tensor, req: Request, method: str, *, levels: bool = False) -> AtCut:
     """``split.extract(x)``, the head on it once, and the classes ``req`` asks for; raises ValueError naming
-    ``method`` for a split at several layers (these methods weight the channels of one map)."""
+    ``method`` for a split at several layers (these methods weight the channels of one map). levels: a split at
+    several layers is taken (a detector's FPN levels, for the class-agnostic maps computed level by level): ``a`` is
+    then the first level, ``feats.maps`` has them all."""
     feats, rebuild = as_features(split.extract(x))
-    if len(feats.maps) != 1 or feats.maps[0].ndim != 4:
+    if not levels and (len(feats.maps) != 1 or feats.maps[0].ndim != 4):
         raise ValueError(f"{method} takes a split at one layer, got one at {list(split.layers) or len(feats.maps)}"
                          f" (run it once per layer and fuse the maps with funcam.fuse)")
+    if any(a.ndim != 4 for a in feats.maps):
+        raise ValueError(f"{method} takes (B, C, h, w) feature maps, got shapes "
+                         f"{[tuple(a.shape) for a in feats.maps]} at {list(split.layers)}")
     out = split.head(rebuild(feats.maps))
     scores = req.score_fn(out) if req.score_fn is not None else logits_of(out)
     logits = logits_or_output(out) if req.score_fn is not None else scores

@@ -78,9 +78,12 @@ def weighted_maps(w: Tensor, a: Tensor, req: Request) -> Tensor:
 def eigen_cam(split: Split, x: Tensor, req: Request) -> CAM:
     """Eigen-CAM (Muhammad & Yeasin 2020; pytorch-grad-cam's ``EigenCAM``): the first principal component of the
     activations ``A (B, C, h, w)`` at the cut, ``(B, K, h, w)``: one map per image, the same for every requested
-    class (class-agnostic), from one forward and one batched SVD."""
-    cut = at_cut(split, x, req, "eigencam")
-    return CAM(first_component(cut.a).unsqueeze(1).expand(-1, cut.idx.shape[1], -1, -1), cut.picked, cut.logits)
+    class (class-agnostic), from one forward and one batched SVD. A split at several levels (a detector's FPN, as
+    pytorch-grad-cam's detector tutorials use Eigen-CAM) gives one such map per level, a tuple as Grad-CAM's there."""
+    cut = at_cut(split, x, req, "eigencam", levels=True)
+    k = cut.idx.shape[1]
+    maps = tuple(first_component(a).unsqueeze(1).expand(-1, k, -1, -1) for a in cut.feats.maps)
+    return CAM(maps[0] if len(maps) == 1 else maps, cut.picked, cut.logits)
 
 
 def _gradient_terms(g: Tensor, a: Tensor) -> Tensor:
