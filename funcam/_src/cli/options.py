@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from funcam._src.app.explain import METHOD_NAMES, check_method, default_method, validate
+from funcam._src.app.families import family_of
 from funcam._src.app.images import printable
 from funcam._src.app.models import (
     DEFAULT_MODEL,
@@ -296,9 +297,16 @@ def weights_from_args(args: argparse.Namespace) -> Weights:
     model has a source of weights (never random ones unless --random-weights says so), and the checkpoint is a
     safe, non-empty, finite state dict (read here, once)."""
     name = args.model or DEFAULT_MODEL
+    family = family_of(name)
     try:
-        check_model_name(name)
-        if name not in WHEELS and not (args.checkpoint or args.pretrained or args.random_weights):
+        if family is not None:
+            if args.pretrained:
+                raise UsageError(f"--pretrained applies to timm models; --model {name} takes --checkpoint FILE "
+                                 f"(a state dict; funcam downloads nothing)")
+            family.check(name, checkpoint=args.checkpoint is not None, random_weights=args.random_weights)
+        else:
+            check_model_name(name)
+        if name not in WHEELS and not (args.checkpoint or args.pretrained or args.random_weights or family):
             raise UsageError(f"--model {name} needs weights: add --pretrained (timm's weights, downloaded once), "
                              f"--checkpoint FILE (your own), or --random-weights (an untrained network: its maps "
                              f"mean nothing)")
