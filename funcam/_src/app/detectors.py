@@ -150,11 +150,17 @@ def _torchvision_names_of(name: str, num_classes: int) -> list[str] | None:
 def _build_yolo(cfg: str, num_classes: int | None) -> nn.Module:
     import warnings
 
+    import yaml
     from ultralytics.nn.tasks import DetectionModel
 
+    with open(_yolo_config(cfg), encoding="utf-8") as f:
+        spec = yaml.safe_load(f)
+    # the scale letter of the name (yolo11n -> n), as Ultralytics' yaml_model_load reads it, without its file search
+    scale = re.search(r"\d+([nslmx])(?:-|$)", os.path.splitext(os.path.basename(cfg))[0])
+    spec.update(scale=scale.group(1) if scale else next(iter(spec.get("scales", {"n": 0}))), yaml_file=cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Ultralytics' own notices
-        return DetectionModel(_yolo_config(cfg), nc=num_classes, verbose=False)
+        return DetectionModel(spec, nc=num_classes, verbose=False)
 
 
 def _yolo_names(model: nn.Module) -> list[str] | None:

@@ -60,6 +60,7 @@ from funcam._src.cli.targets import Task
 from funcam._src.core.cams import cam
 from funcam._src.core.split import split
 from funcam._src.core.targets import UnmatchedBoxWarning
+from funcam._src.guard import ZeroMapWarning
 
 
 class Item(NamedTuple):
@@ -195,13 +196,18 @@ def _batch(chunk: list[Item], targets: dict, fns: dict, names: list | None, *, c
         x = task.prepare([it.image for it in chunk]).to(device)
         score, labels = task.score_for(targets[methods[0]], x)
     results: dict[str, Result] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnmatchedBoxWarning)  # said below, once per image and box
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnmatchedBoxWarning)  # said below, once per image and box
+        warnings.simplefilter("always", ZeroMapWarning)
         for m in methods:  # the first method resolves top_k; the others explain the same classes
             first = next(iter(results.values()), None)
             results[m] = fns[m](x, score, None) if score is not None else fns[m](x, classes, top_k) \
                 if first is None else fns[m](x, first.cam.classes, None)
     first = results[methods[0]].cam
+    for w in caught:  # zero maps of unmatched boxes are said per box below; any other warning as it came
+        if not issubclass(w.category, (UnmatchedBoxWarning, ZeroMapWarning)) or (
+                issubclass(w.category, ZeroMapWarning) and task is None):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if task is None:
         idx = first.classes.cpu()
         probs = first.logits.detach().float().softmax(-1).cpu().gather(1, idx)

@@ -28,6 +28,7 @@ from funcam._src.app.images import ImageError, printable, probe_image
 from funcam._src.app.models import Preprocess, preprocess
 from funcam._src.cli.options import UsageError
 from funcam._src.core.targets import UnmatchedBoxWarning, box_iou, box_matches, boxes, prompts
+from funcam._src.guard import ZeroMapWarning
 
 _NUMBER = r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)\s*"
 _BOX = re.compile(rf"({_NUMBER}),({_NUMBER}),({_NUMBER}),({_NUMBER})(?::(.*))?")
@@ -95,7 +96,8 @@ def check(args: argparse.Namespace, family: Family | None, images: Sequence[str]
         raise UsageError(f"--model {model} explains {wants}, not classes: add {example}")
     for opt in ("classes", "top_k", "all_classes", "layer"):
         if getattr(args, opt, None) not in (None, False):
-            raise UsageError(f"--{opt.replace('_', '-')} does not apply with --{wants} (each {wants[:-1]} is one map)")
+            raise UsageError(f"--{opt.replace('_', '-')} does not apply with --{wants} (one map per "
+                             f"{'prompt' if wants == 'prompts' else 'box'})")
     if wants == "prompts" and args.num_classes is not None:
         raise UsageError("--num-classes does not apply to a CLIP model (its prompts are its classes)")
     if wants == "prompts":
@@ -213,6 +215,7 @@ def check_fit(targets: dict[str, Any], task: Task, options: dict[str, dict], dev
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UnmatchedBoxWarning)  # a blank image has no detections
+                warnings.simplefilter("ignore", ZeroMapWarning)
                 explain(target, x, method=m, classes=task.score_for(target, x)[0], **options.get(m, {}))
         except (ValueError, TypeError) as e:
             raise UsageError(f"--method {m}: {str(e).splitlines()[0]}") from None
