@@ -82,6 +82,45 @@ def test_prompt_maps_equal_the_library_call(files, tmp_path, capsys):
         assert (tmp_path / "p" / f"a_gradcam_p{k}.png").is_file() and f"Grad-CAM: {t} (" in page
 
 
+def _hf_clip(d):
+    """A tiny Hugging Face CLIPModel saved with its tokenizer (a byte-level vocabulary, no merges) in folder d."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    tokenizer = CLIPTokenizer(vocab, [])
+    torch.manual_seed(0)
+    special = dict(bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=len(vocab), max_position_embeddings=32, **special)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                  patch_size=16)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)).eval()
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return model, tokenizer
+
+
+def test_hugging_face_clip_folder(files, tmp_path, capsys):
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    torch.set_num_threads(1)
+    model, tokenizer = _hf_clip(tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["explain", str(files / "a.png"), "--model", f"hf:{tmp_path / 'hf'}", "--prompts", ",".join(TEXT),
+                 "--signed", "--format", "npz", "--out", str(tmp_path / "n"), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+    x = preprocess([_image(files / "a.png")], Preprocess(64, 1.0, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "bicubic"))
+    with torch.no_grad():
+        text = model.get_text_features(**tokenizer(TEXT, padding=True, return_tensors="pt")).pooler_output
+    score = funcam.targets.prompts(text, logit_scale=model.logit_scale.exp())
+    want = explain(model, x, method="gradcam", classes=score, relu=False).maps[0].numpy()
+    with np.load(tmp_path / "n" / "a.npz") as z:
+        np.testing.assert_allclose(z["maps_gradcam"], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+        assert np.abs(want).max() > 0 and z["prompts"].tolist() == TEXT
+
+
 def _detector(kind: str, d):
     """(model name for --model, the model, its input x (1, 3, H, W) from c.png as the command line prepares it): an
     Ultralytics YOLO11n with 5 classes (zero class biases: every score 0.5, as in tests/cuts/test_detection.py),

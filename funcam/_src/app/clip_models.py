@@ -172,11 +172,16 @@ def _load_open_clip(arch: str, state: dict | None) -> Clip:
 def _load_hf(folder: str) -> Clip:
     import transformers
 
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights: 100%" on stderr, for a local folder
     try:
         model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds
         raise ModelError(f"hf:{folder} could not be loaded: {_why(e)}") from e
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     model = model.eval()
     proc = {}
     path = os.path.join(folder, "preprocessor_config.json")

@@ -338,6 +338,7 @@ def explain_command(args: argparse.Namespace) -> int:
     if task is None:
         check_fit(targets, pre, classes=classes, top_k=top_k, options=options)
     else:
+        targets = tasks.image_targets(targets, model)
         tasks.check_fit(targets, task, options, device)
     cmaps = {m: cmap_for(method_of(m), args.cmap, relu) for m in methods}
     note = weights_note(weights)

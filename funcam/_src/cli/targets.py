@@ -17,7 +17,7 @@ import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from funcam._src.app.clip_models import Clip
 from funcam._src.app.detectors import Detector, detector_input
@@ -28,6 +28,7 @@ from funcam._src.app.images import ImageError, printable, probe_image
 from funcam._src.app.models import Preprocess, preprocess
 from funcam._src.cli.options import UsageError
 from funcam._src.core.targets import UnmatchedBoxWarning, box_iou, box_matches, boxes, prompts
+from funcam._src.cuts import clip as clip_cut
 from funcam._src.guard import ZeroMapWarning
 
 _NUMBER = r"\s*[-+]?(?:\d+(?:\.\d*)?|\.\d+)\s*"
@@ -204,6 +205,15 @@ def load(family: Family, weights: Any, device: torch.device) -> Clip | Detector:
 
 def make_task(loaded: Clip | Detector, found: list[str] | list[Box], device: torch.device) -> Task:
     return prompt_task(loaded, found, device) if isinstance(loaded, Clip) else box_task(loaded, found, device)
+
+
+def image_targets(targets: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``targets_from_args``'s targets with the methods of the whole model given a CLIP model's image tower (image ->
+    embedding: ``model.visual`` of open_clip, a Hugging Face ``CLIPModel`` whose own forward takes text first as its
+    ``get_image_features``); a detector stays as it is."""
+    v = clip_cut.tower(model)
+    image = clip_cut.ImageFeatures(v) if type(v).__name__ == "CLIPModel" else v
+    return {m: image if t is model else t for m, t in targets.items()}
 
 
 def check_fit(targets: dict[str, Any], task: Task, options: dict[str, dict], device: torch.device) -> None:
