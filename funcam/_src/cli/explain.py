@@ -15,25 +15,21 @@ stays valid UTF-8.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from funcam._src.app.explain import METHOD_TITLES, cmap_for, drawn_as_gradient, fold, method_of
+from funcam._src.app.explain import cmap_for, drawn_as_gradient, fold, method_of
 from funcam._src.app.families import family_of
-from funcam._src.app.files import write_npz
-from funcam._src.app.gallery import Figure, Legend, Section, write_gallery
-from funcam._src.app.images import SAMPLES, ImageError, limit_aspect, printable, probe_image, read_image, sample_images
-from funcam._src.app.models import ModelError, Preprocess, class_names, load_model, preprocess, unnormalize
-from funcam._src.app.render import colormap_table, draw_boxes, gradient_image, grid, legend_labels, overlay, save_png
-from funcam._src.base import CAM
+from funcam._src.app.gallery import Legend, Section, write_gallery
+from funcam._src.app.images import SAMPLES, ImageError, probe_image, read_image, sample_images
+from funcam._src.app.models import ModelError, Preprocess, class_names, load_model
+from funcam._src.app.render import colormap_table, legend_labels
 from funcam._src.cli import targets as tasks
+from funcam._src.cli.batch import Item, Result, explain_batch, same_size
 from funcam._src.cli.options import (
     UsageError,
     add_batch_size_argument,
@@ -59,21 +55,6 @@ from funcam._src.cli.options import (
 from funcam._src.cli.targets import Task
 from funcam._src.core.cams import cam
 from funcam._src.core.split import split
-from funcam._src.core.targets import UnmatchedBoxWarning
-from funcam._src.guard import ZeroMapWarning
-
-
-class Item(NamedTuple):
-    stem: str              # sanitised output name
-    label: str             # what the user called it (a path, or a sample name)
-    image: Tensor | None   # uint8 (3, H, W), or None: read ``label`` when its batch comes
-
-
-class Result(NamedTuple):
-    """One method's output for a batch: ``cam`` as ``funcam.explain.explain`` returns it (maps (B, K, h, w)),
-    and for the methods drawn as gradient images the signed gradients ``rgb (B, K, 3, H, W)`` they are drawn from."""
-    cam: CAM
-    rgb: Tensor | None
 
 
 def _explainer(method: str, target, options: dict, compile_: bool, memory: dict) -> Callable[..., Result]:
@@ -87,13 +68,6 @@ def _explainer(method: str, target, options: dict, compile_: bool, memory: dict)
         return Result(fold(m, out), out.maps if drawn_as_gradient(m) else None)
 
     return torch.compile(fn) if compile_ else fn
-
-
-def _inside(out: str, name: str) -> str:
-    path = os.path.join(out, name)
-    if os.path.dirname(os.path.realpath(path)) != out:  # belt and braces: safe_stem already allows no separators
-        raise UsageError(f"refusing to write {name!r} outside --out {out!r}")
-    return path
 
 
 def _probe(items: Sequence[Item], report: Callable[[str], None]) -> list[Item]:
@@ -163,122 +137,13 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], targets: dict
         bar.update(1)
 
     for chunk in _readable(items, batch_size, on_error):
-        for group in (_same_size(chunk) if task is not None else [chunk]):
-            sections.extend(_batch(group, targets, fns, names, classes=classes, top_k=top_k, pre=pre, device=device,
-                                   quiet=quiet, out=out, fmt=fmt, cmaps=cmaps, alpha=alpha, note=note, task=task,
-                                   write=bar.write))
+        for group in (same_size(chunk) if task is not None else [chunk]):
+            sections.extend(explain_batch(group, targets, fns, names, classes=classes, top_k=top_k, pre=pre,
+                                          device=device, quiet=quiet, out=out, fmt=fmt, cmaps=cmaps, alpha=alpha,
+                                          note=note, task=task, write=bar.write))
         bar.update(len(chunk))
     bar.close()
     return sections, failed
-
-
-def _same_size(chunk: list[Item]) -> list[list[Item]]:
-    """The chunk in runs of images of one size (a detector takes each image as it is)."""
-    groups: list[list[Item]] = []
-    for it in chunk:
-        if groups and groups[-1][0].image.shape == it.image.shape:
-            groups[-1].append(it)
-        else:
-            groups.append([it])
-    return groups
-
-
-def _batch(chunk: list[Item], targets: dict, fns: dict, names: list | None, *, classes, top_k, pre: Preprocess,
-           device: torch.device, quiet: bool, out: str, fmt: str, cmaps: dict, alpha: float, note: str | None,
-           task: Task | None, write: Callable) -> list[Section]:
-    """One batch: every method's maps, then each image's files; returns its gallery sections."""
-    methods = list(targets)
-    if task is None:
-        # limit_aspect: a 1 x 5000 image would otherwise be resized to 256 x 1,280,000 before the centre crop
-        x = preprocess([limit_aspect(it.image) for it in chunk], pre).to(device)
-        score, labels = None, None
-    else:
-        x = task.prepare([it.image for it in chunk]).to(device)
-        score, labels = task.score_for(targets[methods[0]], x)
-    results: dict[str, Result] = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UnmatchedBoxWarning)  # said below, once per image and box
-        warnings.simplefilter("always", ZeroMapWarning)
-        for m in methods:  # the first method resolves top_k; the others explain the same classes
-            first = next(iter(results.values()), None)
-            results[m] = fns[m](x, score, None) if score is not None else fns[m](x, classes, top_k) \
-                if first is None else fns[m](x, first.cam.classes, None)
-    first = results[methods[0]].cam
-    for w in caught:  # zero maps of unmatched boxes are said per box below; any other warning as it came
-        if not issubclass(w.category, (UnmatchedBoxWarning, ZeroMapWarning)) or (
-                issubclass(w.category, ZeroMapWarning) and task is None):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if task is None:
-        idx = first.classes.cpu()
-        probs = first.logits.detach().float().softmax(-1).cpu().gather(1, idx)
-    shown = unnormalize(x.detach(), pre).cpu()
-    os.makedirs(out, exist_ok=True)
-    sections = []
-    for b, it in enumerate(chunk):
-        it = it._replace(label=printable(it.label))
-        if task is None:
-            label = [names[c] if names else f"class {c}" for c in idx[b].tolist()]
-            cols = [f"{n} {p:.2f}" for n, p in zip(label, probs[b].tolist())]
-            caps = [f"{n} ({p:.2f})" for n, p in zip(label, probs[b].tolist())]
-            tags, ok = [f"c{c}" for c in idx[b].tolist()], None
-        else:
-            cols, caps, tags, ok = task.columns(first.logits, score, labels, b)
-            for k in (k for k, m in enumerate(ok) if not m):  # never silently: a zero map, said so
-                write(f"funcam: warning: {it.label}: {task.names[k]} matches no detection (IoU > 0.5 with its "
-                      f"label): its map is zero", file=sys.stderr)
-        if not quiet:
-            shown_line = ", ".join(cols) if task is not None else \
-                ", ".join(f"{n} {p:.3f}" for n, p in zip(label, probs[b].tolist()))
-            write(f"{it.label}: {shown_line}" + (" (random weights)" if note else ""), file=sys.stdout)
-        if fmt == "npz":
-            arrays = {f"maps_{m.replace('-', '_')}": r.cam.maps[b].detach().float().cpu().numpy()
-                      for m, r in results.items()}
-            if task is None:
-                arrays.update(classes=idx[b].numpy(), probabilities=probs[b].numpy(), class_names=np.array(label))
-            else:
-                arrays.update({task.kind: np.array(task.names), "labels": np.array(cols), "matched": np.array(ok)})
-                if task.boxes is not None:
-                    arrays.update(box_coords=task.boxes.numpy(), box_labels=labels[b].cpu().numpy())
-            arrays.update(methods=np.array(methods), source=np.array(it.label),
-                          random_weights=np.array(note is not None))
-            write_npz(_inside(out, f"{it.stem}.npz"), arrays)
-            continue
-        sections.append(_write_pngs(out, it, shown[b], results, b, tags, cols, caps, cmaps=cmaps, alpha=alpha,
-                                    note=note, boxes=task.boxes if task is not None else None,
-                                    what="scores" if task is not None else "predicted"))
-    return sections
-
-
-def _write_pngs(out: str, it: Item, shown: Tensor, results: dict, b: int, tags: list, cols: list, caps: list,
-                *, cmaps: dict, alpha: float, note: str | None, boxes: Tensor | None = None,
-                what: str = "predicted") -> Section:
-    """Overlays ``{stem}_{method}_{tag}.png`` (tag ``c{class}``, ``p{prompt}``, ``box{n}``), the input
-    ``{stem}_input.png``, the grid ``{stem}_grid.png`` (rows = methods, columns = the input and the K maps, a colour
-    scale under heatmap rows); ``boxes (K, 4)``: map k's box drawn on it."""
-    tiles, rows = [], []
-    tag = "[random weights] " if note else ""
-    for m, r in results.items():
-        if r.rgb is not None:  # guided: the gradient itself, as an image
-            over = gradient_image(r.rgb[b:b + 1].detach().float().cpu())[0]  # (K, 3, S, S)
-        else:
-            over = overlay(shown[None], r.cam.maps[b:b + 1].detach().float().cpu(), alpha=alpha, cmap=cmaps[m])[0]
-        if boxes is not None:
-            over = draw_boxes(over, boxes)
-        tiles.append(torch.cat([shown[None], over]))
-        row = [Figure(f"{it.stem}_input.png", f"{it.label} (model input)")]
-        for k, t in enumerate(tags):
-            name = f"{it.stem}_{m}_{t}.png"
-            save_png(over[k], _inside(out, name))
-            row.append(Figure(name, f"{tag}{METHOD_TITLES.get(m, m)}: {caps[k]}"))
-        rows.append(row)
-    save_png(shown, _inside(out, f"{it.stem}_input.png"))
-    titles = [METHOD_TITLES.get(m, m) for m in results]
-    heat = [m for m, r in results.items() if r.rgb is None]
-    g = grid(torch.stack(tiles), row_labels=titles, col_labels=[tag.strip() or "input"] + list(cols),
-             legend=cmaps[heat[0]] if heat else None, row_label_width=140)
-    save_png(g, _inside(out, f"{it.stem}_grid.png"))
-    return Section(it.label, f"{tag}{what}: {', '.join(cols)}", rows,
-                   Figure(f"{it.stem}_grid.png", "comparison grid (PNG)"))
 
 
 def add_parser(sub) -> None:
