@@ -71,7 +71,8 @@ def test_prompt_maps_equal_the_library_call(files, tmp_path, capsys):
             assert z["prompts"].tolist() == TEXT and z["maps_gradcam"].shape == (3, 2, 2)
             np.testing.assert_allclose(z["maps_gradcam"], want.maps[b].numpy(), rtol=1e-4, atol=1e-6)
             assert np.abs(z["maps_gradcam"]).min() > 0
-            assert z["labels"].tolist() == [f"{t} {p:.2f}" for t, p in zip(TEXT, probs[b].tolist())]
+            assert z["captions"].tolist() == [f"{t} {p:.2f}" for t, p in zip(TEXT, probs[b].tolist())]
+            np.testing.assert_allclose(z["scores"], score(want.logits)[b].numpy(), rtol=1e-5)
     # the pictures: one overlay per prompt, captioned with the prompt text
     assert main([*args, "--out", str(tmp_path / "p")]) == 0
     out, err = capsys.readouterr()
@@ -179,7 +180,8 @@ def test_box_maps_equal_the_library_call_and_are_drawn(files, tmp_path, capsys, 
     with np.load(tmp_path / "n" / "c.npz") as z:
         assert z["box_labels"].tolist() == labels.tolist() and z["matched"].tolist() == [True, True, False]
         np.testing.assert_allclose(z["maps_gradcam"], want, rtol=1e-4, atol=1e-4 * want.max())
-        assert not z["maps_gradcam"][2].any() and z["labels"][2].endswith("no match")  # no match: exactly zero
+        assert not z["maps_gradcam"][2].any() and z["captions"][2].endswith("no match")
+        assert z["scores"][2] == 0 and (z["scores"][:2] > 0.5).all()  # no match: 0; else IoU > 0.5 + its score
     # the pictures: each box outlined in white (2 px just inside its edge) on its own map
     assert main([*args, "--out", str(tmp_path / "p"), "--quiet"]) == 0
     capsys.readouterr()
@@ -204,8 +206,11 @@ def _hf_folder(d, *, tokenizer: bool):
 
 BAD = [  # (arguments after the image, the one stderr line after "funcam: error: ", as a regex)
     (["--prompts", "a cat,a dog"], re.escape("--prompts applies to CLIP models (--model open_clip:ARCH or "
-                                             "hf:FOLDER); --model the default classifier is a classifier; use "
+                                             "hf:FOLDER); the default model efficientnet_lite0 is a classifier; use "
                                              "--classes or --top-k")),
+    (["--model", "resnet18", "--random-weights", "--boxes", "1,2,3,4"],
+     re.escape("--boxes applies to detectors (--model torchvision:NAME or yolo:CONFIG); --model resnet18 is a "
+               "classifier; use --classes or --top-k")),
     (["--model", "open_clip:RN50", "--random-weights", "--boxes", "1,2,3,4"],
      re.escape("--boxes applies to detectors (--model torchvision:NAME or yolo:CONFIG); --model open_clip:RN50 is "
                "a CLIP model; use --prompts")),

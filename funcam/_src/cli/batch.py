@@ -111,7 +111,11 @@ def explain_batch(chunk: list[Item], targets: dict, fns: dict, names: list | Non
             if task is None:
                 arrays.update(classes=idx[b].numpy(), probabilities=probs[b].numpy(), class_names=np.array(label))
             else:
-                arrays.update({task.kind: np.array(task.names), "labels": np.array(cols), "matched": np.array(ok)})
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UnmatchedBoxWarning)
+                    values = score(first.logits)[b].detach().float().cpu().numpy()
+                arrays.update({task.kind: np.array(task.names), "captions": np.array(cols), "scores": values,
+                               "matched": np.array(ok)})
                 if task.boxes is not None:
                     arrays.update(box_coords=task.boxes.numpy(), box_labels=labels[b].cpu().numpy())
             arrays.update(methods=np.array(methods), source=np.array(it.label),

@@ -25,7 +25,7 @@ from funcam._src.app.explain import explain
 from funcam._src.app.families import Family
 from funcam._src.app.hub import ModelError
 from funcam._src.app.images import ImageError, printable, probe_image
-from funcam._src.app.models import Preprocess, preprocess
+from funcam._src.app.models import DEFAULT_MODEL, Preprocess, preprocess
 from funcam._src.cli.options import UsageError
 from funcam._src.core.targets import UnmatchedBoxWarning, box_iou, box_matches, boxes, prompts
 from funcam._src.cuts import clip as clip_cut
@@ -83,18 +83,18 @@ def check(args: argparse.Namespace, family: Family | None, images: Sequence[str]
     if len(given) > 1:
         raise UsageError("--prompts and --boxes are for different models (CLIP, detectors); give one")
     wants = family.targets if family is not None else None
-    model = args.model or "the default classifier"
+    model = f"--model {args.model}" if args.model else f"the default model {DEFAULT_MODEL}"
     if given and given[0] != wants:
         what = {"prompts": "CLIP models (--model open_clip:ARCH or hf:FOLDER)",
                 "boxes": "detectors (--model torchvision:NAME or yolo:CONFIG)"}[given[0]]
         kind = {"prompts": "a CLIP model", "boxes": "a detector", None: "a classifier"}[wants]
-        raise UsageError(f"--{given[0]} applies to {what}; --model {model} is {kind}"
+        raise UsageError(f"--{given[0]} applies to {what}; {model} is {kind}"
                          + ("; use --classes or --top-k" if wants is None else f"; use --{wants}"))
     if wants is None:
         return None
     if not given:
         example = "--prompts 'a cat,a dog'" if wants == "prompts" else "--boxes '10,20,120,200:1'"
-        raise UsageError(f"--model {model} explains {wants}, not classes: add {example}")
+        raise UsageError(f"{model} explains {wants}, not classes: add {example}")
     for opt in ("classes", "top_k", "all_classes", "layer"):
         if getattr(args, opt, None) not in (None, False):
             raise UsageError(f"--{opt.replace('_', '-')} does not apply with --{wants} (one map per "
