@@ -265,3 +265,12 @@ def test_bad_target_options_are_one_line_before_the_model_loads(files, tmp_path,
     message = message.replace(re.escape("{img}"), re.escape(img)).replace(re.escape("{tmp}"), re.escape(str(tmp_path)))
     assert out == "" and len(err.splitlines()) == 1 and re.fullmatch("funcam: error: " + message, err.strip()), err
     assert not (tmp_path / "o").exists()
+
+
+def test_explain_dir_refuses_prompt_and_box_models(files, tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.png").write_bytes((files / "a.png").read_bytes())
+    assert main(["explain-dir", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--model", "open_clip:RN50",
+                 "--random-weights"]) == 2
+    assert capsys.readouterr().err == "funcam: error: --model open_clip:RN50 explains prompts, which this command " \
+                                      "does not take; use funcam explain IMAGE... --prompts ...\n"
