@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from funcam._src.app.render import save_png, to_uint8
-from funcam.render import CMAPS, colorbar, colorize, colormap_table, gradient_image, grid, legend_labels, overlay
+from funcam.render import (
+    CMAPS,
+    colorbar,
+    colorize,
+    colormap_table,
+    draw_boxes,
+    gradient_image,
+    grid,
+    legend_labels,
+    overlay,
+)
 
 mpl = pytest.importorskip("matplotlib")
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
@@ -210,3 +220,19 @@ def test_save_png_leaves_nothing_when_the_write_fails(tmp_path, monkeypatch):
         save_png(torch.zeros(3, 4, 4, dtype=torch.uint8), tmp_path / "x.png")
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_draw_boxes_outlines_each_box_on_its_image():
+    # hand-drawn golden: box (2, 1, 8, 7) on an 8 x 10 image of 100s: a 2-pixel white ring just inside the edges,
+    # a black ring just outside; a box past the image's edges is drawn where it lies inside; the input is unchanged
+    images = torch.full((2, 3, 8, 10), 100, dtype=torch.uint8)
+    out = draw_boxes(images, torch.tensor([[2.0, 1, 8, 7], [-3, -2, 4, 20]]))
+    golden = torch.full((8, 10), 100, dtype=torch.uint8)
+    golden[0, 1:9] = golden[7, 1:9] = golden[:, 1] = golden[:, 8] = 0
+    golden[1:7, 2:8] = 255
+    golden[3:5, 4:6] = 100
+    assert (out[0] == golden).all() and bool((images == 100).all())
+    assert (out[1, :, :, 2:4] == 255).all() and (out[1, :, :, 4] == 0).all() and (out[1, :, :, 5:] == 100).all()
+    assert (out[1, :, :, :2] == 100).all()
+    with pytest.raises(ValueError, match="boxes"):
+        draw_boxes(images, torch.zeros(3, 4))

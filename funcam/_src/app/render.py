@@ -29,7 +29,7 @@ from torch import Tensor
 from funcam._src.app.files import atomic_write
 
 __all__ = ["CMAPS", "colormap_table", "colorize", "to_uint8", "overlay", "gradient_image", "colorbar", "legend_labels",
-           "grid", "save_png"]
+           "draw_boxes", "grid", "save_png"]
 
 CMAPS = ("jet", "turbo", "hot", "viridis", "bwr")
 SIGNED_CMAPS = ("bwr",)
@@ -270,6 +270,27 @@ def _label_strip(texts: Sequence[str], widths: Sequence[int], height: int, pad: 
     import numpy as np
 
     return torch.from_numpy(np.array(canvas, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+
+def draw_boxes(images: Tensor, boxes: Tensor, *, width: int = 2, color: Sequence[int] = (255, 255, 255)) -> Tensor:
+    """Rectangle outlines: images ``uint8 (N, 3, H, W)``, boxes ``(N, 4)`` (x0, y0, x1, y1) in pixels, one per image
+    -> a copy with each box drawn ``width`` pixels wide in ``color`` just inside its edges, and one black pixel just
+    outside them (visible on light and dark images alike). Parts outside the image are not drawn."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.dtype != torch.uint8 or \
+            not isinstance(boxes, Tensor) or tuple(boxes.shape) != (images.shape[0], 4):
+        raise ValueError(f"draw_boxes needs uint8 images (N, 3, H, W) and boxes (N, 4), got "
+                         f"{getattr(images, 'shape', images)!r} and {getattr(boxes, 'shape', boxes)!r}")
+    out = images.clone()
+    h, w = images.shape[-2:]
+    ys = torch.arange(h, device=images.device)[:, None]
+    xs = torch.arange(w, device=images.device)[None, :]
+    ink = out.new_tensor(list(color)).view(3, 1)
+    for img, (x0, y0, x1, y1) in zip(out, boxes.round().long().tolist()):
+        for k in range(-1, width):  # ring k: k pixels inside the box's edge (-1: just outside it)
+            a, b, c, d = x0 + k, y0 + k, x1 - 1 - k, y1 - 1 - k
+            ring = (xs >= a) & (xs <= c) & (ys >= b) & (ys <= d) & ((xs == a) | (xs == c) | (ys == b) | (ys == d))
+            img[:, ring] = ink.expand(3, int(ring.sum())) if k >= 0 else 0
+    return out
 
 
 def grid(tiles: Tensor, *, row_labels: Sequence[str] | None = None, col_labels: Sequence[str] | None = None,

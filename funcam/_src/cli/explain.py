@@ -15,22 +15,21 @@ stays valid UTF-8.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from funcam._src.app.explain import METHOD_TITLES, cmap_for, drawn_as_gradient, fold, method_of
-from funcam._src.app.files import write_npz
-from funcam._src.app.gallery import Figure, Legend, Section, write_gallery
-from funcam._src.app.images import SAMPLES, ImageError, limit_aspect, printable, probe_image, read_image, sample_images
-from funcam._src.app.models import ModelError, Preprocess, class_names, load_model, preprocess, unnormalize
-from funcam._src.app.render import colormap_table, gradient_image, grid, legend_labels, overlay, save_png
-from funcam._src.base import CAM
+from funcam._src.app.explain import cmap_for, drawn_as_gradient, fold, method_of
+from funcam._src.app.families import family_of
+from funcam._src.app.gallery import Legend, Section, write_gallery
+from funcam._src.app.images import SAMPLES, ImageError, probe_image, read_image, sample_images
+from funcam._src.app.models import ModelError, Preprocess, class_names, load_model
+from funcam._src.app.render import colormap_table, legend_labels
+from funcam._src.cli import targets as tasks
+from funcam._src.cli.batch import Item, Result, explain_batch, same_size
 from funcam._src.cli.options import (
     UsageError,
     add_batch_size_argument,
@@ -53,21 +52,9 @@ from funcam._src.cli.options import (
     weights_from_args,
     weights_note,
 )
+from funcam._src.cli.targets import Task
 from funcam._src.core.cams import cam
 from funcam._src.core.split import split
-
-
-class Item(NamedTuple):
-    stem: str              # sanitised output name
-    label: str             # what the user called it (a path, or a sample name)
-    image: Tensor | None   # uint8 (3, H, W), or None: read ``label`` when its batch comes
-
-
-class Result(NamedTuple):
-    """One method's output for a batch: ``cam`` as ``funcam.explain.explain`` returns it (maps (B, K, h, w)),
-    and for the methods drawn as gradient images the signed gradients ``rgb (B, K, 3, H, W)`` they are drawn from."""
-    cam: CAM
-    rgb: Tensor | None
 
 
 def _explainer(method: str, target, options: dict, compile_: bool, memory: dict) -> Callable[..., Result]:
@@ -81,13 +68,6 @@ def _explainer(method: str, target, options: dict, compile_: bool, memory: dict)
         return Result(fold(m, out), out.maps if drawn_as_gradient(m) else None)
 
     return torch.compile(fn) if compile_ else fn
-
-
-def _inside(out: str, name: str) -> str:
-    path = os.path.join(out, name)
-    if os.path.dirname(os.path.realpath(path)) != out:  # belt and braces: safe_stem already allows no separators
-        raise UsageError(f"refusing to write {name!r} outside --out {out!r}")
-    return path
 
 
 def _probe(items: Sequence[Item], report: Callable[[str], None]) -> list[Item]:
@@ -138,13 +118,13 @@ def legend_of(cmap: str, *, guided: bool = False, stops: int = 17) -> Legend:
 def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], targets: dict, *, classes, top_k,
          options: dict, compile_: bool, batch_size: int, device: torch.device, quiet: bool, out: str,
          fmt: str, cmaps: dict, alpha: float, note: str | None, chunk_size: int | None = None,
-         max_memory: int | None = None) -> tuple[list[Section], int]:
+         max_memory: int | None = None, task: Task | None = None) -> tuple[list[Section], int]:
     """Explain and write every readable item; returns the gallery sections and the number of unreadable items.
     ``targets``: method -> what it explains (``targets_from_args``); ``options``: method -> its own options;
     ``cmaps``: method -> its colour map. ``out`` is created before the first file is written (not at all when no
-    item is readable). chunk_size / max_memory: as in ``funcam.explain.explain``."""
+    item is readable). chunk_size / max_memory: as in ``funcam.explain.explain``. ``task``: prompts or boxes
+    (``funcam._src.cli.targets``) instead of classes; a batch then holds images of one size."""
     memory = dict(chunk_size=chunk_size, max_memory=max_memory)
-    methods = list(targets)
     fns = {m: _explainer(m, t, options.get(m, {}), compile_, memory) for m, t in targets.items()}
     names = class_names(model)
     sections, failed = [], 0
@@ -157,66 +137,13 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], targets: dict
         bar.update(1)
 
     for chunk in _readable(items, batch_size, on_error):
-        # limit_aspect: a 1 x 5000 image would otherwise be resized to 256 x 1,280,000 before the centre crop
-        x = preprocess([limit_aspect(it.image) for it in chunk], pre).to(device)
-        results: dict[str, Result] = {}
-        for m in methods:  # the first method resolves top_k; the others explain the same classes
-            first = next(iter(results.values()), None)
-            results[m] = fns[m](x, classes, top_k) if first is None else fns[m](x, first.cam.classes, None)
-        first = results[methods[0]].cam
-        idx = first.classes.cpu()
-        probs = first.logits.detach().float().softmax(-1).cpu().gather(1, idx)
-        shown = unnormalize(x.detach(), pre).cpu()
-        os.makedirs(out, exist_ok=True)
-        for b, it in enumerate(chunk):
-            it = it._replace(label=printable(it.label))
-            label = [names[c] if names else f"class {c}" for c in idx[b].tolist()]
-            if not quiet:
-                bar.write(f"{it.label}: " + ", ".join(f"{n} {p:.3f}" for n, p in zip(label, probs[b].tolist()))
-                          + (" (random weights)" if note else ""), file=sys.stdout)
-            if fmt == "npz":
-                arrays = {f"maps_{m.replace('-', '_')}": r.cam.maps[b].detach().float().cpu().numpy()
-                          for m, r in results.items()}
-                arrays.update(classes=idx[b].numpy(), probabilities=probs[b].numpy(),
-                              class_names=np.array(label), methods=np.array(list(methods)),
-                              source=np.array(it.label), random_weights=np.array(note is not None))
-                write_npz(_inside(out, f"{it.stem}.npz"), arrays)
-                continue
-            sections.append(_write_pngs(out, it, shown[b], results, b, idx[b].tolist(), label, probs[b].tolist(),
-                                        cmaps=cmaps, alpha=alpha, note=note))
+        for group in (same_size(chunk) if task is not None else [chunk]):
+            sections.extend(explain_batch(group, targets, fns, names, classes=classes, top_k=top_k, pre=pre,
+                                          device=device, quiet=quiet, out=out, fmt=fmt, cmaps=cmaps, alpha=alpha,
+                                          note=note, task=task, write=bar.write))
         bar.update(len(chunk))
     bar.close()
     return sections, failed
-
-
-def _write_pngs(out: str, it: Item, shown: Tensor, results: dict, b: int, idx: list, label: list, probs: list,
-                *, cmaps: dict, alpha: float, note: str | None) -> Section:
-    """Overlays ``{stem}_{method}_c{class}.png``, the input ``{stem}_input.png``, the grid ``{stem}_grid.png``
-    (rows = methods, columns = the input and the classes, a colour scale under heatmap rows)."""
-    tiles, rows = [], []
-    tag = "[random weights] " if note else ""
-    for m, r in results.items():
-        if r.rgb is not None:  # guided: the gradient itself, as an image
-            over = gradient_image(r.rgb[b:b + 1].detach().float().cpu())[0]  # (K, 3, S, S)
-        else:
-            over = overlay(shown[None], r.cam.maps[b:b + 1].detach().float().cpu(), alpha=alpha, cmap=cmaps[m])[0]
-        tiles.append(torch.cat([shown[None], over]))
-        row = [Figure(f"{it.stem}_input.png", f"{it.label} (model input)")]
-        for k, c in enumerate(idx):
-            name = f"{it.stem}_{m}_c{c}.png"
-            save_png(over[k], _inside(out, name))
-            row.append(Figure(name, f"{tag}{METHOD_TITLES.get(m, m)}: {label[k]} ({probs[k]:.2f})"))
-        rows.append(row)
-    save_png(shown, _inside(out, f"{it.stem}_input.png"))
-    titles = [METHOD_TITLES.get(m, m) for m in results]
-    heat = [m for m, r in results.items() if r.rgb is None]
-    g = grid(torch.stack(tiles), row_labels=titles,
-             col_labels=[tag.strip() or "input"] + [f"{n} {p:.2f}" for n, p in zip(label, probs)],
-             legend=cmaps[heat[0]] if heat else None, row_label_width=140)
-    save_png(g, _inside(out, f"{it.stem}_grid.png"))
-    predicted = ", ".join(f"{n} {p:.2f}" for n, p in zip(label, probs))
-    return Section(it.label, f"{tag}predicted: {predicted}", rows,
-                   Figure(f"{it.stem}_grid.png", "comparison grid (PNG)"))
 
 
 def add_parser(sub) -> None:
@@ -228,6 +155,7 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("model and method")
     add_model_arguments(g)
     add_target_arguments(g, several_methods=True)
+    tasks.add_arguments(g)
     add_device_argument(g)
     g.add_argument("--compile", action="store_true", help="run the explanation under torch.compile")
     add_batch_size_argument(g)
@@ -251,7 +179,9 @@ def explain_command(args: argparse.Namespace) -> int:
     # --- checks that need no model: options, --out, device, weights, then every input file's header
     out, cmap, relu = output_from_args(args)
     device = parse_device(args.device)
-    classes, top_k = classes_from_args(args)
+    family = family_of(args.model)
+    wanted = tasks.check(args, family, args.images)  # the prompts or boxes (None: classes)
+    classes, top_k = classes_from_args(args) if wanted is None else (None, None)
     used = {"index"}
     items = [Item(safe_stem(path, used), path, None) for path in args.images]
     items_ok = _probe(items, lambda line: print(line, file=sys.stderr))
@@ -260,11 +190,21 @@ def explain_command(args: argparse.Namespace) -> int:
         return 2  # no usable input: each was named on stderr, no model loaded, nothing written
     weights = weights_from_args(args)
     # --- the model, then the methods and classes on one blank image; still nothing written
-    model, pre = load_from_args(weights, device)
+    task = None
+    if wanted is None:
+        model, pre = load_from_args(weights, device)
+    else:
+        loaded = tasks.load(family, weights, device)
+        model, task = loaded.model, tasks.make_task(loaded, wanted, device)
+        pre = task.pre
     methods = methods_from_args(args, model)
     options = method_options(args, methods)
     targets = targets_from_args(model, methods, layers(args.layer))
-    check_fit(targets, pre, classes=classes, top_k=top_k, options=options)
+    if task is None:
+        check_fit(targets, pre, classes=classes, top_k=top_k, options=options)
+    else:
+        targets = tasks.image_targets(targets, model)
+        tasks.check_fit(targets, task, options, device)
     cmaps = {m: cmap_for(method_of(m), args.cmap, relu) for m in methods}
     note = weights_note(weights)
     if note:
@@ -273,7 +213,7 @@ def explain_command(args: argparse.Namespace) -> int:
         sections, more = _run(model, pre, items_ok, targets, classes=classes, top_k=top_k, options=options,
                               compile_=args.compile, batch_size=args.batch_size, device=device, quiet=args.quiet,
                               out=out, fmt=args.format, cmaps=cmaps, alpha=args.alpha, note=note,
-                              chunk_size=args.chunk_size, max_memory=args.max_memory)
+                              chunk_size=args.chunk_size, max_memory=args.max_memory, task=task)
         failed += more
         if failed == len(items):
             return 2  # no readable image: each was named on stderr, nothing was written

