@@ -55,9 +55,11 @@ def test_modes_replace_the_right_features():
     groups = torch.tensor([[0, 1, 2, 0, 1, 2]])
     fill = torch.tensor([[-1.0, -2.0, -3.0]])
     step = torch.tensor([1])
-    assert ev.perturbed(x, groups, fill, step, "cumulative").flatten().tolist() == [-1, -2, 2, -1, -2, 5]
-    assert ev.perturbed(x, groups, fill, step, "single").flatten().tolist() == [0, -2, 2, 3, -2, 5]
-    assert ev.perturbed(x, groups, fill, step, "insertion").flatten().tolist() == [0, 1, -3, 3, 4, -3]
+    values = ev.feature_values(groups, fill)
+    assert values.tolist() == [[-1.0, -2.0, -3.0, -1.0, -2.0, -3.0]]
+    assert ev.perturbed(x, groups, values, step, "cumulative").flatten().tolist() == [-1, -2, 2, -1, -2, 5]
+    assert ev.perturbed(x, groups, values, step, "single").flatten().tolist() == [0, -2, 2, 3, -2, 5]
+    assert ev.perturbed(x, groups, values, step, "insertion").flatten().tolist() == [0, 1, -3, 3, 4, -3]
 
 
 def test_step_scores_chunked_equal_one_chunk():
