@@ -205,10 +205,10 @@ def main() -> None:
               f"| {r['max_abs_diff']:.1e} ({r['max_abs_value']:.2g}) | {fc} ({fi}) / {qc} ({qi}) |")
     per_image = costs(rows, repeats=1 if a.quick else a.repeats, quick=a.quick) if a.forward_costs else {}
     if per_image:
-        print("\n| setup | " + " | ".join(next(iter(per_image.values()))) + " |  (ms per image, one forward)")
-        print("|---|" + "---:|" * len(next(iter(per_image.values()))))
+        print("\n| setup | batch, layout | ms per image (one forward) |\n|---|---|---:|")
         for setup, c in per_image.items():
-            print(f"| {setup} | " + " | ".join(f"{v:.2f}" for v in c.values()) + " |")
+            for what, ms in c.items():
+                print(f"| {setup} | {what} | {ms:.2f} |")
     with open(a.json, "w") as f:
         json.dump({"threads": a.threads, "repeats": a.repeats, "torch": torch.__version__,
                    "quantus": quantus.__version__, "cpu": cpu_name(), "rows": rows, "forward_ms_per_image": per_image},
