@@ -1,7 +1,7 @@
 """``funcam evaluate IMAGE_OR_DIR... --out DIR``: score explanation methods with quality metrics, beside model-free
 baselines.
 
-    funcam evaluate photos/ --method gradcam,scorecam --metrics deletion_insertion,sparseness --top-k 1 --out eval/
+    funcam evaluate photos/ --method gradcam,gradcampp --metrics deletion_insertion,sparseness --top-k 1 --out eval/
 
 Per batch of images: the classes (--classes, or the --top-k of the model's logits), each method's maps
 (``funcam.explain.explain``) and each baseline's (random maps drawn from --seed, a centre prior, Sobel edges;
