@@ -65,7 +65,9 @@ DEFAULTS = Settings._field_defaults
 def add_parser(sub) -> None:
     """Add ``evaluate`` to the subcommands ``sub``."""
     p = sub.add_parser("evaluate", help="score methods with quality metrics, beside random / centre / Sobel maps",
-                       description=__doc__.splitlines()[0])
+                       description="Score explanation methods on images with funcam.metrics, beside random, centre "
+                                   "and Sobel maps: OUT/scores.csv (per image, class and method), OUT/summary.csv "
+                                   "(the means), OUT/scores.json (both, with the settings).")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files, or folders (walked recursively)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: scores.csv, summary.csv, scores.json")
     p.add_argument("--metrics", default=DEFAULT_METRICS, metavar="NAME[,NAME...]",
