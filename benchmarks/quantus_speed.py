@@ -9,6 +9,11 @@ the same number of forward passes per image except where funcam shares an input 
 its perturbations do not depend on the map). Each row: the median of ``--repeats`` timed calls after one warm-up,
 the calls of the two libraries interleaved; ``max |diff|`` compares the two results of the same row. Prints
 Markdown, writes JSON.
+
+Each row also counts the model calls and images each library sends through the model (a counting wrapper, on the
+warm-up call), and ``--forward-costs`` times one forward per image at Quantus' batch (B*K = 8) and at funcam's
+chunk, in the input's layout and channels-last (funcam's on a multi-channel conv net), so that what is left of a gap
+can be told apart: library overhead or the model's own forwards.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from funcam import metrics  # noqa: E402
 from funcam._src.app.images import sample_images  # noqa: E402
 from funcam._src.app.models import preprocess  # noqa: E402
 from funcam._src.core.cams import gradcam  # noqa: E402
+from funcam._src.core.evaluation import chunk_for  # noqa: E402
 from funcam._src.core.postprocess import upsample  # noqa: E402
 from funcam.models import load_model  # noqa: E402
 
@@ -91,7 +97,49 @@ def setups(quick: bool) -> dict:
     return out
 
 
-def _quantus(cls, options, call, model, x, maps, classes) -> np.ndarray:
+class Counting(nn.Module):
+    """The model, counting its calls and the images it is given."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.calls, self.images = model, 0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.images += x.shape[0]
+        return self.model(x)
+
+
+def counted(call, model: nn.Module) -> tuple[tuple[int, int], object]:
+    """((model calls, images), result) of ``call(model)``."""
+    c = Counting(model).eval()
+    out = call(c)
+    return (c.calls, c.images), out
+
+
+def forward_costs(model: nn.Module, x: torch.Tensor, chunk: int, repeats: int) -> dict:
+    """Milliseconds per image of one no-grad forward at Quantus' batch (B*K) and at funcam's chunk, in x's layout and
+    channels-last: the median of ``repeats`` after one warm-up."""
+    out = {}
+    for batch in sorted({B * K, chunk}):
+        xs = x.repeat((batch + B - 1) // B, 1, 1, 1)[:batch]
+        for layout in ("contiguous", "channels_last"):
+            xl = xs.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else xs
+            times = []
+            with torch.inference_mode():
+                for _ in range(repeats + 1):
+                    t0 = time.perf_counter()
+                    model(xl)
+                    times.append(time.perf_counter() - t0)
+            out[f"batch {batch}, {layout}"] = 1e3 * statistics.median(times[1:]) / batch
+    return out
+
+
+def _funcam(name, options, model, *, x, maps, classes) -> torch.Tensor:
+    return getattr(metrics, name)(model, x, maps, classes, **options)
+
+
+def _quantus(cls, options, call, model, *, x, maps, classes) -> np.ndarray:
     metric = cls(disable_warnings=True, **options)
     xq = x.repeat_interleave(K, 0).numpy()
     with warnings.catch_warnings():
@@ -105,9 +153,11 @@ def run(*, repeats: int = 3, quick: bool = False) -> list[dict]:
     rows = []
     for setup, (model, x, maps, classes, table) in setups(quick).items():
         for name, (options, qcls, qoptions, qcall) in table.items():
-            mine = functools.partial(getattr(metrics, name), model, x, maps, classes, **options)
-            theirs = functools.partial(_quantus, qcls, qoptions, qcall, model, x, maps, classes)
-            f, q = mine(), theirs()  # warm-up, and the two results compared
+            mine = functools.partial(_funcam, name, options, x=x, maps=maps, classes=classes)
+            theirs = functools.partial(_quantus, qcls, qoptions, qcall, x=x, maps=maps, classes=classes)
+            # the warm-up: the two results compared, and the model calls counted
+            (fc, f), (qc, q) = counted(mine, model), counted(theirs, model)
+            mine, theirs = functools.partial(mine, model), functools.partial(theirs, model)
             diff = float(np.nanmax(np.abs(f.double().numpy().reshape(q.shape) - q)))
             times = {"funcam": [], "quantus": []}
             for _ in range(repeats):
@@ -118,10 +168,20 @@ def run(*, repeats: int = 3, quick: bool = False) -> list[dict]:
             fm, qm = statistics.median(times["funcam"]), statistics.median(times["quantus"])
             rows.append({"setup": setup, "metric": name, "funcam_s": fm, "quantus_s": qm, "speedup": qm / fm,
                          "max_abs_diff": diff, "max_abs_value": float(np.nanmax(np.abs(q))),
-                         "times": times, "options": options})
+                         "funcam_forwards": fc, "quantus_forwards": qc, "times": times, "options": options})
             print(f"{setup} {name}: funcam {fm:.3f} s, Quantus {qm:.3f} s, x{qm / fm:.1f}, |diff| {diff:.1e}",
                   file=sys.stderr)
     return rows
+
+
+def costs(rows: list[dict], *, repeats: int, quick: bool) -> dict:
+    """setup -> forward_costs at funcam's chunk (``evaluation.chunk_for``) for the most perturbed inputs of a row
+    (the images funcam sent, less the B clean ones)."""
+    out = {}
+    for setup, (model, x, *_) in setups(quick).items():
+        n = max(r["funcam_forwards"][1] for r in rows if r["setup"] == setup) - B
+        out[setup] = forward_costs(model, x, chunk_for(x, n, None), repeats)
+    return out
 
 
 def main() -> None:
@@ -129,20 +189,30 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="the LeNet setup only, one repeat")
+    p.add_argument("--forward-costs", action="store_true", help="also time one forward per image at each batch")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "quantus_speed.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     rows = run(repeats=1 if a.quick else a.repeats, quick=a.quick)
     print(f"\n### funcam vs Quantus {quantus.__version__}, B = {B} images x K = {K} classes, {a.threads} thread(s), "
           f"{cpu_name()}\n")
-    print("| setup | metric | funcam (s) | Quantus (s) | speed-up | max abs diff (max abs value) |")
-    print("|---|---|---|---|---|---|")
+    print("| setup | metric | funcam (s) | Quantus (s) | speed-up | max abs diff (max abs value) "
+          "| model calls (images): funcam / Quantus |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        (fc, fi), (qc, qi) = r["funcam_forwards"], r["quantus_forwards"]
         print(f"| {r['setup']} | {r['metric']} | {r['funcam_s']:.3f} | {r['quantus_s']:.3f} | {r['speedup']:.1f}x "
-              f"| {r['max_abs_diff']:.1e} ({r['max_abs_value']:.2g}) |")
+              f"| {r['max_abs_diff']:.1e} ({r['max_abs_value']:.2g}) | {fc} ({fi}) / {qc} ({qi}) |")
+    per_image = costs(rows, repeats=1 if a.quick else a.repeats, quick=a.quick) if a.forward_costs else {}
+    if per_image:
+        print("\n| setup | batch, layout | ms per image (one forward) |\n|---|---|---:|")
+        for setup, c in per_image.items():
+            for what, ms in c.items():
+                print(f"| {setup} | {what} | {ms:.2f} |")
     with open(a.json, "w") as f:
         json.dump({"threads": a.threads, "repeats": a.repeats, "torch": torch.__version__,
-                   "quantus": quantus.__version__, "cpu": cpu_name(), "rows": rows}, f, indent=1)
+                   "quantus": quantus.__version__, "cpu": cpu_name(), "rows": rows, "forward_ms_per_image": per_image},
+                  f, indent=1)
 
 
 if __name__ == "__main__":

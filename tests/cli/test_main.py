@@ -425,9 +425,9 @@ def test_signed_maps_keep_negative_values(photos, tmp_path, cli):
 def test_help_and_subcommands(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert "explain" in text and "demo" in text and "explain-dir" in text and "--version" in text
+    assert "explain" in text and "demo" in text and "explain-dir" in text and "evaluate" in text and "--version" in text
     assert main([]) == 2
-    want = "funcam: error: the following arguments are required: {explain,demo,explain-dir}\n"
+    want = "funcam: error: the following arguments are required: {explain,demo,explain-dir,evaluate}\n"
     assert capsys.readouterr().err == want
     assert main(["explain-dir", "--help"]) == 0
     assert "--random-weights" in capsys.readouterr().out

@@ -55,9 +55,11 @@ def test_modes_replace_the_right_features():
     groups = torch.tensor([[0, 1, 2, 0, 1, 2]])
     fill = torch.tensor([[-1.0, -2.0, -3.0]])
     step = torch.tensor([1])
-    assert ev.perturbed(x, groups, fill, step, "cumulative").flatten().tolist() == [-1, -2, 2, -1, -2, 5]
-    assert ev.perturbed(x, groups, fill, step, "single").flatten().tolist() == [0, -2, 2, 3, -2, 5]
-    assert ev.perturbed(x, groups, fill, step, "insertion").flatten().tolist() == [0, 1, -3, 3, 4, -3]
+    values = ev.feature_values(groups, fill)
+    assert values.tolist() == [[-1.0, -2.0, -3.0, -1.0, -2.0, -3.0]]
+    assert ev.perturbed(x, groups, values, step, "cumulative").flatten().tolist() == [-1, -2, 2, -1, -2, 5]
+    assert ev.perturbed(x, groups, values, step, "single").flatten().tolist() == [0, -2, 2, 3, -2, 5]
+    assert ev.perturbed(x, groups, values, step, "insertion").flatten().tolist() == [0, 1, -3, 3, 4, -3]
 
 
 def test_step_scores_chunked_equal_one_chunk():
@@ -87,3 +89,35 @@ def test_bad_maps_and_baselines_raise():
         ev.baseline_value(X, "grey")
     with pytest.raises(ValueError, match="x must be"):
         ev.check_x(torch.zeros(3, 12, 12))
+
+
+class _ViewsItsInput(torch.nn.Module):
+    """A conv net that calls ``.view`` on its input, which a channels-last tensor refuses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+        self.fc = torch.nn.Linear(3 * 12 * 12, 5)
+
+    def forward(self, x):
+        return self.fc(x.view(x.shape[0], -1)) + self.conv(x).mean(dim=(2, 3)).sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("model", [tiny_model(), _ViewsItsInput().eval()], ids=["conv", "views-its-input"])
+def test_predict_in_channels_last_equals_the_input_layout(model):
+    """Scores of perturbed inputs handed to a conv net channels-last equal a plain loop over the inputs as they are
+    (to float rounding); a model that refuses channels-last gets them in their own layout."""
+    assert ev.prefers_channels_last(model, X)
+    inputs = torch.randn(7, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    cls = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+
+    def make(j):
+        return inputs[j], cls[j]
+
+    got = ev.predict(model, make, 7, X, softmax=True, max_memory=3 * ev.FORWARD_BYTES_PER_INPUT_BYTE * 432 * 4)
+    with torch.no_grad():
+        want = torch.stack([model(inputs[i:i + 1]).softmax(-1)[0, cls[i]] for i in range(7)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not got.is_inference() and got.abs().sum() > 0
+    assert not ev.prefers_channels_last(model, X[:, :1]) and not ev.prefers_channels_last(lambda x: x, X)

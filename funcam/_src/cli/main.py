@@ -1,4 +1,5 @@
-"""The ``funcam`` command line: ``funcam explain IMAGE...``, ``funcam demo``, ``funcam explain-dir DIR``.
+"""The ``funcam`` command line: ``funcam explain IMAGE...``, ``funcam demo``, ``funcam explain-dir DIR``,
+``funcam evaluate IMAGE_OR_DIR...``.
 
 Exit codes: 0 everything written; 1 some inputs could not be read (each named on stderr as it is met; every
 other input still got all its files); 2 nothing more could be done: a usage error (bad option, unknown
@@ -25,12 +26,12 @@ import sys
 from typing import Sequence
 
 from funcam._src.base import __version__
-from funcam._src.cli import dataset, explain
+from funcam._src.cli import dataset, evaluate, explain
 from funcam._src.cli.options import Parser, UsageError
 
 __all__ = ["main", "build_parser"]
 
-COMMANDS = (explain, dataset)  # in the order ``funcam --help`` lists them
+COMMANDS = (explain, dataset, evaluate)  # in the order ``funcam --help`` lists them
 
 
 def build_parser() -> Parser:

@@ -97,7 +97,8 @@ def add_model_arguments(g) -> None:
 
 def add_target_arguments(g, *, several_methods: bool, all_classes: bool = False) -> None:
     """--method, --classes / --top-k (/ --all-classes), --layer, and every method's own options."""
-    g.add_argument("--method", default=None, metavar="NAME[,NAME...]" if several_methods else "NAME",
+    g.add_argument("--method", *(("--methods",) if several_methods else ()), default=None, dest="method",
+                   metavar="NAME[,NAME...]" if several_methods else "NAME",
                    help=f"one of {', '.join(METHOD_NAMES)} (default: chefer for ViTs, gradcam otherwise)")
     which = g.add_mutually_exclusive_group()
     which.add_argument("--classes", default=None, metavar="I,J,...",
