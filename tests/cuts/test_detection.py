@@ -110,22 +110,27 @@ def _detect(model, xb):
     return [{"boxes": torch.cat([c - wh / 2, c + wh / 2], 1), "labels": lab, "scores": y[0, 4 + lab, i]}]
 
 
+def _hooked(model, xb):
+    """(the unmodified model's feature levels, its detections) for one image xb (1, 3, H, W), by forward hooks."""
+    mods, levels = _levels_hook(model)
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out)) for m in mods]
+    try:
+        (dets,) = _detect(model, xb)
+    finally:
+        for h in hooks:
+            h.remove()
+    return levels(seen), dets
+
+
 def _oracle(model, x, ref, labels):
     """Per level, raw Grad-CAM (B, N, h, w) of pytorch-grad-cam's FasterRCNNBoxScoreTarget for each reference box
     alone, one autograd.grad per image and box at forward hooks on the unmodified model's levels."""
     from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
 
-    mods, levels = _levels_hook(model)
     per_image = []
     for b in range(x.shape[0]):
-        seen = []
-        hooks = [m.register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(out)) for m in mods]
-        try:
-            (dets,) = _detect(model, x[b:b + 1])
-        finally:
-            for h in hooks:
-                h.remove()
-        acts = levels(seen)
+        acts, dets = _hooked(model, x[b:b + 1])
         rows = []
         for n in range(ref.shape[1]):
             s = FasterRCNNBoxScoreTarget([int(labels[b, n])], ref[b, n:n + 1].numpy())(dets)[0]
@@ -244,18 +249,8 @@ def test_eigencam_per_level_is_pytorch_grad_cams_projection(name):
     model = make()
     sp = _split(route, model)
     x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    mods, levels = _levels_hook(model)
-    acts = []
     with torch.no_grad():
-        for b in range(2):
-            seen = []
-            hooks = [m.register_forward_hook(lambda mod, inp, out, seen=seen: seen.append(out)) for m in mods]
-            try:
-                (dets,) = _detect(model, x[b:b + 1])
-            finally:
-                for h in hooks:
-                    h.remove()
-            acts.append((levels(seen), dets))
+        acts = [_hooked(model, x[b:b + 1]) for b in range(2)]
         ref = torch.stack([d["boxes"][:2] for _, d in acts])
         labels = torch.stack([d["labels"][:2] for _, d in acts])
         with warnings.catch_warnings():  # a box may match no detection: the class-agnostic map is drawn all the same

@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from funcam._src.app.hub import ModelError
+from funcam._src.app.hub import ModelError, load_strict
 from funcam._src.app.hub import why as _why
 from funcam._src.app.models import Preprocess
 
@@ -147,12 +147,7 @@ def _load_open_clip(arch: str, state: dict | None) -> Clip:
     except Exception as e:  # noqa: BLE001 - a config with wrong fields fails in many ways
         raise ModelError(f"could not build open_clip:{arch}: {_why(e)}") from e
     if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            lines = str(e).splitlines()
-            raise ModelError(f"checkpoint does not fit open_clip:{arch}: {lines[0]} "
-                             f"{lines[1].strip() if len(lines) > 1 else ''}".rstrip()) from e
+        load_strict(model, state, f"checkpoint does not fit open_clip:{arch}")
     model = model.eval()
     vision = cfg["vision_cfg"]
     size = vision.get("image_size", 224)

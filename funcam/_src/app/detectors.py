@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funcam._src.app.hub import ModelError
+from funcam._src.app.hub import ModelError, load_strict
 from funcam._src.app.hub import why as _why
 
 __all__ = ["Detector", "check_detector", "load_detector", "detector_input"]
@@ -120,12 +120,7 @@ def load_detector(name: str, *, checkpoint: dict | None = None, random_weights: 
     except Exception as e:  # noqa: BLE001 - builders raise many kinds
         raise ModelError(f"could not build {name}: {_why(e)}") from e
     if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint, strict=True)
-        except RuntimeError as e:
-            lines = str(e).splitlines()
-            raise ModelError(f"checkpoint does not fit {name}: {lines[0]} "
-                             f"{lines[1].strip() if len(lines) > 1 else ''}".rstrip()) from e
+        load_strict(model, checkpoint, f"checkpoint does not fit {name}")
     model = model.eval()
     if family == "yolo":
         return Detector(model, _yolo_names(model), int(max(model.stride.tolist())))

@@ -26,6 +26,16 @@ def why(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def load_strict(model: nn.Module, state: dict, what: str) -> None:
+    """``model.load_state_dict(state, strict=True)``; a mismatch raises ModelError naming ``what`` (e.g. "checkpoint
+    does not fit 'resnet50'") with torch's first two lines (the missing and unexpected keys)."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise ModelError(f"{what}: {lines[0]} {lines[1].strip() if len(lines) > 1 else ''}".rstrip()) from e
+
+
 HUB_TIMEOUT = 3.0  # seconds to wait for the weights' host before treating the machine as offline
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funcam._src.app.hub import ModelError, create_pretrained
+from funcam._src.app.hub import ModelError, create_pretrained, load_strict
 from funcam._src.app.hub import why as _why
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -200,12 +200,7 @@ def load_model(name: str | None = None, *, checkpoint: str | os.PathLike | dict 
         raise ModelError(f"model {name!r} has no classifier (num_classes=0): it returns features, not class "
                          f"scores; give num_classes=N with the checkpoint of a fine-tuned head")
     if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            lines = str(e).splitlines()
-            raise ModelError(f"{origin} does not fit {arch!r}: {lines[0]} "
-                             f"{lines[1].strip() if len(lines) > 1 else ''}".rstrip()) from e
+        load_strict(model, state, f"{origin} does not fit {arch!r}")
     elif name in WHEELS and not sources:
         _load_in_order(model, wheel_state_dict(name), f"wheel {WHEELS[name][3]}")
     return model.eval(), _config(model)
