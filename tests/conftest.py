@@ -15,6 +15,7 @@ import errno
 import functools
 import importlib
 import os
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import pytest
@@ -90,16 +91,25 @@ def hf_model(model_cls: str, config_cls: str, **config: Any) -> nn.Module:
     return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).eval()
 
 
+_SHARED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # make_model's cached models: noised() refuses them
+
+
 @functools.lru_cache(maxsize=None)
 def make_model(name: str, num_classes: int = 10, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The cached timm model of ``FAMILIES`` / ``VARIANTS`` (seed 0): shared by every test, copy it to change it."""
     kwargs, _ = {**FAMILIES, **VARIANTS}[name]
-    return timm_model(name.split("-")[0], num_classes=num_classes, **kwargs).to(dtype)
+    model = timm_model(name.split("-")[0], num_classes=num_classes, **kwargs).to(dtype)
+    _SHARED.add(model)
+    return model
 
 
 def noised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Fill every all-zero floating parameter with small noise: zero-initialised heads, layer scales and post-norms
-    would make a zero map the weights' doing, not funcam's."""
+    would make a zero map the weights' doing, not funcam's. Refuses make_model's shared models: noising one in
+    place changed every later test of the same worker that used it (maps then depended on the order of the tests)."""
+    if model in _SHARED:
+        raise AssertionError("noised(copy.deepcopy(make_model(...))) would change the model every test shares: "
+                             "noised(copy.deepcopy(make_model(...)))")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

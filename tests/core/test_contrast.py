@@ -2,6 +2,8 @@
 layer and inputs in float64, and the versus contrast against Grad-CAM's linearity in the gradient."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ SIZE = (96, 96)  # the default cut: 3x3
 
 @pytest.fixture(scope="module")
 def setup(one_thread):
-    model = noised(make_model("resnet18", dtype=torch.float64))
+    model = noised(copy.deepcopy(make_model("resnet18", dtype=torch.float64)))
     x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return model, x
 

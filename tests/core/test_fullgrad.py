@@ -2,6 +2,8 @@
 (timm resnet18) and convolution biases (torchvision vgg11), and K classes at once against one call per class."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -22,7 +24,7 @@ def _vgg11():
 @pytest.mark.parametrize("name", ["resnet18", "vgg11"])
 def test_equals_pytorch_grad_cam(name, one_thread):
     from pytorch_grad_cam import FullGrad
-    model = noised(make_model("resnet18", dtype=torch.float64)) if name == "resnet18" else _vgg11()
+    model = noised(copy.deepcopy(make_model("resnet18", dtype=torch.float64))) if name == "resnet18" else _vgg11()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     want = pgc_run(lambda model, target_layers: FullGrad(model, target_layers), model, [], x, CLASSES)
     got = funcam.fullgrad(model, x, CLASSES)
@@ -31,7 +33,7 @@ def test_equals_pytorch_grad_cam(name, one_thread):
 
 
 def test_classes_at_once_equal_one_call_per_class_and_chunks(one_thread):
-    model = noised(make_model("resnet18", dtype=torch.float64))
+    model = noised(copy.deepcopy(make_model("resnet18", dtype=torch.float64)))
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
         both = funcam.cam(model, x, CLASSES, method="fullgrad")

@@ -5,6 +5,8 @@ resnet18 cut after layer1 (C = 64 channels, so 64 masked forwards per image) at 
 loops short."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ SIZE = (32, 32)
 
 @pytest.fixture(scope="module")
 def setup(one_thread):
-    model = noised(make_model("resnet18", dtype=torch.float64))
+    model = noised(copy.deepcopy(make_model("resnet18", dtype=torch.float64)))
     x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return model, x, funcam.split(model, "layer1")
 

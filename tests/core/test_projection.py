@@ -6,6 +6,8 @@ projected terms: the raw maps are compared after funcam's sign rule is applied t
 the peer's post-processing of funcam's map with the peer's sign."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,7 @@ SIZE = (96, 96)  # layer4: 3x3
 
 @pytest.fixture(scope="module")
 def setup(one_thread):
-    model = noised(make_model("resnet18", dtype=torch.float64))
+    model = noised(copy.deepcopy(make_model("resnet18", dtype=torch.float64)))
     x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return model, x
 

@@ -3,6 +3,8 @@ own numpy noise (numpy seeded per image, funcam given the same draws), with one 
 map); and funcam's default Grad-CAM explainer against a per-copy loop."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import quantus
@@ -64,7 +66,7 @@ def test_prediction_changes_give_nan_as_quantus():
 
 @pytest.mark.slow  # resnet18 Grad-CAM on 2 x 3 copies, one image a chunk, and the loop
 def test_default_grad_cam_explainer_batches_all_copies_like_a_loop():
-    model = noised(make_model("resnet18"))
+    model = noised(copy.deepcopy(make_model("resnet18")))
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     cls = torch.tensor([1, 3])
     maps = metrics.gradcam_explainer(model, x, cls.expand(2, 2))

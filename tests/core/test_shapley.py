@@ -3,6 +3,8 @@ where the second-order term is not zero: a head with LayerNorm (convnext_atto) a
 on a piecewise-linear head it is Grad-CAM."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 import funcam
@@ -18,7 +20,7 @@ def _x(size, seed=0):
 
 def test_equals_pytorch_grad_cam_on_a_layer_norm_head(one_thread):
     from pytorch_grad_cam import ShapleyCAM
-    model, x = noised(make_model("convnext_atto", dtype=torch.float64)), _x(96)
+    model, x = noised(copy.deepcopy(make_model("convnext_atto", dtype=torch.float64))), _x(96)
     sp = funcam.split(model)  # forward_features: the last stage's output, a head of pooling, LayerNorm and fc
     got = funcam.shapleycam(sp, x, CLASSES)
     plain = funcam.gradcam(sp, x, CLASSES)
@@ -32,7 +34,7 @@ def test_equals_pytorch_grad_cam_on_a_layer_norm_head(one_thread):
 def test_equals_pytorch_grad_cam_for_a_softmax_score_and_is_grad_cam_on_a_relu_head(one_thread):
     from pytorch_grad_cam import ShapleyCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
-    model, x = noised(make_model("resnet18", dtype=torch.float64)), _x(64)
+    model, x = noised(copy.deepcopy(make_model("resnet18", dtype=torch.float64))), _x(64)
     sp = funcam.split(model, "layer3")  # 4x4; the head: layer4, pooling, fc (ReLUs: piecewise linear)
     prob = lambda out: out.softmax(dim=1).gather(1, CLASSES)
     got = funcam.shapleycam(sp, x, prob)

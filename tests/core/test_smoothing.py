@@ -4,6 +4,8 @@ of each copy (the peer scales each copy's map after resizing it, funcam before: 
 one, the average at feature resolution against the loop)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ SIZE = (96, 96)  # the default cut: 3x3
 
 @pytest.fixture(scope="module")
 def setup(one_thread):
-    model = noised(make_model("resnet18", dtype=torch.float64))
+    model = noised(copy.deepcopy(make_model("resnet18", dtype=torch.float64)))
     x = torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     return model, x, funcam.split(model)
 
