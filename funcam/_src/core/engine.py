@@ -93,16 +93,15 @@ def class_maps(split: Split, x: Tensor, req: Request, rule: Rule) -> CAM:
 
 
 def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple,
-                 randomness: str = "error", whole: bool = False) -> Any:
+                 randomness: str = "error") -> Any:
     """``vmap(fn)(cot)`` over the K cotangents ``cot (K, ...)``, ``chunk_size`` at a time.
 
     Differentiable results (grad mode on): each chunk's per-class backward would stay in the autograd graph until
     the results die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and results and
-    recomputes its backward when they are differentiated, so max_memory bounds this case too; ``whole``: a single
-    chunk too (one of several vjps whose backwards would otherwise pile up). ``randomness``: vmap's, for an ``fn``
-    that runs a forward (dropout of a model in training mode): ``"same"`` for every class."""
+    recomputes its backward when they are differentiated, so max_memory bounds this case too. ``randomness``:
+    vmap's, for an ``fn`` that runs a forward (dropout of a model in training mode): ``"same"`` for every class."""
     k = cot.shape[0]
-    if (whole or chunk_size is not None and chunk_size < k) and _keeps_graph(primals):
+    if chunk_size is not None and chunk_size < k and _keeps_graph(primals):
         parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size, randomness=randomness), ct,
                             use_reentrant=False) for ct in cot.split(chunk_size or k)]
         if isinstance(parts[0], Tensor):
