@@ -1,7 +1,7 @@
 """Pointing game of funcam's LRP rule sets beside Chefer relevance and Grad-CAM, on the digit canvases of
 ``benchmarks/quality_digits.py`` (models trained there, cached in benchmarks/cache/): the only trained ViT offline.
 
-    python benchmarks/lrp_quality.py [--n 300] [--models vit,cnn] [--tasks single,pair] [--threads 2]
+    python benchmarks/lrp_quality.py [--n 300] [--models vit,cnn] [--tasks single,pair] [--threads 2] [--steps 300]
 
 For each test canvas the maps of its true classes (one digit, or two for the pair task): pointing (the map's maximum
 inside the class's digit box, exactly or within 2 px) and the share of positive mass inside the box. LRP maps are
@@ -72,13 +72,15 @@ def main() -> None:
     p.add_argument("--tasks", default="single,pair")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None, help="training steps of the models (default: _digits.CONFIGS'); "
+                                                           "fewer train faster and point worse")
     p.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lrp_quality.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     results = {}
     for kind in a.models.split(","):
         for task in a.tasks.split(","):
-            model = _digits.load_or_train(kind, task)
+            model = _digits.load_or_train(kind, task, steps=a.steps)
             data = _digits.make_canvases(a.n, task=task, split="test", seed=2024)
             acc = _digits.accuracy(model, data)
             print(f"\n### {kind.upper()}, {task} task (test accuracy {acc:.3f}, {a.n} canvases)\n", flush=True)
@@ -89,7 +91,8 @@ def main() -> None:
                 print(f"| {name} | {r['pointing']:.3f} | {r['pointing_2px']:.3f} | {r['energy']:.3f} |")
             sys.stdout.flush()
     with open(a.json, "w") as f:
-        json.dump({"n": a.n, "threads": a.threads, "torch": torch.__version__, "results": results}, f, indent=1)
+        json.dump({"n": a.n, "threads": a.threads, "steps": a.steps, "torch": torch.__version__, "results": results}, f,
+                  indent=1)
 
 
 if __name__ == "__main__":

@@ -331,6 +331,41 @@ def test_window_attention_and_cplrp_conserve():
     assert maps.shape == (2, 2, 64, 64) and bool(maps.abs().amax(dim=(2, 3)).min() > 0)
 
 
+def fused_levit(model: nn.Module) -> nn.Module:
+    """A copy of a timm LeViT with each ``LinearNorm`` / ``ConvNorm`` (a layer, then its batch norm) replaced by timm's
+    own ``fuse()`` (one linear / conv layer), times the factor 1 / sqrt(1 + eps) that zennit's merge leaves: the
+    model zennit's canonizer would explain, with no batch norm left to merge."""
+    from timm.models.levit import ConvNorm, LinearNorm
+
+    out = copy.deepcopy(model)
+    for name, mod in list(out.named_modules()):
+        if isinstance(mod, (LinearNorm, ConvNorm)):
+            layer = mod.fuse().to(mod.bn.weight.dtype)
+            with torch.no_grad():
+                for p in (layer.weight, layer.bias):
+                    p.mul_((1 + mod.bn.eps) ** -0.5)
+            parent, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(parent), attr, layer)
+    return out
+
+
+@pytest.mark.slow
+def test_levit_batch_norms_are_merged_and_relevance_finite():
+    """LeViT's ``LinearNorm`` batch-normalises the linear layer's output flattened to rows: merged like a batch norm
+    right after its layer. Passed instead, the ratio y / x of every such norm multiplied the relevance and timm's
+    levit_128s gave non-finite maps in float32. EpsilonPlus equals its maps on the model with the norms fused by timm;
+    CP-LRP conserves."""
+    from tests.conftest import make_zoo_model
+
+    model, x = make_zoo_model("timm_levit")
+    got = lrp(model, x, [1, 4], rule="epsilon_plus").maps
+    assert bool(torch.isfinite(got).all()) and bool(got.abs().amax(dim=(2, 3)).min() > 0)
+    want = lrp(fused_levit(model), x, [1, 4], rule="epsilon_plus").maps
+    assert rel_err(got, want) <= TOL
+    b = lrp_budget(model, x, [1], rule="cplrp")
+    torch.testing.assert_close(b.input + b.bias, b.start, rtol=1e-6, atol=1e-10)
+
+
 def test_model_left_as_it_was():
     model = make_model("vit_tiny_patch16_224")
     x = make_input("vit_tiny_patch16_224")

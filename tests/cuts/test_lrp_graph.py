@@ -2,6 +2,7 @@
 (model reproduced, batch norms merged, additive tensors found, ops without a rule named)."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -218,3 +219,93 @@ def test_a_hand_written_layer_norm_gets_layer_norms_rule():
     want = lrp(a, x, [0, 3]).maps
     assert bool(want.abs().max() > 0)
     torch.testing.assert_close(lrp(b, x, [0, 3]).maps, want)
+
+
+class LinearNorm(nn.Module):
+    """LeViT's ``LinearNorm``: a linear layer without bias, then BatchNorm1d over its tokens flattened to rows."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.linear, self.bn = nn.Linear(cin, cout, bias=False), nn.BatchNorm1d(cout)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+class LeViTMlp(nn.Module):
+    """Patches -> tokens (B, 16, 8) -> LinearNorm -> ReLU -> LinearNorm -> tokens flattened -> linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.ln1, self.act, self.ln2 = nn.Conv2d(3, 8, 4, 4), LinearNorm(8, 16), nn.ReLU(), \
+            LinearNorm(16, 8)
+        self.head = nn.Linear(16 * 8, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.ln2(self.act(self.ln1(t))).flatten(1))
+
+
+def test_batch_norm_after_a_flattened_linear_is_merged_as_zennit_merges_it():
+    """LeViT's LinearNorm: the batch norm reads the linear layer's output through ``flatten(0, 1)`` (its other reader,
+    ``reshape_as``, takes only the shape). zennit's ``SequentialMergeBatchNorm`` merges it (by module order), and so
+    must the rewrite: passed instead (``Pass``), its ratio y / x grows wherever the linear output is near 0 while the
+    norm's shift is not, and on timm's levit_128s the relevance overflowed float32. EpsilonPlus against zennit's."""
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import EpsilonPlus
+
+    from tests.conftest import lrp
+
+    torch.manual_seed(0)
+    model = LeViTMlp().double().eval()
+    g = gen(1)
+    with torch.no_grad():
+        for bn in (model.ln1.bn, model.ln2.bn):
+            bn.weight.copy_(1 + 0.3 * torch.randn(bn.weight.shape, generator=g, dtype=torch.float64))
+            bn.bias.copy_(0.5 * torch.randn(bn.bias.shape, generator=g, dtype=torch.float64))
+            bn.running_mean.copy_(0.3 * torch.randn(bn.running_mean.shape, generator=g, dtype=torch.float64))
+            bn.running_var.copy_(1 + torch.rand(bn.running_var.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 3, 16, 16, generator=gen(2), dtype=torch.float64)
+    lg = lrp_graph(model, x, RULES["epsilon_plus"])
+    assert sorted(n.name for n in merges(lg.cap)) == ["linear", "linear_1"]
+    got = lrp(model, x, torch.tensor([[3, 0], [5, 1]]), rule="epsilon_plus", per_channel=True).maps
+    want = []
+    for k in range(2):
+        one_hot = torch.zeros(2, 10, dtype=torch.float64)
+        one_hot[0, [3, 0][k]] = one_hot[1, [5, 1][k]] = 1
+        with warnings.catch_warnings(), Gradient(copy.deepcopy(model), EpsilonPlus(
+                canonizers=[SequentialMergeBatchNorm()])) as attributor:
+            warnings.simplefilter("ignore")  # zennit's full backward hooks warn
+            want.append(attributor(x.clone(), one_hot)[1])
+    want = torch.stack(want, dim=1)
+    assert bool(want.abs().max() > 0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9 * float(want.abs().max()))
+
+
+def test_batch_norm_over_other_axes_is_not_merged():
+    """A batch norm whose channels are not the linear layer's outputs (a transpose, or a reshape that splits them)
+    is left unmerged; the rewrite still reproduces the model."""
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn1 = nn.Linear(8, 6), nn.BatchNorm1d(4)  # over the 4 tokens
+            self.fc2, self.bn2 = nn.Linear(8, 6), nn.BatchNorm1d(3)  # over halves of the 6 outputs
+
+        def forward(self, t):  # (B, 4, 8)
+            a = self.bn1(self.fc1(t))
+            b = self.fc2(t)
+            return (a.flatten(1) + self.bn2(b.reshape(-1, 3)).reshape_as(b).flatten(1)).sum(1)
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.normal_()
+    x = torch.randn(2, 4, 8, generator=gen())
+    lg = lrp_graph(model, x, RULES["epsilon_plus"])
+    assert merges(lg.cap) == {}
+    with torch.no_grad():
+        torch.testing.assert_close(lg.run(model, x, x, x, x), model(x))

@@ -20,7 +20,8 @@ position tables and masks are copied as they are. The kinds:
   constant (CP-LRP);
 * under a zennit composite: conv layers by the composite's rule (z+, alpha2-beta1, gamma, and flat or z^B at the
   first layer), linear layers by LRP-epsilon, each eval-mode batch norm that follows a conv / linear layer merged
-  into it (zennit's canonizer), any other one passed (``Pass``), average pooling and the sum of two input-dependent
+  into it (zennit's canonizer; a linear layer's output may be flattened to rows first, LeViT's ``LinearNorm``), any
+  other one passed (``Pass``), average pooling and the sum of two input-dependent
   values (a residual connection) by LRP-epsilon without weights (zennit's ``Norm`` and its ResNet canonizer's ``Sum``).
 
 An op that depends on the input and is none of these raises ValueError naming it and its module: a wrong rule would
@@ -275,9 +276,17 @@ class _Rewrite:
         return self.new(R.identity_rule, new, self.env[a["input"]]) if self.rules.canonize else new
 
 
+# reshapes between a linear layer and the BatchNorm1d after it (LeViT's ``LinearNorm``: ``bn(linear(x).flatten(0, 1))``)
+FLATTENS = frozenset("view reshape _unsafe_view flatten".split())
+SHAPE_OF = frozenset(("reshape_as", "view_as", "expand_as"))  # ops that read their second argument's shape only
+
+
 def merges(cap: Captured) -> dict[fx.Node, fx.Node]:
     """conv / linear node -> the eval-mode batch norm that is its only reader (zennit's ``SequentialMergeBatchNorm``
-    merges a batch norm into the layer right before it); grouped transposed convs are left unmerged."""
+    merges a batch norm into the layer right before it); grouped transposed convs are left unmerged. A linear layer's
+    output may reach the norm through reshapes to ``(M, C)`` (each the only reader of the one before): a row-major
+    reshape that keeps the last axis's size keeps each value's channel, so the norm acts on the layer's output
+    channels, as the merge assumes (zennit's canonizer merges LeViT's ``LinearNorm`` so, by module order)."""
     out = {}
     for n in cap.graph.nodes:
         if n.op != "call_function" or op_name(n) != "batch_norm":
@@ -286,10 +295,27 @@ def merges(cap: Captured) -> dict[fx.Node, fx.Node]:
         src = a["input"]
         if a["training"] or a["running_mean"] is None or not isinstance(src, fx.Node) or len(src.users) != 1:
             continue
+        while op_name(src) in FLATTENS and isinstance(src.args[0], fx.Node) and sole_reader(src.args[0], src):
+            src = src.args[0]
         base = op_name(src)
-        if base == "linear" or (base in CONVS and not (base.startswith("conv_transpose") and bind(src)["groups"] != 1)):
+        if base == "linear" and channels_last(src, a["input"]):
+            out[src] = n
+        elif src is a["input"] and base in CONVS and not (base.startswith("conv_transpose")
+                                                           and bind(src)["groups"] != 1):
             out[src] = n
     return out
+
+
+def sole_reader(n: fx.Node, user: fx.Node) -> bool:
+    """Whether ``user`` is the only node that reads ``n``'s values (others may read its shape: LeViT's
+    ``bn(y.flatten(0, 1)).reshape_as(y)``)."""
+    return all(u is user or (op_name(u) in SHAPE_OF and u.args[0] is not n) for u in n.users)
+
+
+def channels_last(lin: fx.Node, bn_in: fx.Node) -> bool:
+    """Whether the batch norm's input ``(M, C)`` holds the linear layer's output ``(..., C)`` channels in dim 1."""
+    y, z = lin.meta.get("val"), bn_in.meta.get("val")
+    return isinstance(y, Tensor) and isinstance(z, Tensor) and z.ndim == 2 and y.shape[-1] == z.shape[1]
 
 
 def widest(cap: Captured, dep: set) -> int:
