@@ -120,11 +120,16 @@ def noised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def quick_options(method: str) -> dict:
     """Options for the tests that run every method of the table: the methods whose cost is num_samples x C masked
-    forwards (SS-CAM, IS-CAM) run one set of C forwards there (their samples are tested in
-    tests/core/test_perturbation.py); the methods that draw noise (SS-CAM, SmoothGrad, VarGrad, GradientShap) draw it
-    from a generator seeded anew for each call, so that two calls agree and the global random state is untouched."""
+    forwards (SS-CAM, IS-CAM) run one set of C forwards there, the input-gradient ones a few samples (their samples
+    are tested in tests/core/test_perturbation.py and test_attributions.py); the methods that draw noise (SS-CAM,
+    SmoothGrad, VarGrad, GradientShap) draw it from a generator seeded anew for each call, so that two calls agree
+    and the global random state is untouched."""
     name = method.replace("-", "_")
-    opts = {"sscam": {"num_samples": 1}, "iscam": {"num_samples": 1}}.get(name, {})
+    # the sampled and sliding methods with few samples / positions: their counts are tested against the peers in
+    # tests/core/test_attributions.py and test_occlusion.py (Integrated Gradients' 50 steps alone took 40 s here)
+    opts = {"sscam": {"num_samples": 1}, "iscam": {"num_samples": 1}, "integrated_gradients": {"n_steps": 4},
+            "smoothgrad": {"nt_samples": 2}, "vargrad": {"nt_samples": 2}, "gradient_shap": {"n_samples": 2},
+            "occlusion": {"sliding_window_shapes": 32, "strides": 32}}.get(name, {})
     if any(o.name == "generator" for o in methods.get(name).options):
         opts["generator"] = torch.Generator().manual_seed(0)
     return opts

@@ -40,6 +40,7 @@ def test_plain_import_reaches_every_documented_module():
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "funcam._src.app.explain funcam.metrics\n", "")
 
 
+@pytest.mark.slow  # every README snippet: about 20 s; the quickstart example stays fast
 def test_readme_python_snippets_run():
     """The ```python blocks of README.md, run in order in one namespace (a later block may use an
     earlier block's names, as a reader following along would)."""

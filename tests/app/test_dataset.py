@@ -136,6 +136,7 @@ def test_single_run_matches_direct_gradcam(data, single):
         assert torch.equal(maps, direct[i].half())
 
 
+@pytest.mark.slow  # two torchrun processes: about 15 s
 def test_torchrun_two_processes_equal_single(data, single):
     out = data["dir"] / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -156,6 +157,7 @@ def test_torchrun_two_processes_equal_single(data, single):
     assert json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["world_size"] == 2
 
 
+@pytest.mark.slow  # a killed subprocess run resumed: about 25 s
 def test_killed_run_resumes_to_identical_result(data, single):
     out = data["dir"] / "killed"
     cmd = [sys.executable, "-m", "funcam.cli", "explain-dir", *_cli(data, out, "--shard-size", "2", "--workers", "0")]

@@ -246,6 +246,7 @@ def test_inputs_are_checked_before_the_model_loads(photos, ckpts, tmp_path, cli)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter; test_version keeps one in the fast set
 def test_single_bad_image_exit_2_in_a_fresh_interpreter(photos, tmp_path):
     p = funcam("explain", photos / "notes.png", "--out", tmp_path / "o", cwd=tmp_path)
     assert p.returncode == 2 and p.stdout == ""
@@ -288,7 +289,7 @@ def _no_temporaries(folder: Path) -> list:
     return [p.name for p in folder.rglob("*") if ".tmp" in p.name]
 
 
-@pytest.mark.parametrize("fmt,limit", [("npz", 2000), ("png", 20000)])
+@pytest.mark.parametrize("fmt,limit", [pytest.param("npz", 2000, marks=pytest.mark.slow), ("png", 20000)])
 def test_disk_full_is_one_line_and_leaves_nothing_behind(photos, tmp_path, cli, fmt, limit):
     # issue 16: a full disk gave a traceback, and --format npz left a 0-byte temporary file. A file size limit
     # (RLIMIT_FSIZE) makes each write past `limit` bytes fail, as on a full disk.
@@ -313,6 +314,7 @@ def _as_unprivileged(cmd: list) -> list:
     return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
 
 
+@pytest.mark.slow  # two fresh interpreters: about 20 s
 def test_read_only_out_is_one_line(tmp_path):
     # issue 16: `funcam demo --out` on a read-only folder gave a traceback
     ro = tmp_path / "ro"

@@ -163,7 +163,7 @@ def test_batched_classes_equal_a_per_class_loop(model, x, method):
 
 
 @pytest.mark.parametrize("method", list(CALLS))
-@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("grad", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["no-grad", "grad"])
 def test_chunked_equals_unchunked(model, x, method, grad, monkeypatch):
     # max_memory=1: one sample and one class at a time; chunk_size=2: K in chunks, the samples as memory allows
     with torch.set_grad_enabled(grad):
@@ -206,8 +206,8 @@ def test_top_k_and_logits_come_from_x_itself(model, x):
     assert empty.maps.shape == (2, 0, 3, 32, 32) and funcam.vargrad(model, x, []).shape == (2, 0, 3, 32, 32)
 
 
-@pytest.mark.parametrize("method", ["integrated_gradients"] + [pytest.param(m, marks=pytest.mark.slow)
-                                                                for m in ("smoothgrad", "vargrad")])
+@pytest.mark.slow  # a full trace of the sampled vjp per method: tests/test_compile.py keeps the engine's fast
+@pytest.mark.parametrize("method", ["integrated_gradients", "smoothgrad", "vargrad"])
 def test_fullgraph_aot_eager_equals_eager(model, x, method):
     # the noise passed in: compiled code draws from torch's generator differently from eager
     opts = {"n_steps": 4, "integration": "riemann_middle"} if method == "integrated_gradients" else {

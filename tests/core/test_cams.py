@@ -274,6 +274,7 @@ def tv_resnet18() -> nn.Module:
     return tv_model("resnet18", num_classes=N_CLASSES)
 
 
+@pytest.mark.slow  # the FX multilayer twin of the graph multilayer oracle
 def test_loop_oracle_fx_multilayer(tv_resnet18) -> None:
     """split(model, ["layer3", "layer4"]): the layer3 gradient is the total derivative through layer4."""
     model = copy.deepcopy(tv_resnet18).double()

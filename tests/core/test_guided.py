@@ -181,6 +181,7 @@ def test_max_memory_chunks_equal_unchunked(which, k, monkeypatch):
 
 # guided_gradcam compiles guided_backprop inside it (fast set); guided_backprop alone runs in the slow set
 @pytest.mark.parametrize("which", [pytest.param("guided_backprop", marks=pytest.mark.slow), "guided_gradcam"])
+@pytest.mark.slow  # inductor-free but a full dynamo trace per method; test_compile keeps the engine's
 def test_fullgraph_compile_no_recompile(which):
     model = make_model("resnet18")
     fn = {"guided_backprop": guided_backprop, "guided_gradcam": guided_gradcam}[which]

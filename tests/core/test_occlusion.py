@@ -116,6 +116,7 @@ def test_maps_carry_no_graph_and_top_k_comes_from_x(model, x):
     assert funcam.occlusion(model, x, []).shape == (2, 0, 3, 16, 16)
 
 
+@pytest.mark.slow  # a full trace of the occlusion loop: about 15 s
 def test_fullgraph_aot_eager_equals_eager(model, x):
     torch._dynamo.reset()
     fn = torch.compile(lambda t, c: funcam.occlusion(model, t, c, sliding_window_shapes=8, strides=4),

@@ -53,6 +53,7 @@ def _torchcam(cls, model, x, classes, seed=None, **kw):
     return torch.stack(out, 1)
 
 
+@pytest.mark.slow  # torchcam's Score-CAM twice more; Score-CAM's parity with pytorch-grad-cam stays fast
 def test_iscam_of_one_sample_and_noiseless_sscam_are_torchcams_scorecam(setup):
     from torchcam.methods import ScoreCAM
     model, x, sp = setup

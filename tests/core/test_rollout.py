@@ -160,7 +160,7 @@ def test_relevance_bytes_per_class_counts_taps_and_tokens():
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("rule", ["grad_rollout", "chefer"])
-@pytest.mark.parametrize("k", [3, 4, 5])
+@pytest.mark.parametrize("k", [pytest.param(3, marks=pytest.mark.slow), 4, pytest.param(5, marks=pytest.mark.slow)])
 def test_relevance_max_memory_chunks_equal_unchunked(rule, k, monkeypatch):
     """max_memory picks the chunk size (recorded at the engine's vmap); every budget gives the chunk_size=K maps."""
     name = "vit_tiny_patch16_224"
@@ -204,8 +204,10 @@ def test_bad_input():
         grad_rollout(vit, x, chunk_size=0)
 
 
-# chefer shares relevance() with grad_rollout, whose compile is in the fast set; it runs in the slow set
-@pytest.mark.parametrize("which", ["rollout", "grad_rollout", pytest.param("chefer", marks=pytest.mark.slow)])
+# a full dynamo trace per method (30-40 s each on the 2-core VM): the slow set; tests/test_compile.py keeps the
+# engine's compiled paths in the fast set
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["rollout", "grad_rollout", "chefer"])
 def test_fullgraph_compile_no_recompile(which):
     model = peaky("vit_tiny_patch16_224")
     model.blocks = model.blocks[:3]  # tracing time grows with depth; three blocks exercise every path

@@ -50,6 +50,7 @@ def test_aug_smooth_is_the_average_over_ttachs_copies(setup, method):
     torch.testing.assert_close(got.logits, model(x))  # the logits of x as given
 
 
+@pytest.mark.slow  # 6 augmented copies per class: about 6 s
 def test_top_k_and_score_callables_explain_the_classes_of_x_as_given(setup):
     model, x, sp = setup
     top = model(x).topk(2, dim=1).indices

@@ -106,11 +106,18 @@ def zoo() -> Zoo:
     return Zoo()
 
 
+# The zoo's costliest captures (5-10 s each on the 2-core VM) run in the slow set; the fast set keeps at least one
+# model of every library and layout (torchvision / Hugging Face / timm; NCHW, NHWC, tokens with and without prefix
+# tokens, windows): Twins, MaxViT, MobileNetV3, EfficientFormer, XCiT, VOLO, PiT, TNT, CrossViT, CaiT, HF Swin.
+SLOW_ZOO = {"timm_twins", "tv_maxvit", "tv_mobilenet_v3", "timm_efficientformer", "timm_xcit", "timm_volo", "timm_pit",
+            "timm_tnt", "timm_crossvit", "timm_cait", "hf_swin"}
+
+
 def _params(names) -> list:
     out = []
     for n in names:
         fam = ZOO[n]
-        marks = ([pytest.mark.slow] if fam.slow else []) + (
+        marks = ([pytest.mark.slow] if fam.slow or n in SLOW_ZOO else []) + (
             [pytest.mark.xfail(strict=True, reason=fam.xfail)] if fam.xfail else [])
         out.append(pytest.param(n, marks=marks, id=n))
     return out
