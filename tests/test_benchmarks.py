@@ -70,6 +70,7 @@ def test_memory_per_configuration_benchmark_smoke(tmp_path):
     assert "| gradcam | funcam.explain.explain (runs under no_grad) |" in proc.stdout
 
 
+@pytest.mark.slow  # captures several zoo models (10 s)
 def test_supported_models_rows_smoke():
     """benchmarks/supported_models.py on two of its rows, in this process: a timm CNN (timm's route) and a tiny
     Hugging Face ViT (the graph route, relevance), each against its autograd oracle; then the Markdown row."""

@@ -206,6 +206,7 @@ def test_threads_under_no_grad_and_grad_mode_side_by_side():
         assert torch.equal(g, r) and g_req == r_req == (i % 2 == 0), i
 
 
+@pytest.mark.slow  # the four-thread check of eval mode (test_one_split_from_four_threads...) stays fast
 def test_four_threads_in_training_mode_leave_batch_norm_statistics():
     # issue 16: the save / switch-off / restore of track_running_stats interleaved between threads, and a
     # thread that entered while another had switched tracking off saw nothing to restore: the running

@@ -371,7 +371,8 @@ def test_pgc_torchvision_resnet18_layer4(tv_resnet18, method) -> None:
     check_vs_pgc(method, model, [model.layer4[-1]], funcam.split(model, "layer4"), x, CLASSES)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "layercam", "xgradcam"])
+@pytest.mark.parametrize("method", ["gradcam", "layercam"] + [pytest.param(m, marks=pytest.mark.slow)
+                                                              for m in ("gradcampp", "xgradcam")])
 def test_pgc_torchvision_resnet18_multilayer(tv_resnet18, method) -> None:
     """pytorch-grad-cam with target_layers=[layer3, layer4] == normalize(fuse(maps, normalize_each=True))."""
     model = tv_resnet18

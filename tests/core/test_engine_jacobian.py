@@ -224,6 +224,7 @@ def test_norm_mlp_jacobian_is_the_jacobian_of_the_pooled_norm(norm):
                                                  for b in range(2)]), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow  # a full dynamo trace per route (7-9 s each); the routes' eager maps are compared in the fast set
 @pytest.mark.parametrize("name", ["vit", "vit_avg", "swin"])
 def test_compiled_callers_take_the_per_class_path_with_the_same_maps(name, monkeypatch):
     """Under torch.compile (fullgraph) the Jacobian route is skipped (torch cannot trace jvp through layer_norm inside

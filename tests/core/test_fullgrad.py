@@ -21,7 +21,7 @@ def _vgg11():
     return torchvision.models.vgg11(weights=None, num_classes=10).to(torch.float64).eval()
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("vgg11", marks=pytest.mark.slow)])  # vgg11: 8 s
 def test_equals_pytorch_grad_cam(name, one_thread):
     from pytorch_grad_cam import FullGrad
     model = noised(copy.deepcopy(make_model("resnet18", dtype=torch.float64))) if name == "resnet18" else _vgg11()

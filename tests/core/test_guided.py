@@ -152,7 +152,7 @@ def test_guided_gradcam_is_product():
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("which", ["guided_backprop", "guided_gradcam"])
-@pytest.mark.parametrize("k", [3, 4, 5])
+@pytest.mark.parametrize("k", [pytest.param(3, marks=pytest.mark.slow), 4, pytest.param(5, marks=pytest.mark.slow)])
 def test_max_memory_chunks_equal_unchunked(which, k, monkeypatch):
     """max_memory picks the chunk size of the guided vmap (recorded at the engine); every budget gives the
     chunk_size=K maps. Guided Grad-CAM's second vmap is Grad-CAM's on the average-pool fast path (one per chunk)."""

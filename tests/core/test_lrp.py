@@ -181,8 +181,8 @@ def tv_cnn(arch: str) -> nn.Module:
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("arch, rule", [("vgg11_bn", "epsilon_plus"), ("vgg11_bn", "epsilon_plus_flat"),
-                                        ("resnet18", "epsilon_plus")]
+@pytest.mark.parametrize("arch, rule", [("vgg11_bn", "epsilon_plus"), ("resnet18", "epsilon_plus"),
+                                        pytest.param("vgg11_bn", "epsilon_plus_flat", marks=SLOW)]
                          + [pytest.param("vgg11_bn", r, marks=SLOW) for r in ("epsilon_alpha2_beta1",
                                                                               "epsilon_gamma_box")]
                          + [pytest.param("resnet18", r, marks=SLOW) for r in ("epsilon_plus_flat",
@@ -206,7 +206,7 @@ def test_equals_zennit_composites(arch, rule):
 
 # --- batching, chunking, options -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rule", ["attnlrp", "epsilon_gamma_box"])
+@pytest.mark.parametrize("rule", ["attnlrp", pytest.param("epsilon_gamma_box", marks=SLOW)])
 def test_batched_classes_equal_one_class_at_a_time(rule, monkeypatch):
     model = make_model("resnet18", dtype=torch.float64)
     x = make_input("resnet18", dtype=torch.float64)

@@ -233,7 +233,8 @@ def _snapshot(model: nn.Module):
             [(n, p.requires_grad) for n, p in model.named_parameters()])
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224",
+                                  pytest.param("swin_tiny_patch4_window7_224", marks=pytest.mark.slow)])
 def test_model_untouched(name):
     model, x = make_model(name), make_input(name)
     before = _snapshot(model)

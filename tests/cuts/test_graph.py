@@ -575,6 +575,7 @@ def test_grad_rollout_cait_no_warning(zoo):
 # Promises: compiled equals eager without recompiles; the model untouched
 # ---------------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a full dynamo trace of a captured graph (10 s); tests/test_compile.py compiles the FX cut fast
 def test_compiled_graph_route_equals_eager(zoo):
     _, x, sp = zoo["tv_resnet18"]
     assert sp.graph is not None  # a graph-route split captured at x's size
