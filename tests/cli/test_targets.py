@@ -274,3 +274,20 @@ def test_explain_dir_refuses_prompt_and_box_models(files, tmp_path, capsys):
                  "--random-weights"]) == 2
     assert capsys.readouterr().err == "funcam: error: --model open_clip:RN50 explains prompts, which this command " \
                                       "does not take; use funcam explain IMAGE... --prompts ...\n"
+
+
+@pytest.mark.parametrize("model,module,package", [("open_clip:RN50", "open_clip", "open_clip_torch"),
+                                                  ("yolo:yolo11n.yaml", "ultralytics", "ultralytics")])
+def test_a_missing_optional_library_is_named_with_its_install(files, tmp_path, capsys, monkeypatch, model, module,
+                                                              package):
+    # open_clip, transformers and ultralytics are optional: without one, its --model prefix says what to install
+    # instead of an ImportError's traceback
+    from funcam._src.app import families
+
+    real = families.find_spec
+    monkeypatch.setattr(families, "find_spec", lambda name: None if name == module else real(name))
+    flag = ["--prompts", "a"] if model.startswith("open_clip") else ["--boxes", "1,2,3,4"]
+    assert main(["explain", str(files / "a.png"), "--model", model, "--random-weights", *flag,
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"funcam: error: --model {model} needs the package {package}, which is not "
+                                       f"installed: pip install {package}\n")

@@ -14,9 +14,11 @@ wheels), whose K maps explain classes.
 """
 from __future__ import annotations
 
+from importlib.util import find_spec
 from typing import Any, Callable, NamedTuple
 
 from funcam._src.app import clip_models, detectors
+from funcam._src.app.hub import ModelError
 
 __all__ = ["Family", "FAMILIES", "family_of"]
 
@@ -35,11 +37,22 @@ def _clip_load(name: str, *, checkpoint=None, random_weights=False, num_classes=
     return clip_models.load_clip(name, checkpoint=checkpoint, random_weights=random_weights)
 
 
+def _needs(module: str, package: str, check: Callable[..., None]) -> Callable[..., None]:
+    """``check``, after a ModelError naming the package to install when ``module`` is not installed (these families'
+    libraries are optional: funcam imports them only for such a model)."""
+    def run(name: str, **kwargs: Any) -> None:
+        if find_spec(module) is None:
+            raise ModelError(f"--model {name} needs the package {package}, which is not installed: "
+                             f"pip install {package}")
+        check(name, **kwargs)
+    return run
+
+
 FAMILIES = {f.prefix: f for f in (
-    Family("open_clip", "prompts", clip_models.check_clip, _clip_load),
-    Family("hf", "prompts", clip_models.check_clip, _clip_load),
+    Family("open_clip", "prompts", _needs("open_clip", "open_clip_torch", clip_models.check_clip), _clip_load),
+    Family("hf", "prompts", _needs("transformers", "transformers", clip_models.check_clip), _clip_load),
     Family("torchvision", "boxes", detectors.check_detector, detectors.load_detector),
-    Family("yolo", "boxes", detectors.check_detector, detectors.load_detector),
+    Family("yolo", "boxes", _needs("ultralytics", "ultralytics", detectors.check_detector), detectors.load_detector),
 )}
 
 
