@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor
 from funcam._src.app.explain import METHOD_TITLES
 from funcam._src.app.files import write_npz
 from funcam._src.app.gallery import Figure, Section
-from funcam._src.app.images import limit_aspect, printable
+from funcam._src.app.images import ImageError, limit_aspect, printable, probe_image, read_image
 from funcam._src.app.models import Preprocess, preprocess, unnormalize
 from funcam._src.app.render import draw_boxes, gradient_image, grid, overlay, save_png
 from funcam._src.base import CAM
@@ -38,6 +38,39 @@ class Result(NamedTuple):
     and for the methods drawn as gradient images the signed gradients ``rgb (B, K, 3, H, W)`` they are drawn from."""
     cam: CAM
     rgb: Tensor | None
+
+
+def probed(items: Sequence[Item], report: Callable[[str], None]) -> list[Item]:
+    """The items whose file passes ``probe_image`` (exists, a regular non-empty file, an image header within
+    the pixel limit); each other one is reported at once, before any model loads."""
+    ok = []
+    for it in items:
+        if it.image is None:
+            try:
+                probe_image(it.label)
+            except ImageError as e:
+                report(f"funcam: error: {e}")  # e names the file (printable), one line
+                continue
+        ok.append(it)
+    return ok
+
+
+def readable_batches(items: Sequence[Item], batch_size: int, on_error: Callable[[Item, ImageError], None]):
+    """Batches of up to ``batch_size`` items with their images decoded; unreadable ones go to ``on_error``."""
+    batch = []
+    for it in items:
+        if it.image is None:
+            try:
+                it = it._replace(image=read_image(it.label))
+            except ImageError as e:
+                on_error(it, e)
+                continue
+        batch.append(it)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def inside(out: str, name: str) -> str:

@@ -31,9 +31,10 @@ from tqdm import tqdm
 from funcam._src.app.explain import check_method, explain
 from funcam._src.app.files import write_text
 from funcam._src.app.folder import list_images
-from funcam._src.app.images import ImageError, limit_aspect, printable, probe_image, read_image
+from funcam._src.app.images import ImageError, limit_aspect, printable
 from funcam._src.app.models import class_names, preprocess
 from funcam._src.app.scoring import BASELINE_NAMES, METRICS, Settings, baseline_maps
+from funcam._src.cli.batch import Item, probed, readable_batches
 from funcam._src.cli.options import (
     UsageError,
     add_batch_size_argument,
@@ -122,22 +123,6 @@ def image_paths(args: Sequence[str]) -> list[str]:
     return out
 
 
-def _readable(paths: Sequence[str], batch_size: int, on_error):
-    """Batches ``(paths, uint8 images)`` of up to ``batch_size`` decoded images; a failure goes to ``on_error``."""
-    batch: list = []
-    for p in paths:
-        try:
-            batch.append((p, read_image(p)))
-        except ImageError as e:
-            on_error(e)
-            continue
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _table(summary: dict[str, dict[str, float]], directions: dict[str, str]) -> str:
     """The summary as aligned text: a row per method, a column per metric column (arrow: which way is better)."""
     cols = list(directions)
@@ -161,19 +146,6 @@ def _mean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def _probed(paths: Sequence[str]) -> list[str]:
-    """The paths whose file passes ``probe_image`` (a readable image header); each other one is named on stderr at
-    once, before any model loads."""
-    ok = []
-    for p in paths:
-        try:
-            probe_image(p)
-            ok.append(p)
-        except ImageError as e:
-            print(f"funcam: error: {e}", file=sys.stderr)  # e names the file (printable), one line
-    return ok
-
-
 def _write(out: str, result: dict) -> None:
     """``OUT/scores.csv`` (the rows), ``OUT/summary.csv`` (method x column) and ``OUT/scores.json`` (both, with the
     run's settings), each written atomically."""
@@ -192,9 +164,9 @@ def _write(out: str, result: dict) -> None:
 def _score_batch(batch: list, model, pre, device: torch.device, targets: dict, options: dict, baselines: list[str],
                  metrics: list[str], classes, top_k, settings: Settings, generator: torch.Generator,
                  bar: tqdm) -> list[dict]:
-    """The rows of one batch ``[(path, uint8 image)]``: for every image, class and map set (the methods', then the
+    """The rows of one batch of ``Item`` (their images read): for every image, class and map set (the methods', then the
     baselines'), the value of every metric column. options: per method, what ``explain`` takes beside it."""
-    x = preprocess([limit_aspect(im) for _, im in batch], pre).to(device)
+    x = preprocess([limit_aspect(it.image) for it in batch], pre).to(device)
     with torch.no_grad():
         idx = resolve_classes(classes, top_k, model(x))  # (B, K)
     maps = {m: explain(t, x, method=m, classes=idx, **options[m]).maps for m, t in targets.items()}
@@ -208,10 +180,10 @@ def _score_batch(batch: list, model, pre, device: torch.device, targets: dict, o
             bar.update(len(batch))
     names = class_names(model)
     rows = []
-    for i, (path, _) in enumerate(batch):
+    for i, it in enumerate(batch):
         for k, c in enumerate(idx[i].tolist()):
             for s in maps:
-                row = {"image": printable(path), "rank": k, "class": c, "class_name": names[c] if names else "",
+                row = {"image": printable(it.label), "rank": k, "class": c, "class_name": names[c] if names else "",
                        "method": s}
                 row.update({col: float(v[i, k]) for col, v in scores[s].items()})
                 rows.append(row)
@@ -232,9 +204,10 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"--method: {e}") from None
     given = image_paths(args.images)
-    paths = _probed(given)
-    failed = len(given) - len(paths)
-    if not paths:
+    # each file that is not an image is named on stderr at once, before any model loads
+    items = probed([Item(p, p, None) for p in given], lambda line: print(line, file=sys.stderr))
+    failed = len(given) - len(items)
+    if not items:
         return 2
     weights = weights_from_args(args)
     # --- the model, then the methods and classes on one blank image; still nothing written
@@ -251,14 +224,14 @@ def run(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)  # the random maps, batch after batch
     sets = methods + [f"baseline:{b}" for b in baselines]
     rows: list[dict] = []
-    bar = tqdm(total=len(paths) * len(sets) * len(metrics), unit="score", file=sys.stderr, disable=args.quiet or None)
+    bar = tqdm(total=len(items) * len(sets) * len(metrics), unit="score", file=sys.stderr, disable=args.quiet or None)
 
-    def on_error(e: ImageError) -> None:
+    def on_error(it: Item, e: ImageError) -> None:
         nonlocal failed
         failed += 1
         bar.write(f"funcam: error: {e}", file=sys.stderr)
 
-    for batch in _readable(paths, args.batch_size, on_error):
+    for batch in readable_batches(items, args.batch_size, on_error):
         rows += _score_batch(batch, model, pre, device, targets, explain_options, baselines, metrics, classes, top_k,
                              settings, generator, bar)
     bar.close()

@@ -25,11 +25,11 @@ from tqdm import tqdm
 from funcam._src.app.explain import cmap_for, drawn_as_gradient, fold, method_of
 from funcam._src.app.families import family_of
 from funcam._src.app.gallery import Legend, Section, write_gallery
-from funcam._src.app.images import SAMPLES, ImageError, probe_image, read_image, sample_images
+from funcam._src.app.images import SAMPLES, ImageError, sample_images
 from funcam._src.app.models import ModelError, Preprocess, class_names, load_model
 from funcam._src.app.render import colormap_table, legend_labels
 from funcam._src.cli import targets as tasks
-from funcam._src.cli.batch import Item, Result, explain_batch, same_size
+from funcam._src.cli.batch import Item, Result, explain_batch, probed, readable_batches, same_size
 from funcam._src.cli.options import (
     UsageError,
     add_batch_size_argument,
@@ -70,39 +70,6 @@ def _explainer(method: str, target, options: dict, compile_: bool, memory: dict)
     return torch.compile(fn) if compile_ else fn
 
 
-def _probe(items: Sequence[Item], report: Callable[[str], None]) -> list[Item]:
-    """The items whose file passes ``probe_image`` (exists, a regular non-empty file, an image header within
-    the pixel limit); each other one is reported at once, before any model loads."""
-    ok = []
-    for it in items:
-        if it.image is None:
-            try:
-                probe_image(it.label)
-            except ImageError as e:
-                report(f"funcam: error: {e}")  # e names the file (printable), one line
-                continue
-        ok.append(it)
-    return ok
-
-
-def _readable(items: Sequence[Item], batch_size: int, on_error: Callable[[Item, ImageError], None]):
-    """Batches of up to ``batch_size`` items with their images decoded; unreadable ones go to ``on_error``."""
-    batch = []
-    for it in items:
-        if it.image is None:
-            try:
-                it = it._replace(image=read_image(it.label))
-            except ImageError as e:
-                on_error(it, e)
-                continue
-        batch.append(it)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def legend_of(cmap: str, *, guided: bool = False, stops: int = 17) -> Legend:
     """The gallery's colour scale for ``cmap`` (heatmaps scaled per map), at ``stops`` evenly spaced values
     looked up as ``colorize`` does; ``guided``: also say how the guided methods' gradient images read."""
@@ -136,7 +103,7 @@ def _run(model: nn.Module, pre: Preprocess, items: Sequence[Item], targets: dict
         bar.write(f"funcam: error: {e}", file=sys.stderr)  # e names the file (printable), one line
         bar.update(1)
 
-    for chunk in _readable(items, batch_size, on_error):
+    for chunk in readable_batches(items, batch_size, on_error):
         for group in (same_size(chunk) if task is not None else [chunk]):
             sections.extend(explain_batch(group, targets, fns, names, classes=classes, top_k=top_k, pre=pre,
                                           device=device, quiet=quiet, out=out, fmt=fmt, cmaps=cmaps, alpha=alpha,
@@ -184,7 +151,7 @@ def explain_command(args: argparse.Namespace) -> int:
     classes, top_k = classes_from_args(args) if wanted is None else (None, None)
     used = {"index"}
     items = [Item(safe_stem(path, used), path, None) for path in args.images]
-    items_ok = _probe(items, lambda line: print(line, file=sys.stderr))
+    items_ok = probed(items, lambda line: print(line, file=sys.stderr))
     failed = len(items) - len(items_ok)
     if not items_ok:
         return 2  # no usable input: each was named on stderr, no model loaded, nothing written
