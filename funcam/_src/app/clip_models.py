@@ -23,7 +23,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from funcam._src.app.hub import ModelError, load_strict
+from funcam._src.app.hub import ModelError, load_strict, seeded
 from funcam._src.app.hub import why as _why
 from funcam._src.app.models import Preprocess
 
@@ -141,8 +141,7 @@ def _load_open_clip(arch: str, state: dict | None) -> Clip:
     custom = "hf_model_name" in cfg["text_cfg"] or cfg.get("custom_text", False)
     kwargs = {k: v for k, v in cfg.items() if k != "custom_text"}
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # random weights: the same network on every run
+        with seeded():  # random weights: the same network on every run
             model = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(**kwargs)
     except Exception as e:  # noqa: BLE001 - a config with wrong fields fails in many ways
         raise ModelError(f"could not build open_clip:{arch}: {_why(e)}") from e

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funcam._src.app.hub import ModelError, load_strict
+from funcam._src.app.hub import ModelError, load_strict, seeded
 from funcam._src.app.hub import why as _why
 
 __all__ = ["Detector", "check_detector", "load_detector", "detector_input"]
@@ -112,8 +112,7 @@ def load_detector(name: str, *, checkpoint: dict | None = None, random_weights: 
     if checkpoint is not None:
         num_classes = num_classes or checkpoint_classes(name, checkpoint)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded():
             model = _build_yolo(rest, num_classes) if family == "yolo" else _build_torchvision(rest, num_classes)
     except ModelError:
         raise

@@ -14,6 +14,7 @@ import socket
 import threading
 import urllib.parse
 
+import torch
 from torch import nn
 
 
@@ -24,6 +25,15 @@ class ModelError(ValueError):
 def why(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextlib.contextmanager
+def seeded():
+    """The global generator seeded 0 inside, the caller's state restored after: a network built inside has the same
+    random weights on every run (random-weight runs resume and compare), and the user's random stream is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
 
 
 def load_strict(model: nn.Module, state: dict, what: str) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from funcam._src.app.hub import ModelError, create_pretrained, load_strict
+from funcam._src.app.hub import ModelError, create_pretrained, load_strict, seeded
 from funcam._src.app.hub import why as _why
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -189,8 +189,7 @@ def load_model(name: str | None = None, *, checkpoint: str | os.PathLike | dict 
         if pretrained:
             model = create_pretrained(arch, kwargs)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # random_weights: the same network on every run (resumable dataset runs)
+            with seeded():  # random_weights: the same network on every run (resumable dataset runs)
                 model = timm.create_model(arch, pretrained=False, **kwargs)
     except ModelError:
         raise
