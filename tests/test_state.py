@@ -317,6 +317,7 @@ def cycles() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # one fresh interpreter runs every entry point (12 s before the first of them)
 @pytest.mark.parametrize("name", list(_memory_calls()))
 def test_no_tensor_waits_in_a_reference_cycle(name, cycles):
     # A tensor caught in a cycle (a closure holding the features, say) would stay allocated until a later gc
