@@ -114,23 +114,40 @@ def test_chunked_equals_unchunked(sp, x):
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcampp", "hirescam"])
-def test_grad_mode_chunks_are_checkpointed_and_exact(sp, x, method):
-    """Grad mode on, several chunks: each chunk's per-class backward is checkpointed (not kept for K classes at
-    once). Maps and their gradients w.r.t. a parameter and the input equal one unchunked, uncheckpointed call."""
+def test_grad_mode_chunks_are_checkpointed_and_exact(sp, x, method, monkeypatch):
+    """Grad mode on: every chunk's per-class backward is checkpointed (not kept for K classes at once), a single
+    chunk too. Maps and their gradients w.r.t. a parameter and the input equal an uncheckpointed call."""
+    from funcam._src.core import engine
+
     general = sp._replace(pooled=None)  # the per-class (B, C, h, w) gradient path, where chunks matter
     model = sp.module
     xg = x.clone().requires_grad_(True)
     w = model.fc.weight
-    one = funcam.cam(general, xg, [1, 4, 7, 9, 2], method=method, chunk_size=5, relu=False).maps
-    many = funcam.cam(general, xg, [1, 4, 7, 9, 2], method=method, chunk_size=2, relu=False).maps
-    assert many.requires_grad and torch.count_nonzero(one) > 0
-    torch.testing.assert_close(many, one, atol=1e-6, rtol=1e-5)
-    weights = torch.randn(one.shape, generator=torch.Generator().manual_seed(1))
-    g_one = torch.autograd.grad((one * weights).sum(), (w, xg))
-    g_many = torch.autograd.grad((many * weights).sum(), (w, xg))
-    for a, b in zip(g_many, g_one):
-        assert torch.count_nonzero(b) > 0
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    classes = [1, 4, 7, 9, 2]
+    calls = []
+
+    def counted(fn, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "checkpoint", lambda fn, *args, **kwargs: fn(*args))
+    plain = funcam.cam(general, xg, classes, method=method, chunk_size=5, relu=False).maps
+    monkeypatch.setattr(engine, "checkpoint", counted)
+    one = funcam.cam(general, xg, classes, method=method, chunk_size=5, relu=False).maps
+    assert calls == [5]
+    many = funcam.cam(general, xg, classes, method=method, chunk_size=2, relu=False).maps
+    assert calls == [5, 2, 2, 1]
+    with torch.no_grad():
+        funcam.cam(general, xg, classes, method=method, chunk_size=2, relu=False)
+    assert calls == [5, 2, 2, 1]  # no graph kept: nothing to checkpoint
+    assert many.requires_grad and torch.count_nonzero(plain) > 0
+    weights = torch.randn(plain.shape, generator=torch.Generator().manual_seed(1))
+    g_plain = torch.autograd.grad((plain * weights).sum(), (w, xg))
+    for maps in (one, many):
+        torch.testing.assert_close(maps, plain, atol=1e-6, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad((maps * weights).sum(), (w, xg)), g_plain):
+            assert torch.count_nonzero(b) > 0
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_dtype_and_grad_modes(x):

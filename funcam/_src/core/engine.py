@@ -97,11 +97,12 @@ def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | Non
     """``vmap(fn)(cot)`` over the K cotangents ``cot (K, ...)``, ``chunk_size`` at a time.
 
     Differentiable results (grad mode on): each chunk's per-class backward would stay in the autograd graph until
-    the results die, K classes' worth at once. Checkpointing each chunk keeps only its inputs and results and
-    recomputes its backward when they are differentiated, so max_memory bounds this case too. ``randomness``:
+    the results die, K classes' worth at once. Checkpointing each chunk (also a single one: all K in one chunk
+    would keep K backwards) keeps only its inputs and results and recomputes its backward when they are
+    differentiated, so max_memory bounds this case too. ``randomness``:
     vmap's, for an ``fn`` that runs a forward (dropout of a model in training mode): ``"same"`` for every class."""
     k = cot.shape[0]
-    if chunk_size is not None and chunk_size < k and _keeps_graph(primals):
+    if k and _keeps_graph(primals):
         parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size, randomness=randomness), ct,
                             use_reentrant=False) for ct in cot.split(chunk_size or k)]
         if isinstance(parts[0], Tensor):
