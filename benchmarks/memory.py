@@ -5,6 +5,8 @@
     python benchmarks/memory.py --malloc mmap      # reproducible live-tensor peaks (times not meaningful)
     python -m benchmarks.memory --only fast-gradcam-nograd,general-gradcam-64MiB --repeats 1
     python benchmarks/memory.py --only general-gradcampp-defaults --general-batch 16 --general-k 1000  # grad mode
+    python benchmarks/memory.py --model vit_small_patch16_224 --methods attnlrp --general-batch 2 --malloc mmap \
+        --only general-attnlrp-defaults,general-attnlrp-nograd        # LRP (its graph captured before the call)
 
 Every configuration runs in its own Python process, so that no allocator cache or autograd graph of an
 earlier one is counted: build the model (timm, random weights), run one forward under ``torch.no_grad()``
@@ -72,6 +74,7 @@ GENERAL = {
     "unchunked": "no_grad, chunk_size=K (no chunking)",
 }
 QUICK = ("fast-gradcam-defaults", "fast-gradcam-explain", "general-gradcampp-16MiB")
+LRP = ("attnlrp", "cplrp")  # methods whose rewritten graph is captured before the measured call
 
 
 def configs(methods: list[str]) -> dict[str, dict]:
@@ -163,6 +166,9 @@ def child(spec: dict) -> dict:
     classes = torch.arange(spec["k"])
     with torch.no_grad():
         model(x)  # the baseline's work; also warms up lazily initialised kernels
+    if spec["method"] in LRP:  # its graph capture, once per input size, is not part of the measured call
+        from funcam._src.core.lrp import graph_for, rule_set
+        graph_for(model, x, rule_set(spec["method"]))
     process_before = _status("VmHWM:")
     _trim()
     rss_before = _status("VmRSS:")
