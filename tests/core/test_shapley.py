@@ -42,3 +42,23 @@ def test_equals_pytorch_grad_cam_for_a_softmax_score_and_is_grad_cam_on_a_relu_h
     assert bool((got > 0).any()) and rel_err(pgc_processed(got, (64, 64)), want) <= TOL
     torch.testing.assert_close(funcam.shapleycam(sp, x, CLASSES, relu=False),
                                funcam.gradcam(sp, x, CLASSES, relu=False), rtol=1e-10, atol=1e-14)
+
+
+def test_grad_mode_in_chunks_is_differentiable_and_equal(one_thread):
+    """Grad mode on, the classes in chunks: the maps equal the no-grad ones and their gradient w.r.t. a head
+    parameter matches a per-class loop's (class_hvp runs torch.func transforms per class, which a checkpoint
+    refuses: its chunks are not checkpointed)."""
+    model, x = noised(copy.deepcopy(make_model("convnext_atto", dtype=torch.float64))), _x(64)
+    sp = funcam.split(model)
+    w = model.head.fc.weight
+    with torch.no_grad():
+        want = funcam.shapleycam(sp, x, CLASSES, relu=False)
+    for chunk in (1, 2):
+        got = funcam.shapleycam(sp, x, CLASSES, relu=False, chunk_size=chunk)
+        assert got.requires_grad and bool((want != 0).any())
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    (g,) = torch.autograd.grad(got.square().sum(), w)
+    per_class = sum(funcam.shapleycam(sp, x, CLASSES[:, k:k + 1], relu=False).square().sum() for k in range(2))
+    (g_loop,) = torch.autograd.grad(per_class, w)
+    assert torch.count_nonzero(g) > 0
+    torch.testing.assert_close(g, g_loop, rtol=1e-8, atol=1e-12)

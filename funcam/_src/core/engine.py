@@ -93,16 +93,18 @@ def class_maps(split: Split, x: Tensor, req: Request, rule: Rule) -> CAM:
 
 
 def _vmap_chunks(fn: Callable[[Tensor], Any], cot: Tensor, chunk_size: int | None, primals: tuple,
-                 randomness: str = "error") -> Any:
+                 randomness: str = "error", checkpointed: bool = True) -> Any:
     """``vmap(fn)(cot)`` over the K cotangents ``cot (K, ...)``, ``chunk_size`` at a time.
 
     Differentiable results (grad mode on): each chunk's per-class backward would stay in the autograd graph until
     the results die, K classes' worth at once. Checkpointing each chunk (also a single one: all K in one chunk
     would keep K backwards) keeps only its inputs and results and recomputes its backward when they are
     differentiated, so max_memory bounds this case too. ``randomness``:
-    vmap's, for an ``fn`` that runs a forward (dropout of a model in training mode): ``"same"`` for every class."""
+    vmap's, for an ``fn`` that runs a forward (dropout of a model in training mode): ``"same"`` for every class.
+    checkpointed=False: for an ``fn`` that runs ``torch.func`` transforms itself, which refuse to run inside a
+    checkpoint (its saved-tensor hooks); its chunks' backwards stay alive with the results in grad mode."""
     k = cot.shape[0]
-    if k and _keeps_graph(primals):
+    if k and checkpointed and _keeps_graph(primals):
         parts = [checkpoint(torch.func.vmap(fn, chunk_size=chunk_size, randomness=randomness), ct,
                             use_reentrant=False) for ct in cot.split(chunk_size or k)]
         if isinstance(parts[0], Tensor):
@@ -469,5 +471,7 @@ def class_hvp(split: Split, x: Tensor, req: Request, reduce: Callable[[Tensor, T
 
     # the gradient and its tangent (B, C, h, w) per class, and as much again of the head's own per-class tensors
     chunk = req.chunk(8 * a.numel() * a.element_size(), k)
-    # each class runs the head's forward again: a head in training mode draws the same dropout for every class
-    return CAM(_vmap_chunks(per_class, cot, chunk, (a,), randomness="same").movedim(0, 1), picked, logits)
+    # each class runs the head's forward again: a head in training mode draws the same dropout for every class;
+    # per_class runs torch.func.vjp and jvp, which cannot run inside a checkpoint
+    return CAM(_vmap_chunks(per_class, cot, chunk, (a,), randomness="same", checkpointed=False).movedim(0, 1),
+               picked, logits)
