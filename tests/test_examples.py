@@ -32,6 +32,7 @@ def test_example_runs(name):
     assert proc.stdout.rstrip().splitlines()[-1] == f"{name} OK", proc.stdout
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: about 7 s
 def test_plain_import_reaches_every_documented_module():
     # issue 16: funcam.explain.explain raised AttributeError after a plain `import funcam`
     code = "import funcam; print(funcam.explain.explain.__module__, funcam.metrics.__name__)"

@@ -264,8 +264,9 @@ def test_bad_images_are_reported_and_the_good_ones_still_explained(photos, tmp_p
         "coffee_gradcam_c967.png", "coffee_grid.png", "coffee_input.png", "index.html"]
 
 
-def test_version():
-    p = funcam("--version", cwd=Path.cwd())
+def test_version(cli):
+    # through the session's runner: the real entry point in a fresh interpreter is test_explain_writes_overlays_...
+    p = cli("--version", cwd=Path.cwd())
     import funcam as pkg
 
     assert (p.returncode, p.stdout, p.stderr) == (0, f"funcam {pkg.__version__}\n", "")
