@@ -117,7 +117,13 @@ def test_progress_bar_and_bad_options(setup, capsys):
 
 
 @pytest.mark.slow  # a two-layer split captures the model first: about 5 s
-def test_a_split_at_two_layers_is_refused(setup):
+def test_a_split_at_two_layers_is_refused_before_any_work(setup):
     model, x, sp = setup
-    with pytest.raises(ValueError, match=r"scorecam takes a split at one layer, got one at \['layer1', 'layer2'\]"):
-        funcam.scorecam(funcam.split(model, ["layer1", "layer2"]), x, [1])
+    two = funcam.split(model, ["layer1", "layer2"])
+
+    def extract(_):
+        raise AssertionError("the split's extract ran before the refusal")
+
+    for split in (two, two._replace(extract=extract)):
+        with pytest.raises(ValueError, match=r"scorecam takes a split at one layer, got one at \['layer1', 'layer2'\]"):
+            funcam.scorecam(split, x, [1])

@@ -35,10 +35,15 @@ def at_cut(split: Split, x: Tensor, req: Request, method: str, *, levels: bool =
     ``method`` for a split at several layers (these methods weight the channels of one map). levels: a split at
     several layers is taken (a detector's FPN levels, for the class-agnostic maps computed level by level): ``a`` is
     then the first level, ``feats.maps`` has them all."""
+    def one_layer_only(where: Any) -> ValueError:
+        return ValueError(f"{method} takes a split at one layer, got one at {where} (run it once per layer and fuse "
+                          f"the maps with funcam.fuse)")
+
+    if not levels and len(split.layers) > 1:  # known before any work
+        raise one_layer_only(list(split.layers))
     feats, rebuild = as_features(split.extract(x))
     if not levels and (len(feats.maps) != 1 or feats.maps[0].ndim != 4):
-        raise ValueError(f"{method} takes a split at one layer, got one at {list(split.layers) or len(feats.maps)}"
-                         f" (run it once per layer and fuse the maps with funcam.fuse)")
+        raise one_layer_only(list(split.layers) or len(feats.maps))
     if any(a.ndim != 4 for a in feats.maps):
         raise ValueError(f"{method} takes (B, C, h, w) feature maps, got shapes "
                          f"{[tuple(a.shape) for a in feats.maps]} at {list(split.layers)}")
