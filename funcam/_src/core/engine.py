@@ -200,7 +200,8 @@ def _shift_jacobian_maps(split: Split, feats: Features, rebuild: Callable, req: 
 
 def _keeps_graph(maps: tuple[Tensor, ...]) -> bool:
     """Whether the maps will carry an autograd graph (grad mode on, and x or the parameters require grad)."""
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(m.requires_grad for m in maps)
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+        isinstance(m, Tensor) and m.requires_grad for m in maps)  # a score callable's output: any object
 
 
 def logits_of(out: Any) -> Tensor:
